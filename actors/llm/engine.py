@@ -1,0 +1,70 @@
+"""The rollout-engine contract shared by the `hf` and `vllm` engines.
+
+Engines take and return plain data (token ids, floats), so a Ray shell can host them unchanged.
+
+    requests (one per agent decision)          results (same order)
+    ┌───────────────────────────────┐          ┌──────────────────────────────────┐
+    │ adapter: "agent-3"            │  engine  │ token_ids      (T,) generated ids │
+    │ prompt_ids: chat-templated ids│ ───────► │ logprobs       (T,) log pi(tok)   │
+    │ max_new_tokens, temperature   │          │ text, adapter_version             │
+    └───────────────────────────────┘          └──────────────────────────────────┘
+
+Every agent's LoRA adapter is served on one shared base model; requests for different adapters
+are mixed in one batch. `adapter=None` means the base model (adapter disabled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]  # (P,) chat-templated prompt token ids
+    adapter: str | None = None  # adapter name (one per agent); None = frozen base
+    max_new_tokens: int = 4
+    temperature: float = 1.0  # 1.0 samples from pi; 0.0 is greedy
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: tuple[int, ...]  # (T,) generated token ids, EOS included when produced
+    logprobs: tuple[float, ...]  # (T,) log pi(token_t | prompt, tokens_<t) under the serving weights
+    text: str  # decoded completion, special tokens skipped
+    adapter: str | None
+    adapter_version: int  # version of the adapter weights that produced this completion (-1 = base)
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """One LoRA adapter as plain tensors, keyed by peft state-dict names (no adapter-name infix)."""
+
+    name: str
+    version: int
+    tensors: Mapping[str, torch.Tensor] = field(repr=False)
+    peft_config: Mapping[str, object] = field(repr=False)  # LoraConfig.to_dict()
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate one completion per request, all in one batch where the backend allows."""
+        ...
+
+    def score(
+        self, adapter: str | None, prompt_ids: Sequence[int], completion_ids: Sequence[int]
+    ) -> list[float]:
+        """log pi(completion_t | prompt, completion_<t) for each completion token, served weights."""
+        ...
+
+    def load_adapter(self, weights: AdapterWeights) -> None:
+        """Serve these weights for `weights.name` from now on (the weight sync)."""
+        ...
+
+    def adapter_version(self, adapter: str) -> int:
+        """The version now served for `adapter`; raises if the adapter is unknown."""
+        ...

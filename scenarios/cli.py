@@ -1,0 +1,116 @@
+"""Command line of moralsim; `python main.py ...` and the `moralsim` console script both land here.
+
+Anchor-compatible:  python main.py --destination_folder 1xUT_1xaUT_1xDE --num_iterations 30000 --num_runs 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tomllib
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+from simulator.config import RunConfig
+from simulator.errors import GameSpecError, MoralsimError, UnknownNameError
+from simulator.games import GAMES, Game, get_game
+from simulator.population import LEARNER_KINDS, STATIC_CODES, parse_population
+from simulator.rewards import COMPAT_MODES, MORAL_TYPES
+
+log = logging.getLogger("moralsim")
+
+DEFAULT_POPULATION = "1xUT_1xaUT_1xDE"
+_METHODS = {"dqn": "dqn", "tabularq": "tabularQ", "llm": "llm"}
+
+
+def _method(text: str) -> str:
+    try:
+        return _METHODS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; valid: DQN, tabularQ, llm") from None
+
+
+def load_game(spec: str) -> Game:
+    """A game id (IPD, ISH, ...) or a path to a TOML/JSON file holding one custom payoff table."""
+    path = Path(spec)
+    if path.suffix in (".toml", ".json") and path.exists():
+        try:
+            data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise GameSpecError(f"cannot parse game file {path}: {e}") from e
+        return Game.from_mapping(data.get("game", data))
+    return get_game(spec)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    codes = ", ".join(f"{c} ({t.name})" for c, t in MORAL_TYPES.items() if t.family == "aies")
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Population simulator for moral learning agents in social dilemmas (AIES 2024 protocol).",
+        epilog=(
+            f"Moral types: {codes}. Static strategies: {', '.join(STATIC_CODES)}. "
+            "Mixed learners: append @<kind> to an entry, e.g. 2xUT@llm_1xDE@dqn_1xTFT. "
+            "Records: <output>/<destination_folder>/run=<k>/part-*.parquet; re-running the same command resumes."
+        ),
+    )
+    p.add_argument("--destination_folder", default=DEFAULT_POPULATION,
+                   help=f"population as <count>x<code> joined by '_' (default {DEFAULT_POPULATION}); also the output folder name")
+    p.add_argument("--num_iterations", type=int, default=30000, help="iterations (episodes) per run (default 30000)")
+    p.add_argument("--num_runs", type=int, default=20, help="independent seeded runs (default 20)")
+    p.add_argument("--method", type=_method, default="dqn",
+                   help="learner for the moral types: DQN (default) or tabularQ (case-insensitive)")
+    p.add_argument("--game", default="IPD",
+                   help=f"game id ({', '.join(GAMES)}) or a .toml/.json file with id, CC, CD, DC, DD (default IPD)")
+    p.add_argument("--seed", type=int, default=0, help="root seed; run k uses SeedSequence(seed, spawn_key=(k,)) (default 0)")
+    p.add_argument("--output", type=Path, default=Path("results"), help="root folder of the datasets (default results/)")
+    p.add_argument("--random_matching", action="store_true",
+                   help="partners are assigned uniformly at random instead of learned selection")
+    p.add_argument("--compat", choices=COMPAT_MODES, default="none",
+                   help="aies2024 reproduces the anchor's reward defects (DE/mDE as the selected player, VM beta)")
+    p.add_argument("--ray_address", default=None, help="join a running Ray cluster (e.g. auto or ray://host:10001); "
+                   "without it a local Ray is started")
+    p.add_argument("--num_cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    p.add_argument("--backend", choices=("ray", "inline"), default="ray",
+                   help="ray (default) runs batches as Ray tasks; inline runs them in this process")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "analyze":
+        from analysis.__main__ import main as analyze
+
+        return analyze(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        parse_population(args.destination_folder)  # fail before any work
+        cfg = RunConfig(
+            destination_folder=args.destination_folder,
+            num_iterations=args.num_iterations,
+            num_runs=args.num_runs,
+            seed=args.seed,
+            game=load_game(args.game),
+            method=args.method,
+            compat=args.compat,
+            random_matching=args.random_matching,
+            output=args.output,
+        )
+        from scenarios.factory import AgentSettings, build_groups
+        from simulator.driver import run_sweep
+
+        factory = partial(build_groups, settings=AgentSettings(random_matching=args.random_matching))
+        runs = run_sweep(cfg, factory, backend=args.backend, ray_address=args.ray_address, num_cpus=args.num_cpus,
+                         show_progress=False if args.no_progress else None)
+    except (MoralsimError, UnknownNameError) as e:
+        parser.exit(2, f"main.py: error: {e}\n")
+    rows = sum(int(r.get("rows", 0)) for r in runs.values())
+    log.info("%d runs, %d games in %s", len(runs), rows, cfg.dataset_dir)
+    log.info("read them with: polars.scan_parquet('%s/**/*.parquet', hive_partitioning=True)", cfg.dataset_dir)
+    return 0

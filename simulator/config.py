@@ -1,0 +1,61 @@
+"""Run configuration: frozen dataclasses composed into one RunConfig. The CLI and scenario files fill it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simulator.errors import ConfigError
+from simulator.games import Game
+from simulator.population import Population, parse_population
+from simulator.rewards import check_compat
+from simulator.seeding import check_seed
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    destination_folder: str  # the population string, also the dataset folder name
+    num_iterations: int = 30000
+    num_runs: int = 20
+    seed: int = 0
+    game: Game = field(default_factory=lambda: _default_game())
+    method: str = "dqn"  # default learner kind for moral types: dqn | tabularQ | llm
+    compat: str = "none"  # "aies2024" reproduces the anchor's reward defects
+    random_matching: bool = False
+    output: Path = Path("results")
+    flush_rows: int = 1 << 18  # rows per run buffered before a part file is written
+    agent_options: dict[str, Any] = field(default_factory=dict)  # learner settings, recorded in the manifest
+
+    def __post_init__(self) -> None:
+        if self.num_iterations < 1:
+            raise ConfigError(f"--num_iterations must be at least 1, got {self.num_iterations}")
+        if self.num_runs < 1:
+            raise ConfigError(f"--num_runs must be at least 1, got {self.num_runs}")
+        if self.flush_rows < 1:
+            raise ConfigError(f"flush_rows must be at least 1, got {self.flush_rows}")
+        check_seed(self.seed)
+        check_compat(self.compat)
+        self.population.resolved(self.method)  # validates the learner kind
+
+    @property
+    def population(self) -> Population:
+        return parse_population(self.destination_folder)
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self.output) / self.destination_folder
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a resumed run to continue an existing dataset (everything but num_runs)."""
+        d = asdict(self)
+        d["game"] = {"id": self.game.id, "cells": [list(c) for c in self.game.cells]}
+        for k in ("num_runs", "output", "flush_rows"):
+            d.pop(k)
+        return d
+
+
+def _default_game() -> Game:
+    from simulator.games import GAMES
+
+    return GAMES["IPD"]

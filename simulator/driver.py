@@ -1,0 +1,297 @@
+"""The run driver: one driver, two backends (in-process loop or Ray tasks) over the same `run_batch`.
+
+    main.py ─► scenarios.cli ─► run_sweep(config, factory, backend)
+                                   │ resume: skip runs whose run=<k>/ exists, wipe their staging leftovers
+                                   │ split pending runs into batches (several runs stacked per engine)
+                                   ├─ inline: run_batch(...) in this process
+                                   └─ ray:    one task per batch (num_cpus=1), progress via a counter actor
+    run_batch: PopulationEngine.step() x num_iterations ─► RecordBuffer ─► staging/run=<k>/part-*.parquet
+               on success each run directory is renamed into <output>/<folder>/run=<k>/ (atomic)
+
+The driver is given the agent factory; it never imports actors or scenarios.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from simulator.config import RunConfig
+from simulator.contracts import AgentGroup
+from simulator.engine import PopulationEngine
+from simulator.errors import ConfigError, CorruptDataError
+from simulator.population import Population
+from simulator.records import RecordBuffer
+from simulator.schema import SCHEMA_VERSION
+from simulator.seeding import RunStreams, initial_state, run_streams
+
+log = logging.getLogger("moralsim.driver")
+
+GroupFactory = Callable[[Population, Sequence[RunStreams]], list[AgentGroup]]
+Progress = Callable[[int], None]
+STAGING = ".moralsim-staging"
+MANIFEST = "manifest.json"
+PROGRESS_EVERY = 50  # iterations between progress reports
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run: int
+    rows: int
+    seconds: float
+    entropy: int
+
+
+def staging_dir(cfg: RunConfig, run: int) -> Path:
+    return Path(cfg.output) / STAGING / cfg.destination_folder / f"run={run}"
+
+
+def run_dir(cfg: RunConfig, run: int) -> Path:
+    return cfg.dataset_dir / f"run={run}"
+
+
+def run_batch(
+    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory, progress: Progress | None = None
+) -> list[RunResult]:
+    """Run several runs of one population stacked in one engine; move each into the dataset when done."""
+    t0 = time.perf_counter()
+    pop = cfg.population.resolved(cfg.method)
+    streams = [run_streams(cfg.seed, r, pop.size) for r in runs]
+    init = np.stack([initial_state(s.protocol, pop.size) for s in streams])
+    engine = PopulationEngine(
+        pop.codes, pop.moral_codes, factory(pop, streams), cfg.game, [s.protocol for s in streams], init,
+        compat=cfg.compat, random_matching=cfg.random_matching,
+    )
+    stages = [staging_dir(cfg, r) for r in runs]
+    for d in stages:
+        shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted attempt
+        d.mkdir(parents=True)
+    llm = any(a.learner == "llm" for a in pop.agents)
+    buffer = RecordBuffer(len(runs), pop.codes, capacity=max(1, cfg.flush_rows // pop.size), llm_columns=llm)
+    rows = 0
+    done_since_report = 0
+    for _ in range(cfg.num_iterations):
+        buffer.add(engine.step())
+        if buffer.full:
+            rows += buffer.flush(stages)
+        done_since_report += 1
+        if progress is not None and done_since_report >= PROGRESS_EVERY:
+            progress(done_since_report * len(runs))
+            done_since_report = 0
+    rows += buffer.flush(stages)
+    if progress is not None and done_since_report:
+        progress(done_since_report * len(runs))
+    seconds = time.perf_counter() - t0
+    results = []
+    for r, st, d in zip(runs, streams, stages, strict=True):
+        final = run_dir(cfg, r)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(d, final)  # the run appears in the dataset whole, or not at all
+        results.append(RunResult(r, rows, seconds, st.entropy))
+    return results
+
+
+# -- manifest -------------------------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("moralsim", "numpy", "pyarrow", "polars", "torch", "ray"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorruptDataError(f"cannot read manifest {path}: {e}") from e
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_manifest(cfg: RunConfig, runs: dict[int, dict[str, Any]]) -> None:
+    path = cfg.dataset_dir / MANIFEST
+    pop = cfg.population
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "population": cfg.destination_folder,
+        "agents": list(pop.codes),
+        "game": cfg.game.id,
+        "num_iterations": cfg.num_iterations,
+        "num_runs": cfg.num_runs,
+        "seed": cfg.seed,
+        "seeding": "SeedSequence(seed, spawn_key=(run,)).spawn(1 + N): [protocol, agent 0..N-1]",
+        "config": cfg.identity(),
+        "versions": _versions(),
+        "command": sys.argv,
+        "runs": {str(k): v for k, v in sorted(runs.items())},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _completed_runs(cfg: RunConfig) -> dict[int, dict[str, Any]]:
+    """Runs already in the dataset (their directory exists, so they completed) with their row counts."""
+    done: dict[int, dict[str, Any]] = {}
+    manifest_path = cfg.dataset_dir / MANIFEST
+    old: dict[str, Any] = {}
+    if manifest_path.exists():
+        doc = read_manifest(manifest_path)
+        mine = json.loads(json.dumps(cfg.identity(), default=_json_default))
+        theirs = doc.get("config", {})
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ConfigError(
+                f"{cfg.dataset_dir} already holds runs made with a different configuration "
+                f"(differs in: {', '.join(diff)}). Use another --output, or delete that folder."
+            )
+        old = doc.get("runs", {})
+    for k in range(cfg.num_runs):
+        d = run_dir(cfg, k)
+        if d.is_dir():
+            info = old.get(str(k))
+            if info is None:  # finished but the manifest was not updated before a crash
+                rows = sum(pq.read_metadata(p).num_rows for p in d.glob("*.parquet"))
+                info = {"rows": rows}
+            done[k] = info
+    return done
+
+
+# -- backends -------------------------------------------------------------------------------------------------
+def plan_batches(pending: Sequence[int], workers: int, num_agents: int, max_stack_agents: int = 2048) -> list[list[int]]:
+    """Split pending runs into batches: about one batch per worker, with at most max_stack_agents stacked."""
+    if not pending:
+        return []
+    per = math.ceil(len(pending) / max(1, workers))
+    per = max(1, min(per, max_stack_agents // max(1, num_agents)))
+    return [list(pending[i : i + per]) for i in range(0, len(pending), per)]
+
+
+def run_sweep(
+    cfg: RunConfig,
+    factory: GroupFactory,
+    backend: str = "ray",
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    show_progress: bool | None = None,
+) -> dict[int, dict[str, Any]]:
+    """Run every run of cfg that is not in the dataset yet; returns the manifest's run table."""
+    from tqdm.auto import tqdm
+
+    if backend not in ("ray", "inline"):
+        raise ConfigError(f"unknown backend {backend!r}; valid: ray, inline")
+    done = _completed_runs(cfg)
+    pending = [k for k in range(cfg.num_runs) if k not in done]
+    write_manifest(cfg, done)
+    if not pending:
+        log.info("all %d runs of %s are complete; nothing to do", cfg.num_runs, cfg.dataset_dir)
+        return done
+    if done:
+        log.info("resuming: %d runs complete, %d to run", len(done), len(pending))
+    cpus = num_cpus or os.cpu_count() or 1
+    workers = 1 if backend == "inline" else cpus
+    batches = plan_batches(pending, workers, cfg.population.size)
+    bar = tqdm(
+        total=len(pending) * cfg.num_iterations, unit="it", unit_scale=True, disable=show_progress is False,
+        desc=f"{cfg.destination_folder} ({len(pending)} runs)", smoothing=0.05,
+    )
+    failures: list[str] = []
+
+    def finished(results: list[RunResult]) -> None:
+        for res in results:
+            done[res.run] = {"rows": res.rows, "seconds": round(res.seconds, 3), "entropy": str(res.entropy)}
+        write_manifest(cfg, done)
+
+    try:
+        if backend == "inline":
+            for batch in batches:
+                finished(run_batch(cfg, batch, factory, bar.update))
+        else:
+            failures = _run_ray(cfg, batches, factory, bar, finished, ray_address, num_cpus)
+    finally:
+        bar.close()
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} batch(es) failed; completed runs are kept and a re-run resumes the rest:\n"
+            + "\n".join(failures)
+        )
+    return done
+
+
+class ProgressCounter:
+    """Counts iterations reported by Ray tasks; the driver reads and resets it (hosted as a Ray actor)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+def _ray_task(cfg: RunConfig, runs: list[int], factory: GroupFactory, counter: Any) -> list[RunResult]:
+    return run_batch(cfg, runs, factory, lambda n: counter.add.remote(n))
+
+
+def _run_ray(
+    cfg: RunConfig,
+    batches: list[list[int]],
+    factory: GroupFactory,
+    bar: Any,
+    finished: Callable[[list[RunResult]], None],
+    address: str | None,
+    num_cpus: int | None,
+) -> list[str]:
+    import ray
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+        if address:
+            kwargs["address"] = address
+        elif num_cpus:
+            kwargs["num_cpus"] = num_cpus
+        ray.init(**kwargs)
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
+    refs = {task.remote(cfg, b, factory, counter): b for b in batches}
+    failures = []
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        bar.update(ray.get(counter.take.remote()))
+        for ref in ready:
+            try:
+                finished(ray.get(ref))
+            except Exception as e:  # a failed batch must not lose the others
+                log.error("runs %s failed: %s", refs[ref], e)
+                failures.append(f"runs {refs[ref]}: {type(e).__name__}: {e}")
+    bar.update(ray.get(counter.take.remote()))
+    return failures

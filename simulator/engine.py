@@ -1,0 +1,283 @@
+"""The batched population engine: DESIGN section 1 for R runs of one population at once.
+
+One iteration, for every run r (all arrays carry a leading run axis):
+    1. selection   every agent picks a partner from the snapshot, one call per agent group
+    2. order       the N pairs are shuffled (argsort of a uniform key per selector)
+    3. games       both players of every pair decide from the snapshot, one call per agent group;
+                   payoffs and moral rewards are table lookups
+    4. state       env_state = each agent's move in the last game it played (latest write wins)
+    5. learning    each learning group gets its selection and dilemma transitions, in game order
+
+Randomness: each run has its own protocol generator. Per iteration it yields one (N, 7) block of uniforms,
+column meaning below; the plain reference loop in tests/ reads the same block, so the two can be compared
+record for record. Runs never share randomness, so a run's records do not depend on how runs are batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.contracts import (
+    AgentGroup,
+    Decisions,
+    DilemmaBatch,
+    Reason,
+    SelectionBatch,
+    Transitions,
+)
+from simulator.errors import ConfigError
+from simulator.games import Game
+from simulator.rewards import R_ILLEGAL, STATE_DEPENDENT, check_compat, equality, reward_fn
+
+# columns of the per-iteration uniform block, indexed by the selector i of pair i
+U_SEL_EXPLORE, U_SEL_PARTNER, U_M_EXPLORE, U_M_ACTION, U_O_EXPLORE, U_O_ACTION, U_ORDER = range(7)
+U_COLUMNS = 7
+RANDOMNESS_CHUNK = 256  # iterations of uniforms drawn per generator call (same stream as one call per iteration)
+
+
+def others_index(n: int) -> np.ndarray:
+    """(N, N-1): row i lists every slot but i, in slot order (the selection-state layout)."""
+    idx = np.broadcast_to(np.arange(n - 1), (n, n - 1))
+    return idx + (idx >= np.arange(n)[:, None])
+
+
+def reward_table(codes: Sequence[str | None], game: Game, compat: str) -> np.ndarray:
+    """(T, 2, 2, 2, 2) moral reward of type t as [role, a_self, a_other, s_other]; NaN where code is None.
+
+    role 0 is the row player (the selector), role 1 the column player (the selected); they differ in
+    asymmetric games such as BOS, where the selected player's payoff is the second entry of the cell.
+    """
+    a_self, a_other, s_o = (x.ravel() for x in np.meshgrid([0, 1], [0, 1], [0, 1], indexing="ij"))
+    row = game.payoffs[a_self, a_other]  # self is M
+    col = game.payoffs[a_other, a_self][:, ::-1]  # self is O: its own payoff first
+    table = np.full((len(codes), 2, 2, 2, 2), np.nan)
+    for t, code in enumerate(codes):
+        if code is not None:
+            fn = reward_fn(code, compat)
+            for role, pay in enumerate((row, col)):
+                table[t, role] = fn(a_self, a_other, pay[:, 0], pay[:, 1], s_o).reshape(2, 2, 2)
+    return table
+
+
+@dataclass
+class IterationRecords:
+    """The N games of one iteration for each of R runs, in game order: every array is (R, N)."""
+
+    iteration: int
+    selector: np.ndarray
+    selected: np.ndarray
+    selector_state: np.ndarray
+    selected_state: np.ndarray
+    selector_action: np.ndarray
+    selected_action: np.ndarray
+    selector_payoff: np.ndarray
+    selected_payoff: np.ndarray
+    selector_moral_reward: np.ndarray
+    selected_moral_reward: np.ndarray
+    selector_learning_reward: np.ndarray
+    selected_learning_reward: np.ndarray
+    selector_reason: np.ndarray
+    selected_reason: np.ndarray
+    selection_reason: np.ndarray
+    selector_available_c: np.ndarray
+    collective_payoff: np.ndarray
+    equality: np.ndarray
+    min_payoff: np.ndarray
+    extra: dict[str, np.ndarray]  # group-provided columns (LLM), (R, N) per name and role
+
+
+class PopulationEngine:
+    def __init__(
+        self,
+        codes: Sequence[str],
+        learner_codes: Sequence[str | None],
+        groups: Sequence[AgentGroup],
+        game: Game,
+        protocol_rngs: Sequence[np.random.Generator],
+        initial_state: np.ndarray,
+        *,
+        compat: str = "none",
+        random_matching: bool = False,
+    ) -> None:
+        """codes[i]: slot i's type code. learner_codes[i]: its moral type, None for static strategies."""
+        self.N, self.R = len(codes), len(protocol_rngs)
+        if self.N < 2:
+            raise ConfigError(f"a population needs at least 2 agents, got {self.N}")
+        self.codes = list(codes)
+        self.groups = list(groups)
+        self.group_of = np.full(self.N, -1, dtype=np.int64)
+        self.member_of = np.zeros(self.N, dtype=np.int64)
+        for k, g in enumerate(self.groups):
+            self.group_of[g.slots] = k
+            self.member_of[g.slots] = np.arange(len(g.slots))
+        if (self.group_of < 0).any():
+            missing = np.flatnonzero(self.group_of < 0).tolist()
+            raise ConfigError(f"population slots {missing} are played by no agent group")
+        self.game = game
+        self.compat = check_compat(compat)
+        self.random_matching = random_matching
+        self.rngs = list(protocol_rngs)
+        self.state = np.array(initial_state, dtype=np.int8).reshape(self.R, self.N)
+        self.others = others_index(self.N)
+        moral = list(dict.fromkeys(c for c in learner_codes if c is not None))
+        self.reward_codes: list[str | None] = [*moral, None]
+        self.type_idx = np.array([moral.index(c) if c is not None else len(moral) for c in learner_codes])
+        self.rewards = reward_table(self.reward_codes, game, self.compat)
+        self.compat_selected = np.array(
+            [self.compat == "aies2024" and c in STATE_DEPENDENT for c in learner_codes]
+        )
+        self.iteration = 0
+        self._u = np.empty((self.R, 0, self.N, U_COLUMNS))
+        self._u_pos = 0
+
+    # -- randomness ---------------------------------------------------------------------------------------
+    def _uniforms(self) -> np.ndarray:
+        """(R, N, 7) uniforms for this iteration, drawn RANDOMNESS_CHUNK iterations at a time."""
+        if self._u_pos >= self._u.shape[1]:
+            self._u = np.stack([rng.random((RANDOMNESS_CHUNK, self.N, U_COLUMNS)) for rng in self.rngs])
+            self._u_pos = 0
+        u = self._u[:, self._u_pos]
+        self._u_pos += 1
+        return u
+
+    # -- one iteration ------------------------------------------------------------------------------------
+    def step(self) -> IterationRecords:
+        t, N, R = self.iteration, self.N, self.R
+        snap = self.state
+        u = self._uniforms()
+        runs = np.arange(R)[:, None]
+
+        # 1. selection: partner[r, i] is a population slot != i
+        choice = np.empty((R, N), dtype=np.int64)
+        sel_reason = np.empty((R, N), dtype=np.int8)
+        sel_states: list[np.ndarray] = []
+        for g in self.groups:
+            state = snap[:, self.others[g.slots]]  # (R, G, N-1)
+            sel_states.append(state)
+            if self.random_matching:
+                dec = Decisions(
+                    np.minimum((u[:, g.slots, U_SEL_PARTNER] * (N - 1)).astype(np.int64), N - 2),
+                    np.full((R, len(g.slots)), Reason.STATIC, dtype=np.int8),
+                )
+            else:
+                dec = g.select(SelectionBatch(t, state, u[:, g.slots, U_SEL_EXPLORE : U_SEL_PARTNER + 1]))
+            choice[:, g.slots] = dec.choice
+            sel_reason[:, g.slots] = dec.reason
+        partner = choice + (choice >= np.arange(N))
+
+        # 2. order: game k of run r is pair (m[r, k], o[r, k])
+        m = np.argsort(u[:, :, U_ORDER], axis=1, kind="stable")
+        o = np.take_along_axis(partner, m, axis=1)
+        s_m = snap[runs, o]  # M's dilemma state: O's snapshot move
+        s_o = snap[runs, m]
+
+        # 3. games. Decisions are laid out as d = (r * N + k) * 2 + role, role 0 = M, 1 = O.
+        player = np.stack([m, o], axis=2).reshape(-1)
+        opponent = np.stack([o, m], axis=2).reshape(-1)
+        state = np.stack([s_m, s_o], axis=2).reshape(-1)
+        run_d = np.repeat(np.arange(R), 2 * N)
+        u_m = np.take_along_axis(u, m[:, :, None], axis=1)  # coins of pair k sit in the selector's row
+        coins = np.stack(
+            [u_m[:, :, [U_M_EXPLORE, U_M_ACTION]], u_m[:, :, [U_O_EXPLORE, U_O_ACTION]]], axis=2
+        ).reshape(-1, 2)
+        own_prev = snap[run_d, player]
+        action = np.empty(2 * R * N, dtype=np.int64)
+        reason = np.empty(2 * R * N, dtype=np.int8)
+        extra: dict[str, np.ndarray] = {}
+        group_d = self.group_of[player]
+        masks = []
+        for k, g in enumerate(self.groups):
+            sel = np.flatnonzero(group_d == k)
+            masks.append(sel)
+            if sel.size == 0:
+                continue
+            dec = g.act(
+                DilemmaBatch(t, run_d[sel], self.member_of[player[sel]], opponent[sel], state[sel], own_prev[sel],
+                             coins[sel])
+            )
+            action[sel] = dec.choice
+            reason[sel] = dec.reason
+            for name, col in (dec.extra or {}).items():
+                if name not in extra:
+                    extra[name] = np.full(2 * R * N, None if col.dtype == object else np.nan, dtype=col.dtype)
+                extra[name][sel] = col
+        a2 = action.reshape(R, N, 2)
+        pay = self.game.payoffs[a2[..., 0], a2[..., 1]]  # (R, N, 2) [R_M, R_O]
+        # the opponent's previous move each player's reward judges; compat reproduces the anchor's DE/mDE bug
+        judged = np.stack([s_m, np.where(self.compat_selected[o], snap[runs, o], s_o)], axis=2)
+        tidx = self.type_idx[player].reshape(R, N, 2)
+        moral = np.stack(
+            [
+                self.rewards[tidx[..., 0], 0, a2[..., 0], a2[..., 1], judged[..., 0]],
+                self.rewards[tidx[..., 1], 1, a2[..., 1], a2[..., 0], judged[..., 1]],
+            ],
+            axis=2,
+        )
+        learning = np.where(reason.reshape(R, N, 2) == Reason.ILLEGAL, R_ILLEGAL, moral)
+
+        # 4. latest write wins: the decision with the largest d of each player sets its new state
+        gp = run_d * N + player
+        last = np.full(R * N, -1, dtype=np.int64)
+        np.maximum.at(last, gp, np.arange(2 * R * N))
+        new_state = action[last].astype(np.int8).reshape(R, N)
+
+        # 5. learning
+        lr_flat = learning.reshape(-1)
+        m_pos = np.empty((R, N), dtype=np.int64)  # game index of each selector's own game
+        m_pos[runs, m] = np.arange(N)
+        for k, g in enumerate(self.groups):
+            if g.learns:
+                sel = masks[k]
+                gs = g.slots
+                g.learn(
+                    Transitions(
+                        iteration=t,
+                        sel_state=sel_states[k],
+                        sel_choice=choice[:, gs],
+                        sel_reward=learning[runs, m_pos[:, gs], 0],
+                        sel_next_state=new_state[:, self.others[gs]],
+                        run=run_d[sel],
+                        member=self.member_of[player[sel]],
+                        state=state[sel],
+                        action=action[sel],
+                        reward=lr_flat[sel],
+                        next_state=action[sel ^ 1],
+                    )
+                )
+        self.state = new_state
+        for g in self.groups:
+            g.end_iteration(t, new_state)
+        self.iteration += 1
+
+        n_c = (snap == 0).sum(axis=1, keepdims=True)
+        avail = n_c - (np.take_along_axis(snap, m, axis=1) == 0)
+        return IterationRecords(
+            iteration=t,
+            selector=m,
+            selected=o,
+            selector_state=s_m,
+            selected_state=s_o,
+            selector_action=a2[..., 0],
+            selected_action=a2[..., 1],
+            selector_payoff=pay[..., 0],
+            selected_payoff=pay[..., 1],
+            selector_moral_reward=moral[..., 0],
+            selected_moral_reward=moral[..., 1],
+            selector_learning_reward=learning[..., 0],
+            selected_learning_reward=learning[..., 1],
+            selector_reason=reason.reshape(R, N, 2)[..., 0],
+            selected_reason=reason.reshape(R, N, 2)[..., 1],
+            selection_reason=np.take_along_axis(sel_reason, m, axis=1),
+            selector_available_c=avail,
+            collective_payoff=pay[..., 0] + pay[..., 1],
+            equality=equality(pay[..., 0], pay[..., 1]),
+            min_payoff=np.minimum(pay[..., 0], pay[..., 1]),
+            extra={
+                f"{role}_{name}": col.reshape(R, N, 2)[..., i]
+                for name, col in extra.items()
+                for i, role in enumerate(("selector", "selected"))
+            },
+        )

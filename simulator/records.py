@@ -1,0 +1,113 @@
+"""Writing interaction records: column buffers per run, flushed to atomic Parquet parts.
+
+A part is written to `<name>.tmp` and renamed into place, so a crash never leaves a half file with a
+`.parquet` name. Runs are written into a staging directory and moved into the dataset only when complete
+(simulator/driver.py), so the dataset folder only ever holds whole runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simulator.contracts import REASON_NAMES
+from simulator.engine import IterationRecords
+from simulator.schema import LLM_RECORD_SCHEMA, RECORD_SCHEMA
+
+_REASON_DICT = pa.array(REASON_NAMES, pa.string())
+_DIRECT = [f.name for f in RECORD_SCHEMA if f.name not in ("iteration", "order", "selector_type", "selected_type")]
+COMPRESSION = "zstd"
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression=COMPRESSION)
+    os.replace(tmp, path)
+
+
+class RecordBuffer:
+    """Holds up to `capacity` iterations of records for R runs as numpy columns of shape (R, capacity * N)."""
+
+    def __init__(self, num_runs: int, codes: Sequence[str], capacity: int, llm_columns: bool = False) -> None:
+        self.R, self.N, self.capacity = num_runs, len(codes), max(1, capacity)
+        uniq = list(dict.fromkeys(codes))
+        self._code_dict = pa.array(uniq, pa.string())
+        self._code_idx = np.array([uniq.index(c) for c in codes], dtype=np.int16)
+        self.schema = LLM_RECORD_SCHEMA if llm_columns else RECORD_SCHEMA
+        self._types = {f.name: f.type for f in self.schema}
+        rows = self.capacity * self.N
+        self._cols: dict[str, np.ndarray] = {}
+        for f in self.schema:
+            if f.name in ("selector_type", "selected_type"):
+                continue
+            t = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+            if pa.types.is_dictionary(f.type):
+                dtype: object = np.int8
+            elif pa.types.is_string(t):
+                dtype = object
+            elif pa.types.is_boolean(t):
+                dtype = np.float32  # NaN marks null; converted on flush
+            else:
+                dtype = t.to_pandas_dtype()
+                if pa.types.is_integer(t) and f.nullable:
+                    dtype = np.float64  # NaN marks null for nullable ints (LLM adapter version)
+            self._cols[f.name] = np.empty((self.R, rows), dtype=dtype)  # type: ignore[call-overload]
+        self._order = np.tile(np.arange(self.N, dtype=np.int32), (self.R, 1))
+        self.filled = 0  # iterations held
+        self.first_iteration = 0
+
+    def add(self, rec: IterationRecords) -> None:
+        if self.filled == 0:
+            self.first_iteration = rec.iteration
+        sl = slice(self.filled * self.N, (self.filled + 1) * self.N)
+        cols = self._cols
+        cols["iteration"][:, sl] = rec.iteration
+        cols["order"][:, sl] = self._order
+        for name in _DIRECT:
+            cols[name][:, sl] = getattr(rec, name)
+        for name, col in rec.extra.items():
+            if name in cols:
+                cols[name][:, sl] = col
+        self.filled += 1
+
+    @property
+    def full(self) -> bool:
+        return self.filled >= self.capacity
+
+    def table(self, r: int) -> pa.Table:
+        """Run r's buffered rows as an Arrow table of the record schema."""
+        n = self.filled * self.N
+        arrays = []
+        for f in self.schema:
+            if f.name in ("selector_type", "selected_type"):
+                slots = self._cols["selector" if f.name == "selector_type" else "selected"][r, :n]
+                arrays.append(pa.DictionaryArray.from_arrays(pa.array(self._code_idx[slots]), self._code_dict))
+                continue
+            col = self._cols[f.name][r, :n]
+            if pa.types.is_dictionary(f.type):
+                arrays.append(pa.DictionaryArray.from_arrays(pa.array(col), _REASON_DICT))
+            elif col.dtype == object:
+                arrays.append(pa.array(col, f.type, from_pandas=True))
+            elif f.nullable and col.dtype.kind == "f":
+                mask = np.isnan(col)
+                if pa.types.is_boolean(f.type) or pa.types.is_integer(f.type):
+                    col = np.where(mask, 0, col).astype(f.type.to_pandas_dtype())
+                arrays.append(pa.array(col, f.type, mask=mask if mask.any() else None))
+            else:
+                arrays.append(pa.array(col, f.type))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def flush(self, run_dirs: Sequence[Path]) -> int:
+        """Write one part per run, named by its first iteration; returns rows written per run."""
+        if self.filled == 0:
+            return 0
+        for r, d in enumerate(run_dirs):
+            write_table_atomic(self.table(r), d / f"part-{self.first_iteration:08d}.parquet")
+        rows = self.filled * self.N
+        self.filled = 0
+        return rows
