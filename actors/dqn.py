@@ -152,7 +152,7 @@ class DQNGroup:
             grads["dil_w2"] = torch.bmm(h.transpose(1, 2), dq)
             grads["dil_b2"] = dq.sum(dim=1, keepdim=True)
             dpre = torch.bmm(dq, p["dil_w2"].transpose(1, 2)) * (h > 0)  # (B, 2, H)
-            grads["dil_w1"] = dpre[:, 1:2, :]  # input s = 1 for row 1, 0 for row 0
+            grads["dil_w1"] = dpre[:, 1:2, :].contiguous()  # input s = 1 for row 1, 0 for row 0 (fused Adam needs contiguous)
             grads["dil_b1"] = dpre.sum(dim=1, keepdim=True)
             stats["dilemma_td2"] = float((td * td).mean())
 

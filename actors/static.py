@@ -60,7 +60,8 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("GEb", "Gilbert-Elliot b: cooperates 80% until its first defection, then defects forever",
                  "AIES 2024", _geb, True),
         Strategy("GEc", "Gilbert-Elliot c: switches its own last move with p = 0.8", "AIES 2024", _gec, True),
-        Strategy("GEd", "Gilbert-Elliot d: defects 80%", "AIES 2024", _bernoulli_c(0.2), True),
+        Strategy("GEd", "Gilbert-Elliot d: defects 80%", "AIES 2024",
+                 lambda it, st, op, c, d: np.where(c < 0.8, D, C), True),
         Strategy("GEe", "Gilbert-Elliot e: cooperates 80%", "AIES 2024", _bernoulli_c(0.8), True),
     )
 }
