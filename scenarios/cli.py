@@ -17,7 +17,7 @@ from pathlib import Path
 from simulator.config import RunConfig
 from simulator.errors import GameSpecError, MoralsimError, UnknownNameError
 from simulator.games import GAMES, Game, get_game
-from simulator.population import LEARNER_KINDS, STATIC_CODES, parse_population
+from simulator.population import STATIC_CODES, parse_population
 from simulator.rewards import COMPAT_MODES, MORAL_TYPES
 
 log = logging.getLogger("moralsim")
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--backend", choices=("ray", "inline"), default="ray",
                    help="ray (default) runs batches as Ray tasks; inline runs them in this process")
+    p.add_argument("--runs_per_batch", type=int, default=None,
+                   help="runs stacked in one engine (default: spread the runs evenly over the CPUs)")
+    p.add_argument("--flush_rows", type=int, default=1 << 18, help="rows per run buffered before a Parquet part is written")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -101,13 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             compat=args.compat,
             random_matching=args.random_matching,
             output=args.output,
+            flush_rows=args.flush_rows,
         )
         from scenarios.factory import AgentSettings, build_groups
         from simulator.driver import run_sweep
 
         factory = partial(build_groups, settings=AgentSettings(random_matching=args.random_matching))
         runs = run_sweep(cfg, factory, backend=args.backend, ray_address=args.ray_address, num_cpus=args.num_cpus,
-                         show_progress=False if args.no_progress else None)
+                         show_progress=False if args.no_progress else None, runs_per_batch=args.runs_per_batch)
     except (MoralsimError, UnknownNameError) as e:
         parser.exit(2, f"main.py: error: {e}\n")
     rows = sum(int(r.get("rows", 0)) for r in runs.values())

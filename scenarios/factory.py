@@ -6,7 +6,7 @@ The run driver (simulator/driver.py) receives `build_groups` and never imports a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,8 +23,8 @@ from simulator.seeding import RunStreams
 class AgentSettings:
     """Learner settings shared by every learning agent of a run."""
 
-    dqn: DQNConfig = DQNConfig()
-    tabular: TabularConfig = TabularConfig()
+    dqn: DQNConfig = field(default_factory=DQNConfig)
+    tabular: TabularConfig = field(default_factory=TabularConfig)
     random_matching: bool = False
 
 

@@ -199,6 +199,7 @@ def run_sweep(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     show_progress: bool | None = None,
+    runs_per_batch: int | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Run every run of cfg that is not in the dataset yet; returns the manifest's run table."""
     from tqdm.auto import tqdm
@@ -215,7 +216,13 @@ def run_sweep(
         log.info("resuming: %d runs complete, %d to run", len(done), len(pending))
     cpus = num_cpus or os.cpu_count() or 1
     workers = 1 if backend == "inline" else cpus
-    batches = plan_batches(pending, workers, cfg.population.size)
+    if runs_per_batch is not None and runs_per_batch < 1:
+        raise ConfigError(f"runs_per_batch must be at least 1, got {runs_per_batch}")
+    batches = (
+        [pending[i : i + runs_per_batch] for i in range(0, len(pending), runs_per_batch)]
+        if runs_per_batch
+        else plan_batches(pending, workers, cfg.population.size)
+    )
     bar = tqdm(
         total=len(pending) * cfg.num_iterations, unit="it", unit_scale=True, disable=show_progress is False,
         desc=f"{cfg.destination_folder} ({len(pending)} runs)", smoothing=0.05,

@@ -6,6 +6,30 @@ import difflib
 from collections.abc import Iterable
 
 
+def _osa_distance(a: str, b: str) -> int:
+    """Edit distance counting a swap of two neighbours as one edit ("IDP" -> "IPD" is 1)."""
+    d = [[max(i, j) if min(i, j) == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def closest(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name a typo most likely meant: same letters ignoring case first, then fewest edits."""
+    valid = list(valid)
+    same = [v for v in valid if v.lower() == name.lower()]
+    if same:
+        return same[0]
+    scored = sorted(valid, key=lambda v: (_osa_distance(name.lower(), v.lower()), -difflib.SequenceMatcher(None, name, v).ratio()))
+    if scored and _osa_distance(name.lower(), scored[0].lower()) <= max(1, len(name) // 2):
+        return scored[0]
+    return None
+
+
 class MoralsimError(Exception):
     """Base class: catch this to handle any moralsim input or data error."""
 
@@ -15,10 +39,7 @@ class UnknownNameError(MoralsimError, KeyError):
 
     def __init__(self, kind: str, name: str, valid: Iterable[str]) -> None:
         self.kind, self.name, self.valid = kind, name, sorted(valid)
-        close = difflib.get_close_matches(name, self.valid, n=1, cutoff=0.4)
-        if not close:  # case-only typos such as "ut" for "UT"
-            close = [v for v in self.valid if v.lower() == name.lower()][:1]
-        self.suggestion = close[0] if close else None
+        self.suggestion = closest(name, self.valid)
         hint = f" Did you mean {self.suggestion!r}?" if self.suggestion else ""
         super().__init__(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(self.valid)}")
 

@@ -26,7 +26,7 @@ _CORE: list[tuple[str, pa.DataType, bool, str]] = [
     ("selected", pa.int32(), False, "population slot of O, the partner M chose"),
     ("selector_type", CODE, False, "type code of M"),
     ("selected_type", CODE, False, "type code of O"),
-    ("selector_state", pa.int8(), False, "M's dilemma state: O's move in the snapshot (0=C, 1=D); also the chosen partner's last move"),
+    ("selector_state", pa.int8(), False, "M's dilemma state: O's snapshot move (0=C, 1=D), i.e. the chosen partner's last move"),
     ("selected_state", pa.int8(), False, "O's dilemma state: M's move in the snapshot"),
     ("selector_action", pa.int8(), False, "M's move (0=C, 1=D)"),
     ("selected_action", pa.int8(), False, "O's move"),

@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 
 from scenarios.factory import AgentSettings, build_groups
 from simulator.config import RunConfig
@@ -38,7 +39,7 @@ def reference_frame(rows: list[dict]) -> pl.DataFrame:
         elif f.name.endswith("_type"):
             casts.append(pl.col(f.name).cast(pl.String))
         else:
-            casts.append(pl.col(f.name).cast(pl.from_arrow(f.type.__class__ and __import__("pyarrow").array([], f.type)).dtype))
+            casts.append(pl.col(f.name).cast(pl.from_arrow(pa.array([], f.type)).dtype))
     df = df.with_columns(casts).with_columns(pl.col("run").cast(pl.Int64))
     # NaN (static players have no moral reward) is stored as null
     floats = [f.name for f in RECORD_SCHEMA if f.nullable]

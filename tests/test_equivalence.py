@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from polars.testing import assert_frame_equal
 
-from scenarios.factory import AgentSettings
 from actors.dqn import DQNConfig
+from scenarios.factory import AgentSettings
 from simulator.config import RunConfig
 from simulator.games import GAMES
 from tests.helpers import engine_records, reference_frame
