@@ -52,8 +52,9 @@ PROGRESS_EVERY = 50  # iterations between progress reports
 class RunResult:
     run: int
     rows: int
-    seconds: float
+    seconds: float  # wall time of the whole batch, setup included
     entropy: int
+    setup_seconds: float = 0.0  # building the agents and engine
 
 
 def staging_dir(cfg: RunConfig, run: int) -> Path:
@@ -64,11 +65,10 @@ def run_dir(cfg: RunConfig, run: int) -> Path:
     return cfg.dataset_dir / f"run={run}"
 
 
-def run_batch(
-    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory, progress: Progress | None = None
-) -> list[RunResult]:
-    """Run several runs of one population stacked in one engine; move each into the dataset when done."""
-    t0 = time.perf_counter()
+def build_engine(
+    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory
+) -> tuple[PopulationEngine, list[RunStreams]]:
+    """The engine for these runs of cfg, with each run's seeded streams and initial state."""
     pop = cfg.population.resolved(cfg.method)
     streams = [run_streams(cfg.seed, r, pop.size) for r in runs]
     init = np.stack([initial_state(s.protocol, pop.size) for s in streams])
@@ -76,6 +76,17 @@ def run_batch(
         pop.codes, pop.moral_codes, factory(pop, streams), cfg.game, [s.protocol for s in streams], init,
         compat=cfg.compat, random_matching=cfg.random_matching,
     )
+    return engine, streams
+
+
+def run_batch(
+    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory, progress: Progress | None = None
+) -> list[RunResult]:
+    """Run several runs of one population stacked in one engine; move each into the dataset when done."""
+    t0 = time.perf_counter()
+    engine, streams = build_engine(cfg, runs, factory)
+    setup = time.perf_counter() - t0
+    pop = cfg.population.resolved(cfg.method)
     stages = [staging_dir(cfg, r) for r in runs]
     for d in stages:
         shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted attempt
@@ -101,7 +112,7 @@ def run_batch(
         final = run_dir(cfg, r)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(d, final)  # the run appears in the dataset whole, or not at all
-        results.append(RunResult(r, rows, seconds, st.entropy))
+        results.append(RunResult(r, rows, seconds, st.entropy, setup))
     return results
 
 
@@ -293,12 +304,12 @@ def _run_ray(
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-        bar.update(ray.get(counter.take.remote()))
+        bar.update(ray.get(counter.take.remote()))  # type: ignore[attr-defined]
         for ref in ready:
             try:
                 finished(ray.get(ref))
             except Exception as e:  # a failed batch must not lose the others
                 log.error("runs %s failed: %s", refs[ref], e)
                 failures.append(f"runs {refs[ref]}: {type(e).__name__}: {e}")
-    bar.update(ray.get(counter.take.remote()))
+    bar.update(ray.get(counter.take.remote()))  # type: ignore[attr-defined]
     return failures

@@ -32,6 +32,7 @@ R_ILLEGAL = -6.0  # an LLM answer that is not a legal action token
 COMPAT_MODES = ("none", "aies2024")
 
 Arr = np.ndarray
+ArrayLike = np.ndarray | float | int
 RewardFn = Callable[[Arr, Arr, Arr, Arr, Arr], Arr]
 
 
@@ -131,7 +132,9 @@ def reward_fn(code: str, compat: str = "none") -> RewardFn:
     return get_moral_type(code).fn
 
 
-def moral_reward(code: str, a_m: Arr, a_o: Arr, r_m: Arr, r_o: Arr, s_o: Arr, compat: str = "none") -> Arr:
+def moral_reward(
+    code: str, a_m: ArrayLike, a_o: ArrayLike, r_m: ArrayLike, r_o: ArrayLike, s_o: ArrayLike, compat: str = "none"
+) -> Arr:
     return reward_fn(code, compat)(np.asarray(a_m), np.asarray(a_o), np.asarray(r_m), np.asarray(r_o), np.asarray(s_o))
 
 
