@@ -33,6 +33,7 @@ class DQNConfig:
     eps_dilemma: float = 0.05
     eps_selection: float = 0.1
     learn_selection: bool = True  # False under --random_matching
+    learn_dilemma: bool = True  # False when the group is only a partner-selection head (LLM agents)
     dtype: str = "float32"  # "float64" for equivalence tests
     threads: int = 1  # torch intra-op threads; tiny matmuls gain nothing from more, and lose a lot when cores are shared
 
@@ -134,7 +135,7 @@ class DQNGroup:
         for b, rng in enumerate(rng for run in rngs for rng in run):
             for k, v in init_params(rng, n, hid).items():
                 self.params[k][b] = torch.from_numpy(v)
-        trained = ["dil", "sel"] if config.learn_selection else ["dil"]
+        trained = [net for net, on in (("dil", config.learn_dilemma), ("sel", config.learn_selection)) if on]
         self._trained = trained
         self.opt = FlatAdam([self._flat[n][0] for n in trained], lr=config.lr)
         self._sel_cache: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None
@@ -186,28 +187,35 @@ class DQNGroup:
         return Decisions(action, reason)
 
     # -- learning -----------------------------------------------------------------------------------------
-    def learn(self, tr: Transitions) -> dict[str, float]:
+    def _dilemma_grads(self, tr: Transitions) -> dict[str, float]:
         assert self._qd is not None, "learn() before act() in this iteration"
         p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
-        with torch.no_grad():
-            # dilemma: mean squared TD error over each agent's k_b transitions of this iteration;
-            # the TD errors are tiny (B, 2, 2) lookups, cheaper in numpy than as torch ops
-            h, q = self._qd
-            b = tr.run * self.G + tr.member
-            s, a = tr.state.astype(np.int64), tr.action.astype(np.int64)
-            td = q[b, s, a] - (tr.reward + gamma * q[b, tr.next_state].max(axis=-1))
-            k = np.bincount(b, minlength=B)
-            dq_np = np.zeros(q.shape, dtype=self.np_dtype)
-            np.add.at(dq_np, (b, s, a), 2.0 * td / k[b])  # dL/dQ
-            dq = torch.from_numpy(dq_np)
-            torch.bmm(h.transpose(1, 2), dq, out=g["dil_w2"])
-            torch.sum(dq, dim=1, keepdim=True, out=g["dil_b2"])
-            dpre = torch.bmm(dq, p["dil_w2"].transpose(1, 2)).mul_(h > 0)  # (B, 2, H)
-            g["dil_w1"].copy_(dpre[:, 1:2, :])  # the input is s: 0 for row 0, 1 for row 1
-            torch.sum(dpre, dim=1, keepdim=True, out=g["dil_b1"])
-            stats = {"dilemma_td2": float(np.mean(td * td))}
+        """Dilemma net: mean squared TD error over each agent's k_b transitions of this iteration.
 
-            if self.cfg.learn_selection:
+        The TD errors are tiny (B, 2, 2) lookups, cheaper in numpy than as torch ops.
+        """
+        h, q = self._qd
+        b = tr.run * self.G + tr.member
+        s, a = tr.state.astype(np.int64), tr.action.astype(np.int64)
+        td = q[b, s, a] - (tr.reward + gamma * q[b, tr.next_state].max(axis=-1))
+        k = np.bincount(b, minlength=B)
+        dq_np = np.zeros(q.shape, dtype=self.np_dtype)
+        np.add.at(dq_np, (b, s, a), 2.0 * td / k[b])  # dL/dQ
+        dq = torch.from_numpy(dq_np)
+        torch.bmm(h.transpose(1, 2), dq, out=g["dil_w2"])
+        torch.sum(dq, dim=1, keepdim=True, out=g["dil_b2"])
+        dpre = torch.bmm(dq, p["dil_w2"].transpose(1, 2)).mul_(h > 0)  # (B, 2, H)
+        g["dil_w1"].copy_(dpre[:, 1:2, :])  # the input is s: 0 for row 0, 1 for row 1
+        torch.sum(dpre, dim=1, keepdim=True, out=g["dil_b1"])
+        return {"dilemma_td2": float(np.mean(td * td))}
+
+    def learn(self, tr: Transitions) -> dict[str, float]:
+        p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
+        stats: dict[str, float] = {}
+        with torch.no_grad():
+            if self.cfg.learn_dilemma:
+                stats.update(self._dilemma_grads(tr))
+            if self.cfg.learn_selection:  # one transition per agent: the partner it chose
                 assert self._sel_cache is not None
                 x, h_s, q_s = self._sel_cache
                 q_next = self._sel_forward(tr.sel_next_state)[2]

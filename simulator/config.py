@@ -9,7 +9,7 @@ from typing import Any
 from simulator.errors import ConfigError
 from simulator.games import Game
 from simulator.population import Population, parse_population
-from simulator.rewards import check_compat
+from simulator.rewards import check_compat, get_moral_type
 from simulator.seeding import check_seed
 
 
@@ -26,6 +26,9 @@ class RunConfig:
     output: Path = Path("results")
     flush_rows: int = 1 << 18  # rows per run buffered before a part file is written
     agent_options: dict[str, Any] = field(default_factory=dict)  # learner settings, recorded in the manifest
+    # phased rewards: (type code, fraction of the iterations after which it switches, new code),
+    # e.g. ("Game", 0.5, "De") = the ICLR "Game, then De" schedule
+    reward_schedule: tuple[tuple[str, float, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_iterations < 1:
@@ -37,10 +40,24 @@ class RunConfig:
         check_seed(self.seed)
         check_compat(self.compat)
         self.population.resolved(self.method)  # validates the learner kind
+        for entry in self.reward_schedule:
+            if len(entry) != 3 or not 0 < float(entry[1]) < 1:
+                raise ConfigError(f"a reward_schedule entry is (code, fraction in (0, 1), new code), got {entry!r}")
+            get_moral_type(entry[0])
+            get_moral_type(entry[2])
 
     @property
     def population(self) -> Population:
         return parse_population(self.destination_folder)
+
+    def reward_phases(self) -> list[tuple[int, list[str | None]]]:
+        """The reward_schedule as (first iteration, moral type per slot) switches for the engine."""
+        codes = list(self.population.moral_codes)
+        phases = []
+        for code, fraction, new in sorted(self.reward_schedule, key=lambda e: e[1]):
+            codes = [new if c == code else c for c in codes]
+            phases.append((round(fraction * self.num_iterations), list(codes)))
+        return phases
 
     @property
     def dataset_dir(self) -> Path:

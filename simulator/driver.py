@@ -74,7 +74,7 @@ def build_engine(
     init = np.stack([initial_state(s.protocol, pop.size) for s in streams])
     engine = PopulationEngine(
         pop.codes, pop.moral_codes, factory(pop, streams), cfg.game, [s.protocol for s in streams], init,
-        compat=cfg.compat, random_matching=cfg.random_matching,
+        compat=cfg.compat, random_matching=cfg.random_matching, reward_phases=cfg.reward_phases(),
     )
     return engine, streams
 

@@ -101,8 +101,13 @@ class PopulationEngine:
         *,
         compat: str = "none",
         random_matching: bool = False,
+        reward_phases: Sequence[tuple[int, Sequence[str | None]]] = (),
     ) -> None:
-        """codes[i]: slot i's type code. learner_codes[i]: its moral type, None for static strategies."""
+        """codes[i]: slot i's type code. learner_codes[i]: its moral type, None for static strategies.
+
+        reward_phases: (first iteration, moral type per slot) pairs that switch the rewards mid-run, for
+        phased schedules such as Game for the first half, then De.
+        """
         self.N, self.R = len(codes), len(protocol_rngs)
         if self.N < 2:
             raise ConfigError(f"a population needs at least 2 agents, got {self.N}")
@@ -122,16 +127,19 @@ class PopulationEngine:
         self.rngs = list(protocol_rngs)
         self.state = np.array(initial_state, dtype=np.int8).reshape(self.R, self.N)
         self.others = others_index(self.N)
-        moral = list(dict.fromkeys(c for c in learner_codes if c is not None))
-        self.reward_codes: list[str | None] = [*moral, None]
-        self.type_idx = np.array([moral.index(c) if c is not None else len(moral) for c in learner_codes])
-        self.rewards = reward_table(self.reward_codes, game, self.compat)
-        self.compat_selected = np.array(
-            [self.compat == "aies2024" and c in STATE_DEPENDENT for c in learner_codes]
-        )
+        self._phases = {int(start): list(c) for start, c in reward_phases}
+        self._set_rewards(list(learner_codes))
         self.iteration = 0
         self._u = np.empty((self.R, 0, self.N, U_COLUMNS))
         self._u_pos = 0
+
+    def _set_rewards(self, learner_codes: list[str | None]) -> None:
+        if len(learner_codes) != self.N:
+            raise ConfigError(f"expected a moral type (or None) for each of {self.N} slots, got {len(learner_codes)}")
+        moral = list(dict.fromkeys(c for c in learner_codes if c is not None))
+        self.type_idx = np.array([moral.index(c) if c is not None else len(moral) for c in learner_codes])
+        self.rewards = reward_table([*moral, None], self.game, self.compat)
+        self.compat_selected = np.array([self.compat == "aies2024" and c in STATE_DEPENDENT for c in learner_codes])
 
     # -- randomness ---------------------------------------------------------------------------------------
     def _uniforms(self) -> np.ndarray:
@@ -146,6 +154,8 @@ class PopulationEngine:
     # -- one iteration ------------------------------------------------------------------------------------
     def step(self) -> IterationRecords:
         t, N, R = self.iteration, self.N, self.R
+        if t in self._phases:
+            self._set_rewards(self._phases[t])
         snap = self.state
         u = self._uniforms()
         runs = np.arange(R)[:, None]

@@ -133,3 +133,18 @@ def test_compat_switch_changes_only_the_documented_defects(tmp_path):
     for df in (fixed, compat):
         de = df.filter(pl.col("selected_type") == "DE")
         assert de.filter((pl.col("selected_action") == 1) & (pl.col("selector_state") != pl.col("selected_state"))).height
+
+
+def test_phased_reward_schedule_switches_at_the_stated_iteration(tmp_path):
+    cfg = RunConfig("1xGame@tabularQ_1xAD", num_iterations=40, num_runs=1, seed=1, output=tmp_path,
+                    reward_schedule=(("Game", 0.5, "De"),))
+    run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="inline", show_progress=False)
+    df = read_dataset(cfg.dataset_dir)
+    for role in ("selector", "selected"):
+        me = df.filter(pl.col(f"{role}_type") == "Game")
+        first, second = me.filter(pl.col("iteration") < 20), me.filter(pl.col("iteration") >= 20)
+        assert (first[f"{role}_moral_reward"] == first[f"{role}_payoff"]).all()
+        exploit = (second[f"{role}_action"] == 1) & (second[f"{role}_state"] == 0)
+        assert (second[f"{role}_moral_reward"] == exploit.cast(pl.Float32) * -3).all()
+    with pytest.raises(ConfigError, match="reward_schedule"):
+        RunConfig("1xGame_1xAD", reward_schedule=(("Game", 1.5, "De"),))
