@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from actors.static import StaticGroup
 from actors.tabular import TabularConfig, TabularGroup
 from simulator.contracts import AgentGroup
 from simulator.errors import ConfigError
+from simulator.games import GAMES, Game
 from simulator.population import Population
 from simulator.seeding import RunStreams
 
@@ -26,6 +28,9 @@ class AgentSettings:
     dqn: DQNConfig = field(default_factory=DQNConfig)
     tabular: TabularConfig = field(default_factory=TabularConfig)
     random_matching: bool = False
+    llm: Any = None  # actors.llm.agent.LLMAgentConfig; typed loosely so DQN-only runs never import the LLM stack
+    game: Game = field(default_factory=lambda: GAMES["IPD"])  # the game LLM prompts describe
+    seed: int = 0
 
 
 def build_groups(population: Population, streams: Sequence[RunStreams], settings: AgentSettings) -> list[AgentGroup]:
@@ -46,7 +51,12 @@ def build_groups(population: Population, streams: Sequence[RunStreams], settings
         elif kind == "tabularQ":
             cfg_t = replace(settings.tabular, learn_selection=not settings.random_matching)
             groups.append(TabularGroup(slots, n, len(streams), cfg_t))
+        elif kind == "llm":
+            from actors.llm.agent import LLMAgentConfig, LLMGroup
+
+            rngs = [[st.agents[s] for s in slots] for st in streams]
+            groups.append(LLMGroup(slots, n, settings.game, rngs, settings.llm or LLMAgentConfig(), seed=settings.seed))
         else:
-            raise ConfigError(f"learner kind {kind!r} is not available in this build; valid: static, dqn, tabularQ")
+            raise ConfigError(f"unknown learner kind {kind!r}; valid: static, dqn, tabularQ, llm")
     return groups
 

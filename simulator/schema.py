@@ -54,13 +54,12 @@ _LLM: list[tuple[str, pa.DataType, bool, str]] = [
         ("action_tokens", pa.string(), "legal action tokens 'C-token|D-token'"),
         ("raw_answer", pa.string(), "the model's raw answer"),
         ("legal", pa.bool_(), "whether the answer was a legal action token"),
-        ("p_cooperate", pa.float32(), "P(C-token) / (P(C-token) + P(D-token)) at the first answer token"),
-        ("adapter_version", pa.int32(), "version of the LoRA adapter that acted"),
+        ("p_cooperate", pa.float32(), "P(C-token) / (P(C-token) + P(D-token)) for this prompt"),
+        ("adapter_version", pa.int32(), "version of the LoRA adapter that acted (= PPO updates so far)"),
+        ("kl", pa.float32(), "KL to the base model in the agent's latest PPO update before this game"),
+        ("policy_loss", pa.float32(), "PPO policy loss of that update"),
+        ("value_loss", pa.float32(), "PPO value loss of that update"),
     ]
-] + [
-    ("kl", pa.float32(), True, "learner's KL to the base after this iteration's update (selector's learner)"),
-    ("policy_loss", pa.float32(), True, "PPO policy loss of the selector's last update"),
-    ("value_loss", pa.float32(), True, "PPO value loss of the selector's last update"),
 ]
 
 
