@@ -104,6 +104,10 @@ def run_batch(
             progress(done_since_report * len(runs))
             done_since_report = 0
     rows += buffer.flush(stages)
+    for group in engine.groups:  # groups with state worth keeping (LLM adapters) save it beside the records
+        save = getattr(group, "save", None)
+        if callable(save):
+            save(stages)
     if progress is not None and done_since_report:
         progress(done_since_report * len(runs))
     seconds = time.perf_counter() - t0

@@ -63,6 +63,10 @@ class CorruptDataError(MoralsimError, OSError):
     """A Parquet part or manifest that cannot be read."""
 
 
+class ModelUnavailableError(MoralsimError, OSError):
+    """A model that cannot be found locally or fetched (offline, no pip, package gone)."""
+
+
 class IllegalAnswerError(MoralsimError, ValueError):
     """An LLM answer that is not one of the legal action tokens (callers usually map it to R_illegal)."""
 

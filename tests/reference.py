@@ -106,10 +106,8 @@ class RefDQN:
 
     def __post_init__(self) -> None:
         p = init_params(self.rng, self.n_others, self.hidden)
-        self.sel_net = torch.nn.Sequential(_linear(p["sel_w1"], p["sel_b1"]), torch.nn.ReLU(),
-                                           _linear(p["sel_w2"], p["sel_b2"]))
-        self.dil_net = torch.nn.Sequential(_linear(p["dil_w1"], p["dil_b1"]), torch.nn.ReLU(),
-                                           _linear(p["dil_w2"], p["dil_b2"]))
+        self.sel_net = torch.nn.Sequential(_linear(p["sel_w1"], p["sel_b1"]), torch.nn.ReLU(), _linear(p["sel_w2"], p["sel_b2"]))
+        self.dil_net = torch.nn.Sequential(_linear(p["dil_w1"], p["dil_b1"]), torch.nn.ReLU(), _linear(p["dil_w2"], p["dil_b2"]))
         params = list(self.dil_net.parameters())
         if self.learn_selection:
             params += list(self.sel_net.parameters())
@@ -208,7 +206,13 @@ class RefTabular:
 
 
 def reference_run(
-    pop: Population, game: Game, seed: int, run: int, iterations: int, *, compat: str = "none",
+    pop: Population,
+    game: Game,
+    seed: int,
+    run: int,
+    iterations: int,
+    *,
+    compat: str = "none",
     random_matching: bool = False,
 ) -> list[dict]:
     """Records of one run as a list of row dicts, computed one game at a time."""
@@ -256,20 +260,34 @@ def reference_run(
             dil[j].append((int(snap[i]), a_j, l_j, a_i))
             latest[i], latest[j] = a_i, a_j
             denom = abs(r_i) + abs(r_j)
-            rows.append(dict(
-                run=run, iteration=t, order=k, selector=i, selected=j,
-                selector_type=spec_i.code, selected_type=spec_j.code,
-                selector_state=int(snap[j]), selected_state=int(snap[i]),
-                selector_action=a_i, selected_action=a_j,
-                selector_payoff=r_i, selected_payoff=r_j,
-                selector_moral_reward=m_i, selected_moral_reward=m_j,
-                selector_learning_reward=l_i, selected_learning_reward=l_j,
-                selector_reason=why_i, selected_reason=why_j, selection_reason=sel_reason[i],
-                selector_available_c=sum(1 for x in sel_state[i] if x == 0),
-                collective_payoff=r_i + r_j,
-                equality=1.0 if denom == 0 else 1.0 - abs(r_i - r_j) / denom,
-                min_payoff=min(r_i, r_j),
-            ))
+            rows.append(
+                dict(
+                    run=run,
+                    iteration=t,
+                    order=k,
+                    selector=i,
+                    selected=j,
+                    selector_type=spec_i.code,
+                    selected_type=spec_j.code,
+                    selector_state=int(snap[j]),
+                    selected_state=int(snap[i]),
+                    selector_action=a_i,
+                    selected_action=a_j,
+                    selector_payoff=r_i,
+                    selected_payoff=r_j,
+                    selector_moral_reward=m_i,
+                    selected_moral_reward=m_j,
+                    selector_learning_reward=l_i,
+                    selected_learning_reward=l_j,
+                    selector_reason=why_i,
+                    selected_reason=why_j,
+                    selection_reason=sel_reason[i],
+                    selector_available_c=sum(1 for x in sel_state[i] if x == 0),
+                    collective_payoff=r_i + r_j,
+                    equality=1.0 if denom == 0 else 1.0 - abs(r_i - r_j) / denom,
+                    min_payoff=min(r_i, r_j),
+                )
+            )
         env = latest
         for i, agent in enumerate(agents):
             if agent.learns:

@@ -4,10 +4,11 @@ import pytest
 
 from simulator.env import DilemmaEnv
 from simulator.errors import UnknownNameError
+from tests.helpers import need
 
 
 def test_pettingzoo_parallel_api():
-    parallel_api_test = pytest.importorskip("pettingzoo.test").parallel_api_test
+    parallel_api_test = need("pettingzoo.test").parallel_api_test  # type: ignore[attr-defined]
     parallel_api_test(DilemmaEnv("IPD", rewards=("DE", "UT"), max_cycles=25), num_cycles=100)
 
 

@@ -30,13 +30,26 @@ CASES = [
 
 @pytest.mark.parametrize(("pop", "method", "game", "iterations", "compat", "random_matching"), CASES)
 def test_batched_engine_equals_reference(tmp_path, pop, method, game, iterations, compat, random_matching):
-    cfg = RunConfig(pop, num_iterations=iterations, num_runs=3, seed=11, game=GAMES[game], method=method,
-                    compat=compat, random_matching=random_matching, output=tmp_path, flush_rows=37)
+    cfg = RunConfig(
+        pop,
+        num_iterations=iterations,
+        num_runs=3,
+        seed=11,
+        game=GAMES[game],
+        method=method,
+        compat=compat,
+        random_matching=random_matching,
+        output=tmp_path,
+        flush_rows=37,
+    )
     settings = AgentSettings(dqn=DQNConfig(dtype="float64"), random_matching=random_matching)
     got = engine_records(cfg, [0, 1, 2], settings)  # three runs stacked in one engine
     population = cfg.population.resolved(method)
-    rows = [r for run in (0, 1, 2) for r in reference_run(population, GAMES[game], 11, run, iterations,
-                                                          compat=compat, random_matching=random_matching)]
+    rows = [
+        r
+        for run in (0, 1, 2)
+        for r in reference_run(population, GAMES[game], 11, run, iterations, compat=compat, random_matching=random_matching)
+    ]
     assert got.height == 3 * iterations * population.size
     assert_frame_equal(got, reference_frame(rows))
 

@@ -53,9 +53,12 @@ def test_bad_strings(text, message):
 def test_cli_rejects_bad_population_before_any_work(tmp_path, text):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "main.py", "--destination_folder", text, "--num_iterations", "5", "--num_runs", "1",
-         "--output", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        [sys.executable, "main.py", "--destination_folder", text, "--num_iterations", "5", "--num_runs", "1", "--output", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode != 0
     assert "Valid" in proc.stderr and "TFT" in proc.stderr and "mDE" in proc.stderr

@@ -17,24 +17,40 @@ AIES_AND_STATIC = [c for c in valid_codes() if c not in ("Game", "De", "Ut", "Ga
 
 @st.composite
 def populations(draw):
-    entries = draw(st.lists(st.tuples(st.integers(1, 3), st.sampled_from(AIES_AND_STATIC),
-                                      st.sampled_from(["", "@dqn", "@tabularQ"])), min_size=1, max_size=5))
-    text = "_".join(f"{n}x{c}{'' if c in ('AC', 'AD', 'TFT', 'Random', 'CD') or c.startswith('GE') else k}"
-                    for n, c, k in entries)
+    entries = draw(
+        st.lists(
+            st.tuples(st.integers(1, 3), st.sampled_from(AIES_AND_STATIC), st.sampled_from(["", "@dqn", "@tabularQ"])),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    text = "_".join(f"{n}x{c}{'' if c in ('AC', 'AD', 'TFT', 'Random', 'CD') or c.startswith('GE') else k}" for n, c, k in entries)
     pop = parse_population(text if sum(n for n, _, _ in entries) >= 2 else text + "_1xAC")
     return pop.resolved("dqn")
 
 
 @settings(max_examples=25, deadline=None)
-@given(pop=populations(), runs=st.integers(1, 3), iterations=st.integers(1, 6), seed=st.integers(0, 2**32 - 1),
-       game=st.sampled_from(sorted(GAMES)), random_matching=st.booleans())
+@given(
+    pop=populations(),
+    runs=st.integers(1, 3),
+    iterations=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
+    game=st.sampled_from(sorted(GAMES)),
+    random_matching=st.booleans(),
+)
 def test_protocol_invariants(pop, runs, iterations, seed, game, random_matching):
     n = pop.size
     streams = [run_streams(seed, r, n) for r in range(runs)]
     init = np.stack([initial_state(s.protocol, n) for s in streams])
-    eng = PopulationEngine(pop.codes, pop.moral_codes,
-                           build_groups(pop, streams, AgentSettings(random_matching=random_matching)),
-                           GAMES[game], [s.protocol for s in streams], init, random_matching=random_matching)
+    eng = PopulationEngine(
+        pop.codes,
+        pop.moral_codes,
+        build_groups(pop, streams, AgentSettings(random_matching=random_matching)),
+        GAMES[game],
+        [s.protocol for s in streams],
+        init,
+        random_matching=random_matching,
+    )
     records = 0
     prev_state = init
     for _ in range(iterations):

@@ -53,10 +53,22 @@ def _expected(code: str, a_m: int, a_o: int, r_m: float, r_o: float, s: int) -> 
     eq = 1.0 if tot == 0 else 1 - abs(r_m - r_o) / tot
     exploit = a_m == D and s == C
     return {
-        "S": r_m, "UT": r_m + r_o, "DE": -XI if exploit else 0.0, "VEe": eq, "VEk": XI if a_m == C else 0.0,
-        "VM": 0.5 * eq + 0.5 * (a_m == C), "AL": r_o, "aUT": -(r_m + r_o), "mDE": XI if exploit else 0.0,
-        "Vie": 1 - eq, "Vagg": XI if a_m == D else 0.0, "aAL": -r_o,
-        "Game": r_m, "De": -3.0 if exploit else 0.0, "Ut": r_m + r_o, "Game+De": r_m + (-3.0 if exploit else 0.0),
+        "S": r_m,
+        "UT": r_m + r_o,
+        "DE": -XI if exploit else 0.0,
+        "VEe": eq,
+        "VEk": XI if a_m == C else 0.0,
+        "VM": 0.5 * eq + 0.5 * (a_m == C),
+        "AL": r_o,
+        "aUT": -(r_m + r_o),
+        "mDE": XI if exploit else 0.0,
+        "Vie": 1 - eq,
+        "Vagg": XI if a_m == D else 0.0,
+        "aAL": -r_o,
+        "Game": r_m,
+        "De": -3.0 if exploit else 0.0,
+        "Ut": r_m + r_o,
+        "Game+De": r_m + (-3.0 if exploit else 0.0),
     }[code]
 
 

@@ -19,15 +19,21 @@ from scenarios.factory import AgentSettings, build_groups
 from simulator.config import RunConfig
 from simulator.driver import STAGING, run_sweep
 from simulator.errors import ConfigError
-from tests.helpers import read_dataset
+from tests.helpers import need, read_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 POP = "2xS_1xUT_1xDE_1xTFT"
 
 
 def sweep(out: Path, backend: str = "inline", **kw) -> pl.DataFrame:
-    cfg = RunConfig(POP, num_iterations=kw.pop("iterations", 40), num_runs=kw.pop("runs", 3), seed=kw.pop("seed", 7),
-                    output=out, flush_rows=kw.pop("flush_rows", 64))
+    cfg = RunConfig(
+        POP,
+        num_iterations=kw.pop("iterations", 40),
+        num_runs=kw.pop("runs", 3),
+        seed=kw.pop("seed", 7),
+        output=out,
+        flush_rows=kw.pop("flush_rows", 64),
+    )
     run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend=backend, show_progress=False, **kw)
     return read_dataset(cfg.dataset_dir)
 
@@ -62,16 +68,36 @@ def test_rerun_skips_completed_and_refuses_other_config(tmp_path):
 
 
 def _main(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "main.py", "--destination_folder", POP, "--num_iterations", "3000", "--num_runs", "3",
-            "--seed", "5", "--output", str(out), "--backend", "inline", "--runs_per_batch", "1", "--flush_rows", "500",
-            "--no_progress", *extra]
+    return [
+        sys.executable,
+        "main.py",
+        "--destination_folder",
+        POP,
+        "--num_iterations",
+        "3000",
+        "--num_runs",
+        "3",
+        "--seed",
+        "5",
+        "--output",
+        str(out),
+        "--backend",
+        "inline",
+        "--runs_per_batch",
+        "1",
+        "--flush_rows",
+        "500",
+        "--no_progress",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_resume_after_kill_leaves_no_partial_or_duplicate_rows(tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_main(out), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        _main(out), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     # kill while run 1 is half written: run 0 is complete, run 1 has parts in staging
     deadline = time.time() + 240
     staged = out / STAGING / POP / "run=1"
@@ -97,7 +123,7 @@ def test_resume_after_kill_leaves_no_partial_or_duplicate_rows(tmp_path):
 
 @pytest.mark.slow
 def test_real_ray_run_matches_inline(tmp_path):
-    ray = pytest.importorskip("ray")
+    ray = need("ray")
     try:
         got = sweep(tmp_path / "ray", backend="ray", runs=4, num_cpus=2)
     finally:
@@ -107,8 +133,15 @@ def test_real_ray_run_matches_inline(tmp_path):
 
 def test_compat_switch_changes_only_the_documented_defects(tmp_path):
     def run(compat: str) -> pl.DataFrame:
-        cfg = RunConfig("1xDE_1xmDE_1xVM_1xRandom", num_iterations=80, num_runs=1, seed=2, output=tmp_path / compat,
-                        compat=compat, method="tabularQ")
+        cfg = RunConfig(
+            "1xDE_1xmDE_1xVM_1xRandom",
+            num_iterations=80,
+            num_runs=1,
+            seed=2,
+            output=tmp_path / compat,
+            compat=compat,
+            method="tabularQ",
+        )
         run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="inline", show_progress=False)
         return read_dataset(cfg.dataset_dir)
 
@@ -136,8 +169,9 @@ def test_compat_switch_changes_only_the_documented_defects(tmp_path):
 
 
 def test_phased_reward_schedule_switches_at_the_stated_iteration(tmp_path):
-    cfg = RunConfig("1xGame@tabularQ_1xAD", num_iterations=40, num_runs=1, seed=1, output=tmp_path,
-                    reward_schedule=(("Game", 0.5, "De"),))
+    cfg = RunConfig(
+        "1xGame@tabularQ_1xAD", num_iterations=40, num_runs=1, seed=1, output=tmp_path, reward_schedule=(("Game", 0.5, "De"),)
+    )
     run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="inline", show_progress=False)
     df = read_dataset(cfg.dataset_dir)
     for role in ("selector", "selected"):

@@ -23,14 +23,19 @@ C, D = 0, 1
 def moves_per_iteration(a: str, b: str, iterations: int, seed: int = 0) -> list[dict[int, set[int]]]:
     pop = parse_population(f"1x{a}_1x{b}").resolved("dqn")
     streams = [run_streams(seed, 0, 2)]
-    eng = PopulationEngine(pop.codes, pop.moral_codes, build_groups(pop, streams, AgentSettings()), GAMES["IPD"],
-                           [s.protocol for s in streams], np.stack([initial_state(s.protocol, 2) for s in streams]))
+    eng = PopulationEngine(
+        pop.codes,
+        pop.moral_codes,
+        build_groups(pop, streams, AgentSettings()),
+        GAMES["IPD"],
+        [s.protocol for s in streams],
+        np.stack([initial_state(s.protocol, 2) for s in streams]),
+    )
     out = []
     for _ in range(iterations):
         rec = eng.step()
         moves: dict[int, set[int]] = {0: set(), 1: set()}
-        for m, o, am, ao in zip(rec.selector[0], rec.selected[0], rec.selector_action[0], rec.selected_action[0],
-                                strict=True):
+        for m, o, am, ao in zip(rec.selector[0], rec.selected[0], rec.selector_action[0], rec.selected_action[0], strict=True):
             moves[int(m)].add(int(am))
             moves[int(o)].add(int(ao))
         out.append(moves)
@@ -70,8 +75,15 @@ def test_geb_never_forgives():
 def _rates(code: str, n: int = 20000, own_prev: int = C) -> float:
     group = StaticGroup(np.array([0]), [code], 1)
     rng = np.random.default_rng(0)
-    batch = DilemmaBatch(5, np.zeros(n, int), np.zeros(n, int), np.ones(n, int), np.zeros(n, np.int8),
-                         np.full(n, own_prev, np.int8), rng.random((n, 2)))
+    batch = DilemmaBatch(
+        5,
+        np.zeros(n, int),
+        np.zeros(n, int),
+        np.ones(n, int),
+        np.zeros(n, np.int8),
+        np.full(n, own_prev, np.int8),
+        rng.random((n, 2)),
+    )
     return float(np.mean(group.act(batch).choice == C))
 
 

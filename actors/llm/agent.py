@@ -267,9 +267,10 @@ class LLMGroup:
     def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:
         return None
 
-    def save_adapters(self, folder: Path) -> list[Path]:
-        """Write every agent's adapter as a peft folder (adapter_config.json + adapter_model.safetensors)."""
+    def save(self, run_dirs: list[Path]) -> None:
+        """Each agent's final adapter as a peft folder: <run dir>/adapters/slot<k>/ (PeftModel.from_pretrained reads it)."""
         from actors.llm.weight_sync import adapter_to_peft_dir
 
-        return [adapter_to_peft_dir(lr.export_adapter(), Path(folder) / name)
-                for name, lr in zip(self.names, self.learners, strict=True)]
+        for b, learner in enumerate(self.learners):
+            r, g = divmod(b, self.G)
+            adapter_to_peft_dir(learner.export_adapter(), Path(run_dirs[r]) / "adapters" / f"slot{int(self.slots[g])}")

