@@ -1,0 +1,161 @@
+"""Test-time generalisation of an LLM agent (ICLR 2025, DESIGN section 4): `python main.py evaluate --adapter DIR`.
+
+The matrix, each cell answered by `--samples` prompts with random last-round histories (or a first round):
+    games     IPD, ISH, IVD, ICN, BOS, ICD        with the test tokens (action3/action4), structured prompt
+    tokens    action12, action34, AB, XY, 01, random:3, random:7   on IPD, structured prompt
+    variants  structured, reversed, permuted, unstructured, value_ut, value_de, poetic   on IPD, test tokens
+    unrelated questions that have nothing to do with the game, answered with the test tokens
+`--full` crosses all games x tokens x variants instead. Output: `<out>/eval.parquet` (one row per answer: model,
+adapter, axis, game, action_tokens, prompt_variant, history, raw_answer, legal, action, p_cooperate) and
+`<out>/eval_table.csv` (cooperation and illegal-answer rate per cell), also printed as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from simulator.errors import MoralsimError
+from simulator.games import GAMES
+
+log = logging.getLogger("moralsim.evaluate")
+
+EVAL_GAMES = ("IPD", "ISH", "IVD", "ICN", "BOS", "ICD")
+EVAL_TOKENS = ("action12", "action34", "AB", "XY", "01", "random:3", "random:7")
+TEST_TOKENS = "action34"
+HISTORIES = ("first", "CC", "CD", "DC", "DD")  # own last move, opponent's last move
+
+
+def _cells(full: bool) -> list[tuple[str, str, str, str]]:
+    from actors.llm.prompts import PROMPT_VARIANTS, STRUCTURED
+
+    if full:
+        return [("full", g, t, v) for g, t, v in itertools.product(EVAL_GAMES, EVAL_TOKENS, PROMPT_VARIANTS)]
+    return (
+        [("game", g, TEST_TOKENS, STRUCTURED) for g in EVAL_GAMES]
+        + [("tokens", "IPD", t, STRUCTURED) for t in EVAL_TOKENS]
+        + [("variant", "IPD", TEST_TOKENS, v) for v in PROMPT_VARIANTS]
+        + [("unrelated", "-", TEST_TOKENS, "unrelated")]
+    )
+
+
+def evaluate(
+    model: str,
+    adapter: Path | None,
+    out: Path,
+    *,
+    samples: int = 10,
+    full: bool = False,
+    engine_kind: str = "hf",
+    device: str = "cpu",
+    seed: int = 0,
+    max_new_tokens: int = 4,
+    temperature: float = 1.0,
+) -> pl.DataFrame:
+    """Run the matrix for one model (+ adapter); write the Parquet and the table; return the table."""
+    from actors.llm.agent import LLMAgentConfig, make_engine, resolve_tokens
+    from actors.llm.engine import GenerationRequest
+    from actors.llm.models import resolve_model
+    from actors.llm.prompts import UNRELATED_QUESTIONS, chat_ids, game_prompt_text, parse_answer, unrelated_prompt_text
+    from actors.llm.weight_sync import peft_dir_to_adapter
+    from simulator.contracts import Action
+
+    model_dir = resolve_model(model)
+    engine = make_engine(LLMAgentConfig(model=str(model_dir), engine=engine_kind, device=device), model_dir, seed, 1)
+    name = None
+    if adapter is not None:
+        name = "evaluated"  # not "eval": peft adapter names become module attributes
+        engine.load_adapter(peft_dir_to_adapter(adapter, name, 0))
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, object]] = []
+    prompts: list[list[int]] = []
+    for axis, game_id, tokens_spec, variant in _cells(full):
+        tokens = resolve_tokens(tokens_spec, rng)
+        for k in range(samples):
+            if variant == "unrelated":
+                text, history = unrelated_prompt_text(UNRELATED_QUESTIONS[k % len(UNRELATED_QUESTIONS)], tokens, rng), "-"
+            else:
+                history = HISTORIES[int(rng.integers(len(HISTORIES)))]
+                own, opp = (None, None) if history == "first" else (Action("CD".index(history[0])),
+                                                                   Action("CD".index(history[1])))
+                text = game_prompt_text(GAMES[game_id], tokens, own, opp, rng, variant)
+            prompts.append(chat_ids(tokenizer, text))
+            rows.append(dict(model=str(model), adapter=str(adapter) if adapter else "base", axis=axis, game=game_id,
+                             action_tokens=f"{tokens.c}|{tokens.d}", prompt_variant=variant, history=history,
+                             _tokens=tokens))
+    results = engine.generate([GenerationRequest(tuple(p), name, max_new_tokens, temperature) for p in prompts])
+    probs = getattr(engine, "action_probs", None)
+    for row, prompt, res in zip(rows, prompts, results, strict=True):
+        tokens = row.pop("_tokens")
+        act = parse_answer(res.text, tokens)  # type: ignore[arg-type]
+        row.update(raw_answer=res.text, legal=act is not None, action=None if act is None else int(act))
+        p_c = float("nan")
+        if probs is not None:
+            c_ids = tokenizer(tokens.c, add_special_tokens=False)["input_ids"]  # type: ignore[attr-defined]
+            d_ids = tokenizer(tokens.d, add_special_tokens=False)["input_ids"]  # type: ignore[attr-defined]
+            p = probs([name], [prompt], c_ids, d_ids)[0]
+            p_c = float(p[0] / max(p.sum(), 1e-30))
+        row["p_cooperate"] = p_c
+    out.mkdir(parents=True, exist_ok=True)
+    df = pl.DataFrame(rows).with_columns(pl.col("action").cast(pl.Int8), pl.col("p_cooperate").cast(pl.Float32))
+    df.write_parquet(out / "eval.parquet")
+    table = generalisation_table(df.lazy()).collect()
+    table.write_csv(out / "eval_table.csv")
+    return table
+
+
+def generalisation_table(df: pl.LazyFrame) -> pl.LazyFrame:
+    """Per cell: answers, cooperation rate among legal answers, illegal-answer rate, mean P(cooperate)."""
+    return (
+        df.group_by("axis", "game", "action_tokens", "prompt_variant", maintain_order=True)
+        .agg(
+            pl.len().alias("answers"),
+            (pl.col("action") == 0).sum().truediv(pl.col("legal").sum()).alias("cooperation_rate"),
+            (~pl.col("legal")).mean().alias("illegal_rate"),
+            pl.col("p_cooperate").mean().alias("mean_p_cooperate"),
+        )
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="main.py evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="a saved adapter folder, e.g. results/<folder>/run=0/adapters/slot0 (default: the base model)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the base model the adapter was trained on")
+    p.add_argument("--output", type=Path, default=None, help="output folder (default: <adapter>/eval or eval_base)")
+    p.add_argument("--samples", type=int, default=10, help="prompts per cell (default 10)")
+    p.add_argument("--full", action="store_true", help="cross all games x tokens x variants")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.adapter is not None and not (args.adapter / "adapter_config.json").exists():
+        p.exit(2, f"main.py evaluate: error: {args.adapter} is not an adapter folder (no adapter_config.json)\n")
+    out = args.output or (args.adapter / "eval" if args.adapter else Path("eval_base"))
+    try:
+        table = evaluate(args.model, args.adapter, out, samples=args.samples, full=args.full, engine_kind=args.engine,
+                         device=args.device, seed=args.seed)
+    except MoralsimError as e:
+        p.exit(2, f"main.py evaluate: error: {e}\n")
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=40):
+        print(table)
+    log.info("wrote %s and %s", out / "eval.parquet", out / "eval_table.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
