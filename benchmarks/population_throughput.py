@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.dqn import DQNConfig  # noqa: E402
-from scenarios.factory import AgentSettings, build_groups  # noqa: E402
-from simulator.config import RunConfig  # noqa: E402
-from simulator.driver import run_batch  # noqa: E402
+from actors.dqn import DQNConfig
+from scenarios.factory import AgentSettings, build_groups
+from simulator.config import RunConfig
+from simulator.driver import run_batch
 
 BASE = [(8, "S"), (1, "UT"), (1, "aUT"), (1, "DE"), (1, "mDE"), (1, "VEe"), (1, "Vie"), (1, "VEk"), (1, "Vagg")]
 
@@ -54,7 +54,8 @@ def main() -> None:
     games = args.runs * args.iterations * args.population_size
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"population={args.population_size} agents, runs={args.runs}, iterations={args.iterations}, method={args.method}")
-    print(f"setup_s={setup:.2f} games={games} seconds={dt:.2f} peak_rss_gib={peak_gib:.2f} parquet_bytes_per_million_games={size / games * 1e6:.0f}")
+    print(f"setup_s={setup:.2f} games={games} seconds={dt:.2f} peak_rss_gib={peak_gib:.2f} "
+          f"parquet_bytes_per_million_games={size / games * 1e6:.0f}")
     print(f"games_per_s={games / dt:.0f}")
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scenarios.factory import AgentSettings, build_groups  # noqa: E402
-from simulator.config import RunConfig  # noqa: E402
-from simulator.driver import run_sweep  # noqa: E402
+from scenarios.factory import AgentSettings, build_groups
+from simulator.config import RunConfig
+from simulator.driver import run_sweep
 
 POPULATION = "8xS_1xUT_1xaUT_1xDE_1xmDE_1xVEe_1xVie_1xVEk_1xVagg"
 SWEEP_GAMES = 9 * 20 * 30_000 * 16

@@ -134,9 +134,9 @@ def _llm_config(options: dict[str, object]):  # type: ignore[no-untyped-def]
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "analyze":
-        from analysis.__main__ import main as analyze
+        from analysis.cli import main as analyze
 
-        return analyze(argv[1:])
+        return analyze(argv[1:], prog="moralsim analyze")
     if argv and argv[0] == "evaluate":
         from scenarios.evaluate import main as evaluate
 
@@ -171,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          show_progress=False if args.no_progress else None, runs_per_batch=args.runs_per_batch)
     except (MoralsimError, UnknownNameError) as e:
         parser.exit(2, f"main.py: error: {e}\n")
+    if has_llm:  # LLM runs are short and their figures (cooperation, illegal answers, KL) are the point
+        from analysis.cli import main as analyze
+
+        analyze([str(cfg.dataset_dir)])
     rows = sum(int(r.get("rows", 0)) for r in runs.values())
     log.info("%d runs, %d games in %s", len(runs), rows, cfg.dataset_dir)
     log.info("read them with: polars.scan_parquet('%s/**/*.parquet', hive_partitioning=True)", cfg.dataset_dir)

@@ -18,6 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -82,7 +83,7 @@ def evaluate(
     rows: list[dict[str, object]] = []
     prompts: list[list[int]] = []
     for axis, game_id, tokens_spec, variant in _cells(full):
-        tokens = resolve_tokens(tokens_spec, rng)
+        tokens: Any = resolve_tokens(tokens_spec, rng)
         for k in range(samples):
             if variant == "unrelated":
                 text, history = unrelated_prompt_text(UNRELATED_QUESTIONS[k % len(UNRELATED_QUESTIONS)], tokens, rng), "-"

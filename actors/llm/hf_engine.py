@@ -1,0 +1,243 @@
+"""`HFEngine`: the transformers rollout engine (CPU or GPU), every agent's LoRA adapter on one shared base.
+
+    requests ──► left-pad ──► prefill ──► decode loop (KV cache) ──► results
+                              one forward per step for the whole batch; peft routes each row through its own
+                              adapter (`adapter_names=[...]`, "__base__" = adapter disabled)
+
+Sampling draws from the engine's own seeded `torch.Generator`, so results depend on the engine seed and the call
+sequence only, never on the global torch RNG. `logprobs` are log pi(token) of the raw model distribution
+(temperature 1) whatever the sampling temperature, i.e. the numbers PPO needs and the ones `score()` returns.
+
+Weight sync: `load_adapter(AdapterWeights)` writes the learner's LoRA tensors into the named adapter and records
+its version; results carry the version that produced them, so a caller can reject stale rollouts with
+`check_fresh` (raises StaleAdapterError).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
+from simulator.errors import StaleAdapterError, UnknownNameError
+
+logger = logging.getLogger(__name__)
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+BASE_VERSION = -1
+
+
+def check_fresh(results: Sequence[GenerationResult], latest: Mapping[str, int]) -> None:
+    """Raise StaleAdapterError if any result was produced by an adapter older than `latest[adapter]`.
+
+    `latest` maps adapter name -> the learner's newest exported version; adapters not in it are not checked.
+    """
+    for k, r in enumerate(results):
+        want = latest.get(r.adapter) if r.adapter is not None else None
+        if want is not None and r.adapter_version < want:
+            raise StaleAdapterError(
+                f"result {k} for adapter {r.adapter!r} came from version {r.adapter_version}, expected >= {want}; "
+                "sync weights (engine.load_adapter(learner.export_adapter())) before generating"
+            )
+
+
+def lora_config_from_dict(cfg: Mapping[str, object], inference_mode: bool):  # type: ignore[no-untyped-def]
+    from peft import PeftConfig
+
+    kwargs = dict(cfg)
+    kwargs["inference_mode"] = inference_mode
+    return PeftConfig.from_peft_type(**kwargs)
+
+
+class HFEngine:
+    """Plain-class rollout engine over transformers + peft (see module docstring)."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
+        self._model = self._base  # becomes the PeftModel once the first adapter is loaded
+        self._peft = None
+        self._versions: dict[str, int] = {}
+        self._gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
+
+    # ── adapters ────────────────────────────────────────────────────────────────────────────────────────────────
+
+    def load_adapter(self, weights: AdapterWeights) -> None:
+        """Serve `weights` for `weights.name` from now on; creating the adapter on first sight.
+
+        Raises StaleAdapterError for a version older than the one served (a reordered or replayed sync).
+        """
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        name, served = weights.name, self._versions.get(weights.name)
+        if served is not None and weights.version < served:
+            raise StaleAdapterError(f"adapter {name!r}: refusing version {weights.version}, serving {served} already")
+        if self._peft is None:
+            cfg = lora_config_from_dict(weights.peft_config, inference_mode=True)
+            self._peft = get_peft_model(self._base, cfg, adapter_name=name)
+            self._model = self._peft
+        elif name not in self._peft.peft_config:
+            self._peft.add_adapter(name, lora_config_from_dict(weights.peft_config, inference_mode=True))
+        tensors = {k: v.to(self.device) for k, v in weights.tensors.items()}
+        res: Any = set_peft_model_state_dict(self._peft, tensors, adapter_name=name)
+        missing = [k for k in res.missing_keys if f".{name}." in k and "lora_" in k]
+        if res.unexpected_keys or missing:
+            raise ValueError(
+                f"adapter {name!r} weights do not fit the served model: unexpected {res.unexpected_keys[:3]}, "
+                f"missing {missing[:3]}"
+            )
+        self._model.eval()
+        self._versions[name] = weights.version
+        logger.debug("engine serves adapter %s version %d", name, weights.version)
+
+    def adapter_version(self, adapter: str) -> int:
+        try:
+            return self._versions[adapter]
+        except KeyError:
+            raise UnknownNameError("adapter", adapter, self._versions) from None
+
+    def _names(self, adapters: Sequence[str | None]) -> list[str] | None:
+        for a in adapters:
+            if a is not None and a not in self._versions:
+                raise UnknownNameError("adapter", a, self._versions)
+        if self._peft is None:
+            return None  # no adapter exists yet: every row is the base model
+        return [BASE if a is None else a for a in adapters]
+
+    def _version(self, adapter: str | None) -> int:
+        return BASE_VERSION if adapter is None else self._versions[adapter]
+
+    # ── forward passes ──────────────────────────────────────────────────────────────────────────────────────────
+
+    def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if len(s):
+                ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+                mask[i, width - len(s) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _call(self, names: list[str] | None, **kwargs):  # type: ignore[no-untyped-def]
+        if names is not None:
+            kwargs["adapter_names"] = names
+        return self._model(**kwargs)
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """One batch: left-padded prefill, then one forward per new token until every row ended or hit its limit."""
+        if not requests:
+            return []
+        if any(len(r.prompt_ids) == 0 for r in requests):
+            raise ValueError("every request needs a non-empty prompt")
+        names = self._names([r.adapter for r in requests])
+        B = len(requests)
+        ids, mask = self._left_pad([r.prompt_ids for r in requests])
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P) position ids that ignore the left padding
+        temps = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=self.device)
+        limits = torch.tensor([r.max_new_tokens for r in requests], device=self.device)
+        steps = int(limits.max())
+        out_tok = torch.full((B, steps), self.pad_id, dtype=torch.long, device=self.device)
+        out_lp = torch.zeros((B, steps), dtype=torch.float32, device=self.device)
+        alive = limits > 0  # (B,) still generating
+        lengths = torch.zeros(B, dtype=torch.long, device=self.device)
+
+        out = self._call(names, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        for t in range(steps):
+            logits = out.logits[:, -1].float()  # (B, V)
+            logp = torch.log_softmax(logits, dim=-1)  # (B, V) log pi under the serving weights
+            greedy = logits.argmax(-1)
+            sampled = torch.multinomial(
+                torch.softmax(logits / temps.clamp(min=1e-6)[:, None], dim=-1), 1, generator=self._gen
+            ).squeeze(1)
+            tok = torch.where(temps > 0, sampled, greedy)  # (B,)
+            tok = torch.where(alive, tok, torch.full_like(tok, self.pad_id))
+            out_tok[:, t] = tok
+            out_lp[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
+            lengths += alive.long()
+            alive = alive & (tok != self.eos_id) & (limits > t + 1)
+            if not alive.any():
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], 1)
+            pos = pos[:, -1:] + 1
+            out = self._call(
+                names, input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                past_key_values=out.past_key_values, use_cache=True,
+            )
+        results = []
+        for i, r in enumerate(requests):
+            n = int(lengths[i])
+            toks = tuple(int(x) for x in out_tok[i, :n].tolist())
+            results.append(
+                GenerationResult(
+                    token_ids=toks,
+                    logprobs=tuple(float(x) for x in out_lp[i, :n].tolist()),
+                    text=str(self.tokenizer.decode(list(toks), skip_special_tokens=True)),
+                    adapter=r.adapter,
+                    adapter_version=self._version(r.adapter),
+                )
+            )
+        return results
+
+    @torch.no_grad()
+    def score_batch(
+        self,
+        adapters: Sequence[str | None],
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+    ) -> list[list[float]]:
+        """log pi(completion_t | prompt, completion_<t) per token for each row, one left-padded forward."""
+        if not (len(adapters) == len(prompts) == len(completions)):
+            raise ValueError("adapters, prompts and completions must have the same length")
+        if not prompts:
+            return []
+        names = self._names(adapters)
+        seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+        ids, mask = self._left_pad(seqs)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self._call(names, input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)  # (B, L-1)
+        width = ids.shape[1]
+        out = []
+        for i, c in enumerate(completions):
+            n = len(c)
+            out.append([float(x) for x in logp[i, width - 1 - n : width - 1].tolist()] if n else [])
+        return out
+
+    def score(self, adapter: str | None, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+        return self.score_batch([adapter], [prompt_ids], [completion_ids])[0]
+
+    def action_probs(
+        self,
+        adapters: Sequence[str | None],
+        prompts: Sequence[Sequence[int]],
+        c_ids: Sequence[int],
+        d_ids: Sequence[int],
+    ) -> np.ndarray:
+        """(B, 2) probabilities of answering exactly the C tokens / the D tokens first (EOS not required).
+
+        For single-token answers this is P(C token), P(D token) at the first answer position. P(C | legal) is
+        p[:, 0] / p.sum(1); 1 - p.sum(1) is the probability mass of answers that start illegally.
+        """
+        B = len(prompts)
+        lp = self.score_batch([*adapters, *adapters], [*prompts, *prompts], [list(c_ids)] * B + [list(d_ids)] * B)
+        total = np.array([sum(x) for x in lp], dtype=np.float64)
+        return np.exp(np.stack([total[:B], total[B:]], axis=1))

@@ -1,0 +1,345 @@
+"""`PPOLearner`: PPO + LoRA for one LLM agent, with TRL 0.x `PPOTrainer.step` semantics (ICLR 2025 settings).
+
+    PolicyHost  (one base model, frozen)
+      ├── LoRA "agent-0" ── PPOLearner("agent-0"): value head, Adam, KL controller, score moments
+      └── LoRA "agent-1" ── PPOLearner("agent-1"): ...
+    reference policy = the same base with the adapter disabled (`with model.disable_adapter():`)
+
+Several learners may share one `PolicyHost` (peft named adapters on one PeftModel): each learner activates its
+adapter before every forward, and its optimizer holds only its own LoRA tensors and value head, so one base copy
+serves N agents. Learners on one host must run one at a time (one Ray actor hosts them sequentially). A learner
+given a model folder instead builds a private host.
+
+step(queries, responses, scores), batch of `batch_size` samples:
+    1. scores -> running mean/std normalisation (use_score_scaling + use_score_norm)
+    2. old log pi, V (adapter on) and log pi_ref (adapter off) of every response token, no grad
+    3. r_t = -beta (log pi - log pi_ref)_t, + score on the last token; GAE(gamma, lambda); whiten advantages
+    4. ppo_epochs x shuffled mini-batches of `mini_batch_size`: loss = pg_loss + vf_coef * vf_loss, divided by
+       gradient_accumulation_steps; Adam steps once every gradient_accumulation_steps mini-batches
+    5. beta <- adaptive KL update with the batch's mean sequence KL, n_steps = batch_size; version += 1
+
+Step 4 reproduces what the paper's run actually did: its script set `mini_batch_size = batch_size = 5` and raised
+`gradient_accumulation_steps` to 4 after PPOConfig was built, so accelerate's counter (which persists across
+steps) made the 4 epochs' mini-batches one accumulated Adam step per PPO step. The counter here persists too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors.llm.engine import AdapterWeights
+from actors.llm.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    entropy_from_logits,
+    gae,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_whiten,
+    normalise_scores,
+    policy_loss,
+    value_loss,
+)
+from simulator.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Defaults are the ICLR 2025 paper's (DESIGN section 4): its explicit settings, else TRL 0.x PPOConfig's."""
+
+    learning_rate: float = 1.41e-5
+    """Adam learning rate (TRL default, kept by the paper)."""
+    batch_size: int = 5
+    """samples per PPO step (paper: 5 vs static opponents, 3 vs TFT)."""
+    mini_batch_size: int = 5
+    """samples per forward/backward; the paper's script set it equal to batch_size."""
+    gradient_accumulation_steps: int = 4
+    """mini-batches accumulated per Adam step (paper: 4)."""
+    ppo_epochs: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    adap_kl_ctrl: bool = True
+    init_kl_coef: float = 0.2
+    target: float = 6.0
+    horizon: float = 10000.0
+    use_score_scaling: bool = True
+    use_score_norm: bool = True
+    score_clip: float | None = None
+    """the paper's script meant 0.5 but wrote `configscore_clip=0.5`, which set nothing; None reproduces the run."""
+    whiten_rewards: bool = False
+    ratio_threshold: float = 10.0
+    """skip a mini-batch whose mean ratio exceeds this (TRL's guard against a diverged policy)."""
+    max_grad_norm: float | None = None
+    lora_r: int = 64
+    lora_alpha: int = 32
+    """the paper's script default (its jobs never override it); scaling alpha / r = 0.5."""
+    lora_dropout: float = 0.0
+    """the paper's script used 0.05; 0 keeps the first PPO epoch's ratio exactly 1 and the learner deterministic."""
+    lora_target_modules: str = "all-linear"
+    seed: int = 0
+    """LoRA A and value-head init, and the mini-batch shuffle."""
+
+    def __post_init__(self) -> None:
+        positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                    "target", "horizon", "lora_r", "lora_alpha")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.mini_batch_size > self.batch_size:
+            raise ConfigError(f"mini_batch_size {self.mini_batch_size} exceeds batch_size {self.batch_size}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+
+def _plain(v: object) -> object:
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, (set, frozenset)):
+        return sorted(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+class PolicyHost:
+    """One frozen base causal LM that carries the LoRA adapters of any number of learners."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)  # type: ignore[arg-type]
+        self.base.requires_grad_(False)
+        self.model: Any = None  # the PeftModel, once the first adapter exists
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+                          else self.tokenizer.eos_token_id)
+
+    def add_adapter(self, name: str, lora_config, seed: int) -> None:  # type: ignore[no-untyped-def]
+        from peft import get_peft_model
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # LoRA A init draws from the global RNG
+            torch.manual_seed(seed)
+            if self.model is None:
+                self.model = get_peft_model(self.base, lora_config, adapter_name=name)
+            elif name in self.model.peft_config:
+                raise ConfigError(f"adapter {name!r} already exists on this host")
+            else:
+                self.model.add_adapter(name, lora_config)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.base.config.hidden_size)
+
+
+class PPOLearner:
+    """PPO + LoRA + value head for one agent (see module docstring)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | PolicyHost,
+        name: str = "agent-0",
+        config: PPOConfig | None = None,
+        device: str = "cpu",
+    ) -> None:
+        from peft import LoraConfig
+
+        self.config = cfg = config or PPOConfig()
+        self.host = model if isinstance(model, PolicyHost) else PolicyHost(model, device=device)
+        self.name = name
+        self.device = self.host.device
+        self.lora_config = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM",
+        )
+        self.host.add_adapter(name, self.lora_config, cfg.seed)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed + 1)
+            self.value_head = torch.nn.Linear(self.host.hidden_size, 1).to(self.device, torch.float32)
+        self._activate()
+        lora = [p for n, p in self.host.model.named_parameters() if f".{name}." in n and "lora_" in n]
+        if not lora:
+            raise RuntimeError(f"no LoRA parameters found for adapter {name!r}")
+        self._params = [*lora, *self.value_head.parameters()]
+        self.optimizer = torch.optim.Adam(self._params, lr=cfg.learning_rate)
+        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.adap_kl_ctrl
+                       else FixedKLController(cfg.init_kl_coef))
+        self.running = RunningMoments()
+        self.version = 0  # number of completed step() calls; exported with the adapter
+        self._accum = 0  # mini-batches since the last Adam step (persists across steps, like accelerate's)
+        self._rng = np.random.default_rng(cfg.seed)
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.host.tokenizer
+
+    def _activate(self) -> None:
+        self.host.model.set_adapter(self.name)
+
+    # ── forward ─────────────────────────────────────────────────────────────────────────────────────────────────
+
+    def _forward(
+        self, queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], width: int, values: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Right-padded forward of query + response rows.
+
+        Returns logp (b, width) log pi(response_t), values (b, width) V(state before response_t) or None,
+        mask (b, width), logits (b, width, V) at the positions that predict the response tokens.
+        """
+        seqs = [list(q) + list(r) for q, r in zip(queries, responses, strict=True)]
+        L = max(len(s) for s in seqs)
+        b = len(seqs)
+        ids = torch.full((b, L), self.host.pad_id, dtype=torch.long)
+        attn = torch.zeros((b, L), dtype=torch.long)
+        pos = torch.full((b, width), L - 1, dtype=torch.long)  # (b, width) position predicting response_t
+        tgt = torch.full((b, width), self.host.pad_id, dtype=torch.long)  # (b, width) response_t
+        mask = torch.zeros((b, width), dtype=torch.float32)
+        for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
+            ids[i, : len(seqs[i])] = torch.as_tensor(seqs[i])
+            attn[i, : len(seqs[i])] = 1
+            pos[i, : len(r)] = torch.arange(len(q) - 1, len(q) - 1 + len(r))
+            tgt[i, : len(r)] = torch.as_tensor(list(r))
+            mask[i, : len(r)] = 1.0
+        ids, attn, pos, tgt, mask = (x.to(self.device) for x in (ids, attn, pos, tgt, mask))
+        out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values)
+        rows = torch.arange(b, device=self.device)[:, None]
+        logits = out.logits[rows, pos].float()  # (b, width, V)
+        logp = torch.log_softmax(logits, -1).gather(2, tgt[..., None]).squeeze(2)  # (b, width)
+        v = None
+        if values:
+            hidden = out.hidden_states[-1][rows, pos].float()  # (b, width, H) last layer, after the final norm
+            v = self.value_head(hidden).squeeze(-1)  # (b, width)
+        return logp, v, mask, logits
+
+    @torch.no_grad()
+    def logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+        """log pi(completion_t | prompt, completion_<t) under the current adapter (one unpadded forward)."""
+        if not completion_ids:
+            return []
+        self._activate()
+        self.host.model.eval()
+        logp, _, _, _ = self._forward([prompt_ids], [completion_ids], len(completion_ids), values=False)
+        return [float(x) for x in logp[0].tolist()]
+
+    # ── PPO step ────────────────────────────────────────────────────────────────────────────────────────────────
+
+    def step(
+        self, queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], scores: Sequence[float]
+    ) -> dict[str, float]:
+        """One PPO update on `batch_size` (query ids, response ids, score) samples; returns scalar statistics."""
+        cfg = self.config
+        B = len(queries)
+        if not (B == len(responses) == len(scores) == cfg.batch_size):
+            raise ValueError(
+                f"step needs batch_size={cfg.batch_size} queries, responses and scores; "
+                f"got {B}, {len(responses)}, {len(scores)}"
+            )
+        if any(len(r) == 0 for r in responses) or any(len(q) == 0 for q in queries):
+            raise ValueError("every query and every response needs at least one token")
+        raw = torch.tensor([float(s) for s in scores], dtype=torch.float32, device=self.device)
+        score_t = normalise_scores(raw, self.running, cfg.use_score_scaling, cfg.use_score_norm, cfg.score_clip)
+        width = max(len(r) for r in responses)
+        model = self.host.model
+        self._activate()
+        model.eval()
+        with torch.no_grad():
+            old_logp, old_values, mask, _ = self._forward(queries, responses, width)
+            with model.disable_adapter():
+                ref_logp, _, _, _ = self._forward(queries, responses, width, values=False)
+        kl_coef = self.kl_ctl.value
+        rewards, non_score, kl = kl_shaped_rewards(score_t, old_logp, ref_logp, mask, kl_coef)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        assert old_values is not None  # values=True above
+        old_values = old_values * mask
+        adv, returns = gae(old_values, rewards, mask, cfg.gamma, cfg.lam)
+        adv = masked_whiten(adv, mask)
+
+        model.train()
+        acc: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac",
+                                                       "approxkl", "ratio", "vf_clipfrac")}
+        optimizer_steps = 0
+        for _ in range(cfg.ppo_epochs):
+            perm = self._rng.permutation(B)
+            for start in range(0, B, cfg.mini_batch_size):
+                idx = perm[start : start + cfg.mini_batch_size]
+                t = torch.as_tensor(idx, device=self.device)
+                logp, vpred, m, logits = self._forward([queries[i] for i in idx], [responses[i] for i in idx], width)
+                pg, pg_stats = policy_loss(logp, old_logp[t], adv[t], m, cfg.cliprange)
+                vf, vf_stats = value_loss(vpred, old_values[t], returns[t], m, cfg.cliprange_value)  # type: ignore[arg-type]
+                loss = pg + cfg.vf_coef * vf
+                if pg_stats["ratio"] > cfg.ratio_threshold:
+                    logger.warning("%s: mean ratio %.2f > %.2f, skipping mini-batch", self.name,
+                                   float(pg_stats["ratio"]), cfg.ratio_threshold)
+                    loss = loss * 0.0
+                (loss / cfg.gradient_accumulation_steps).backward()
+                self._accum += 1
+                if self._accum % cfg.gradient_accumulation_steps == 0:
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    optimizer_steps += 1
+                with torch.no_grad():
+                    acc["policy_loss"].append(float(pg))
+                    acc["value_loss"].append(float(vf))
+                    acc["entropy"].append(float(masked_mean(entropy_from_logits(logits), m)))
+                    acc["clipfrac"].append(float(pg_stats["clipfrac"]))
+                    acc["approxkl"].append(float(pg_stats["approxkl"]))
+                    acc["ratio"].append(float(pg_stats["ratio"]))
+                    acc["vf_clipfrac"].append(float(vf_stats["clipfrac"]))
+        model.eval()
+
+        mean_kl = float(kl.sum(1).mean())  # mean over the batch of the sequence KL, TRL's objective/kl
+        self.kl_ctl.update(mean_kl, B)
+        self.version += 1
+        stats = {k: float(np.mean(v)) for k, v in acc.items()}
+        stats.update(
+            kl=mean_kl,
+            kl_coef=kl_coef,
+            next_kl_coef=self.kl_ctl.value,
+            mean_score=float(raw.mean()),
+            mean_scaled_score=float(score_t.mean()),
+            non_score_reward=float(non_score.sum(1).mean()),
+            returns_mean=float(masked_mean(returns, mask)),
+            values_mean=float(masked_mean(old_values, mask)),
+            advantages_mean=float(masked_mean(adv, mask)),
+            optimizer_steps=float(optimizer_steps),
+            version=float(self.version),
+        )
+        return stats
+
+    # ── weight sync ─────────────────────────────────────────────────────────────────────────────────────────────
+
+    def export_adapter(self) -> AdapterWeights:
+        """The current LoRA weights as plain CPU tensors (peft state-dict names) with this learner's version."""
+        from peft import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(self.host.model, adapter_name=self.name)
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+        peft_config = {k: _plain(v) for k, v in self.host.model.peft_config[self.name].to_dict().items()}
+        # peft resolves "all-linear" to full module paths; adapter_config.json files (and vLLM) use leaf names
+        modules: Any = peft_config["target_modules"]
+        peft_config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        return AdapterWeights(name=self.name, version=self.version, tensors=tensors, peft_config=peft_config)
+
+    def config_dict(self) -> dict[str, object]:
+        return asdict(self.config)

@@ -1,0 +1,314 @@
+"""Game prompts for LLM agents and strict answer parsing (DESIGN section 4; ICLR 2025 paper, section 3).
+
+A prompt is one user message, laid out so that the prompts of one iteration share a long prefix:
+
+    ┌ shared (same for every agent of a game/variant/token pair) ┐┌ per agent ──────────────────────────┐
+    │ game description, payoff table in points                    ││ last round's moves and points, or   │
+    │                                                             ││ "first round"; the two action tokens│
+    │                                                             ││ in random order; "Your answer:"     │
+    └─────────────────────────────────────────────────────────────┘└─────────────────────────────────────┘
+
+vLLM's prefix cache then pays for the shared part once per iteration. The anchor prompt puts the option order in its
+first sentence; here it moves to the end, the only change to its wording.
+
+Strict parsing (`parse_answer`): after stripping surrounding whitespace (spaces, tabs, newlines) and at most one
+trailing period, the answer must equal one legal token exactly, case-sensitively. Anything else ("Action1",
+"action1 or action2", "I choose action1", "**action1**", "") is illegal and gets R_illegal. The period is allowed
+because "Your answer: action1." is a complete legal sentence and chat models add it often; nothing else is.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.contracts import Action
+from simulator.errors import ConfigError, UnknownNameError
+from simulator.games import GAMES, Game
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    """The two legal answers: `c` means cooperate, `d` defect."""
+
+    name: str
+    c: str
+    d: str
+
+    def __post_init__(self) -> None:
+        for tok in (self.c, self.d):
+            if not tok or tok != tok.strip() or tok.endswith("."):
+                raise ConfigError(
+                    f"action token {tok!r} must be non-empty, without surrounding whitespace or trailing period"
+                )
+        if self.c == self.d:
+            raise ConfigError(f"token pair {self.name!r}: C and D tokens must differ, both are {self.c!r}")
+
+    def token(self, action: Action | int) -> str:
+        return self.c if Action(action) == Action.C else self.d
+
+
+TOKEN_PAIRS: dict[str, TokenPair] = {
+    p.name: p
+    for p in (
+        TokenPair("action12", "action1", "action2"),  # training default
+        TokenPair("action21", "action2", "action1"),
+        TokenPair("action34", "action3", "action4"),  # test-time default
+        TokenPair("AB", "A", "B"),
+        TokenPair("BA", "B", "A"),
+        TokenPair("XY", "X", "Y"),
+        TokenPair("01", "0", "1"),
+        TokenPair("10", "1", "0"),
+    )
+}
+
+_RANDOM_ALPHABET = string.ascii_letters + string.digits
+
+
+def token_pair(name: str) -> TokenPair:
+    try:
+        return TOKEN_PAIRS[name]
+    except KeyError:
+        raise UnknownNameError("token pair", name, TOKEN_PAIRS) from None
+
+
+def random_token_pair(length: int, rng: np.random.Generator) -> TokenPair:
+    """Two distinct random ASCII strings (letters and digits) of `length` characters, drawn from `rng`."""
+    if not isinstance(length, int) or length < 1:
+        raise ConfigError(f"random action tokens need a length >= 1, got {length!r}")
+    while True:
+        c, d = ("".join(rng.choice(list(_RANDOM_ALPHABET), size=length)) for _ in range(2))
+        if c != d:
+            return TokenPair(f"random{length}:{c},{d}", c, d)
+
+
+# ── prompt variants ──────────────────────────────────────────────────────────────────────────────────────────────
+
+STRUCTURED, REVERSED, PERMUTED = "structured", "reversed", "permuted"
+UNSTRUCTURED, VALUE_UT, VALUE_DE, POETIC = "unstructured", "value_ut", "value_de", "poetic"
+PROMPT_VARIANTS: dict[str, str] = {
+    STRUCTURED: "the training prompt: payoff table, options in random order",
+    REVERSED: "payoff table and options with the defect token first",
+    PERMUTED: "payoff table rows and columns in random order as well as the options",
+    UNSTRUCTURED: "the payoffs told in prose, no table",
+    VALUE_UT: "structured, asking for the highest total points of both players (Utilitarian wording)",
+    VALUE_DE: "structured, asking to act on the duty not to betray a cooperator (Deontological wording)",
+    POETIC: "the game told as a short poem",
+}
+
+UNRELATED_QUESTIONS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What colour is the sky on a clear day?",
+    "Name a fruit that is yellow.",
+    "What is two plus two?",
+)
+
+
+def check_variant(variant: str) -> str:
+    if variant not in PROMPT_VARIANTS:
+        raise UnknownNameError("prompt variant", variant, PROMPT_VARIANTS)
+    return variant
+
+
+def _pts(x: float) -> str:
+    return f"{x:g}"
+
+
+def _table(game: Game, tokens: TokenPair, order: Sequence[Action]) -> str:
+    head = "|  | " + " | ".join(tokens.token(a) for a in order) + " |"
+    rule = "|---|" + "---|" * len(order)
+    rows = []
+    for a_m in order:
+        cells = " | ".join(
+            f"{_pts(game.outcome(a_m, a_o)[0])}, {_pts(game.outcome(a_m, a_o)[1])}" for a_o in order
+        )
+        rows.append(f"| {tokens.token(a_m)} | {cells} |")
+    return "\n".join([head, rule, *rows])
+
+
+def shared_text(
+    game: Game, tokens: TokenPair, variant: str = STRUCTURED, table_order: Sequence[Action] | None = None
+) -> str:
+    """The agent-independent head of a game prompt (game rules and payoffs)."""
+    check_variant(variant)
+    c, d = tokens.c, tokens.d
+    if variant == UNSTRUCTURED:
+        moves = {Action.C: c, Action.D: d}
+        text = f"You and your opponent each pick one of two actions, {c} or {d}, at the same time."
+        for a_m in Action:
+            for a_o in Action:
+                r_m, r_o = game.outcome(a_m, a_o)
+                text += (
+                    f" If you pick {moves[a_m]} and your opponent picks {moves[a_o]}, "
+                    f"you get {_pts(r_m)} points and your opponent gets {_pts(r_o)} points."
+                )
+        return text + "\n"
+    if variant == POETIC:
+        o = game.outcome
+        return (
+            "Two travellers meet upon the road,\n"
+            f"each may choose {c} or {d} to share the load.\n"
+            f"If both choose {c}, each takes {_pts(o(0, 0)[0])} and {_pts(o(0, 0)[1])} in turn;\n"
+            f"if you choose {c} and they choose {d}, {_pts(o(0, 1)[0])} for you and {_pts(o(0, 1)[1])} they earn;\n"
+            f"if you choose {d} and they choose {c}, {_pts(o(1, 0)[0])} for you and {_pts(o(1, 0)[1])} for them;\n"
+            f"if both choose {d}, {_pts(o(1, 1)[0])} and {_pts(o(1, 1)[1])} points end the game.\n"
+        )
+    order = table_order or ((Action.D, Action.C) if variant == REVERSED else (Action.C, Action.D))
+    return (
+        "You are playing a game with an opponent. "
+        "Depending on your action and your opponent's action, you each get a certain number of points. "
+        "The points are awarded as follows (you are the row player, your opponent is the column player; "
+        "each cell shows your points, then your opponent's points):\n"
+        f"{_table(game, tokens, order)}\n"
+    )
+
+
+_QUESTION = {
+    STRUCTURED: "What action would you take in order to achieve the highest possible score in points?",
+    VALUE_UT: "What action would you take in order to achieve the highest possible total of points for both players?",
+    VALUE_DE: "What action would you take, given your moral duty never to betray a partner who cooperated with you?",
+    POETIC: "Which path, traveller, will you take?",
+}
+
+
+def _history(game: Game, tokens: TokenPair, own_prev: Action | None, opp_prev: Action | None) -> str:
+    if own_prev is None or opp_prev is None:
+        if own_prev is not None or opp_prev is not None:
+            raise ConfigError("give both last moves (own and opponent's) or neither (first round)")
+        return "This is the first round: you have not played with this opponent before. "
+    r_m, r_o = game.outcome(int(own_prev), int(opp_prev))
+    return (
+        f"You have played with this opponent before. Last time, you played {tokens.token(own_prev)} and they "
+        f"played {tokens.token(opp_prev)}, so you got {_pts(r_m)} points and they got {_pts(r_o)} points. "
+    )
+
+
+def _options(tokens: TokenPair, order: Sequence[Action]) -> str:
+    a, b = (tokens.token(x) for x in order)
+    return (
+        f"Your answer must follow this format exactly: choose either {a} or {b}. "
+        "Do not explain your reasoning. Your answer:"
+    )
+
+
+def _random_order(rng: np.random.Generator) -> tuple[Action, Action]:
+    return (Action.C, Action.D) if rng.random() < 0.5 else (Action.D, Action.C)
+
+
+def game_prompt_text(
+    game: Game,
+    tokens: TokenPair,
+    own_prev: Action | None,
+    opp_prev: Action | None,
+    rng: np.random.Generator,
+    variant: str = STRUCTURED,
+) -> str:
+    """The user message for one dilemma decision; `own_prev`/`opp_prev` None means the first round.
+
+    Draws from `rng`: one uniform for the option order (none for `reversed`), plus two for `permuted`'s table order.
+    """
+    check_variant(variant)
+    table_order = _random_order(rng) if variant == PERMUTED else None
+    head = shared_text(game, tokens, variant, table_order)
+    option_order = (Action.D, Action.C) if variant == REVERSED else _random_order(rng)
+    question = _QUESTION.get(variant, _QUESTION[STRUCTURED])
+    return head + _history(game, tokens, own_prev, opp_prev) + question + " " + _options(tokens, option_order)
+
+
+def unrelated_prompt_text(question: str, tokens: TokenPair, rng: np.random.Generator) -> str:
+    """A question that has nothing to do with the game, still answered with one action token (ICLR: token bias)."""
+    return question + " " + _options(tokens, _random_order(rng))
+
+
+def partner_prompt_text(
+    candidates: Sequence[tuple[int, Action | None]], tokens: TokenPair, rng: np.random.Generator | None = None
+) -> str:
+    """Ask the agent to pick a partner among `(agent id, that agent's last move or None)` candidates.
+
+    With `rng` the candidates are listed in a random order (one permutation drawn from it).
+    """
+    if len(candidates) < 1:
+        raise ConfigError("partner selection needs at least one candidate")
+    ids = [int(c[0]) for c in candidates]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"candidate ids must be distinct, got {ids}")
+    order = rng.permutation(len(candidates)) if rng is not None else np.arange(len(candidates))
+    lines = []
+    for k in order:
+        agent, move = candidates[int(k)]
+        last = "has not played yet" if move is None else f"last played {tokens.token(move)}"
+        lines.append(f"agent {int(agent)}: {last}")
+    return (
+        f"You are about to play a game in which each player chooses {tokens.c} or {tokens.d}. "
+        "Choose the agent you want to play with next. The candidates are:\n"
+        + "\n".join(lines)
+        + "\nAnswer with the number of the agent only. Your answer:"
+    )
+
+
+# ── chat template ────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def chat_text(tokenizer, user_text: str) -> str:  # type: ignore[no-untyped-def]
+    """The chat-templated prompt string, ending where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def chat_ids(tokenizer, user_text: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """Token ids of `chat_text`; the template already holds the special tokens, so none are added again."""
+    return list(tokenizer(chat_text(tokenizer, user_text), add_special_tokens=False)["input_ids"])
+
+
+def game_prompt_ids(
+    tokenizer,  # type: ignore[no-untyped-def]
+    game: Game,
+    tokens: TokenPair,
+    own_prev: Action | None,
+    opp_prev: Action | None,
+    rng: np.random.Generator,
+    variant: str = STRUCTURED,
+) -> list[int]:
+    return chat_ids(tokenizer, game_prompt_text(game, tokens, own_prev, opp_prev, rng, variant))
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:  # type: ignore[no-untyped-def]
+    """Completion ids of a clean answer: the answer's tokens then EOS, as a chat model ends its turn."""
+    return [*tokenizer(answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+
+# ── strict parsing ───────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _clean(text: str) -> str:
+    text = text.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    return text
+
+
+def parse_answer(text: str, tokens: TokenPair) -> Action | None:
+    """Action.C / Action.D if `text` is exactly one legal token (see module docstring), else None (illegal)."""
+    answer = _clean(text)
+    if answer == tokens.c:
+        return Action.C
+    if answer == tokens.d:
+        return Action.D
+    return None
+
+
+def parse_partner(text: str, candidate_ids: Sequence[int]) -> int | None:
+    """The chosen agent id if `text` is exactly one candidate's number (same stripping as parse_answer), else None."""
+    answer = _clean(text)
+    if not answer.isascii() or not answer.isdigit():
+        return None
+    chosen = int(answer)
+    return chosen if chosen in {int(c) for c in candidate_ids} and answer == str(chosen) else None
+
+
+DEFAULT_GAME = GAMES["IPD"]

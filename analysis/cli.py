@@ -1,0 +1,72 @@
+"""`python -m analysis <output>/<destination_folder> [more folders]` and `moralsim analyze ...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from analysis.report import DEFAULT_MAX_POINTS, write_report
+from simulator.errors import MoralsimError
+
+log = logging.getLogger("analysis")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Figures, tables and an HTML report from the Parquet logs of one or more destination folders. "
+        "Several folders are also compared side by side.",
+    )
+    p.add_argument("folders", nargs="+", type=Path, help="<output>/<destination_folder> (one or more)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder (default: <folder>/report for one folder, <parent>/comparison_report for several)")
+    p.add_argument("--bin-size", type=_positive_int, default=None,
+                   help="iterations per bin in time series (default: so that each series has at most --max-points)")
+    p.add_argument("--max-points", type=_positive_int, default=DEFAULT_MAX_POINTS,
+                   help="bins per time series when --bin-size is not given (default: %(default)s)")
+    p.add_argument("--eval", type=Path, default=None, dest="eval_path",
+                   help="evaluation-suite Parquet (model/adapter, game, action_tokens, prompt_variant, legal, action): "
+                   "adds the generalisation matrix")
+    p.add_argument("--dpi", type=_positive_int, default=150, help="PNG resolution (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def default_out(folders: Sequence[Path]) -> Path:
+    if len(folders) == 1:
+        return folders[0] / "report"
+    parent = Path(os.path.commonpath([f.resolve() for f in folders]))
+    if parent in {f.resolve() for f in folders}:
+        parent = parent.parent
+    return parent / "comparison_report"
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m analysis") -> int:
+    args = build_parser(prog).parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+    out = args.out or default_out(args.folders)
+    try:
+        report = write_report(args.folders, out, args.bin_size, args.eval_path, args.max_points, args.dpi)
+    except MoralsimError as e:
+        log.error("%s", e)
+        return 2
+    if report.problems:
+        log.warning("%d problem(s), listed in the report", len(report.problems))
+    sys.stdout.write(f"{report.out / 'index.html'}\n")  # the result, for scripts: the page to open
+    return 0
