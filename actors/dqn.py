@@ -222,14 +222,18 @@ class DQNGroup:
                 rows = np.arange(B)
                 choice = tr.sel_choice.reshape(B)
                 td_s = q_s[rows, choice] - (tr.sel_reward.reshape(B) + gamma * q_next.max(axis=-1))
-                dq_s_np = np.zeros((B, 1, self.n_others), dtype=self.np_dtype)
-                dq_s_np[rows, 0, choice] = 2.0 * td_s  # one transition per agent
-                dq_s = torch.from_numpy(dq_s_np)
-                torch.bmm(h_s.transpose(1, 2), dq_s, out=g["sel_w2"])
-                g["sel_b2"].copy_(dq_s)
-                dpre_s = torch.bmm(dq_s, p["sel_w2"].transpose(1, 2)).mul_(h_s > 0)
-                torch.bmm(x.transpose(1, 2), dpre_s, out=g["sel_w1"])
-                g["sel_b1"].copy_(dpre_s)
+                # one transition per agent, so dL/dQ is one-hot: 2 * td at the chosen partner. The products with
+                # it are gathers and outer products, cheaper than batched matmuls over (B, H, N-1)
+                dq = torch.from_numpy((2.0 * td_s).astype(self.np_dtype))  # (B,)
+                t_rows, t_choice = torch.from_numpy(rows), torch.from_numpy(choice.astype(np.int64))
+                h_row = h_s[:, 0, :]  # (B, H)
+                g["sel_w2"].zero_()
+                g["sel_w2"][t_rows, :, t_choice] = h_row * dq[:, None]
+                g["sel_b2"].zero_()
+                g["sel_b2"][t_rows, 0, t_choice] = dq
+                dpre_s = p["sel_w2"][t_rows, :, t_choice].mul_(dq[:, None]).mul_(h_row > 0)  # (B, H)
+                torch.mul(x.transpose(1, 2), dpre_s[:, None, :], out=g["sel_w1"])
+                g["sel_b1"].copy_(dpre_s[:, None, :])
                 stats["selection_td2"] = float(np.mean(td_s * td_s))
         self.opt.step([self._flat[n][1] for n in self._trained])
         self._qd = None

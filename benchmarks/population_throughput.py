@@ -11,6 +11,7 @@ agents, on one process. The anchor implementation ran this population at about 9
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -41,7 +42,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--runs", type=int, default=1, help="runs stacked in one engine on this one process")
     p.add_argument("--method", default="dqn", choices=["dqn", "tabularQ"])
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the stacked networks")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads for the stacked networks (default: every core; Ray workers use 1 each)")
     args = p.parse_args()
     pop = population(args.population_size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -130,6 +130,7 @@ class PopulationEngine:
         self._phases = {int(start): list(c) for start, c in reward_phases}
         self._set_rewards(list(learner_codes))
         self.iteration = 0
+        self._run_d = np.repeat(np.arange(self.R), 2 * self.N)  # run of each decision slot d
         self._u = np.empty((self.R, 0, self.N, U_COLUMNS))
         self._u_pos = 0
 
@@ -180,20 +181,18 @@ class PopulationEngine:
 
         # 2. order: game k of run r is pair (m[r, k], o[r, k])
         m = np.argsort(u[:, :, U_ORDER], axis=1, kind="stable")
-        o = np.take_along_axis(partner, m, axis=1)
+        o = partner[runs, m]
         s_m = snap[runs, o]  # M's dilemma state: O's snapshot move
         s_o = snap[runs, m]
 
         # 3. games. Decisions are laid out as d = (r * N + k) * 2 + role, role 0 = M, 1 = O.
         player = np.stack([m, o], axis=2).reshape(-1)
-        opponent = np.stack([o, m], axis=2).reshape(-1)
-        state = np.stack([s_m, s_o], axis=2).reshape(-1)
-        run_d = np.repeat(np.arange(R), 2 * N)
-        u_m = np.take_along_axis(u, m[:, :, None], axis=1)  # coins of pair k sit in the selector's row
-        coins = np.stack(
-            [u_m[:, :, [U_M_EXPLORE, U_M_ACTION]], u_m[:, :, [U_O_EXPLORE, U_O_ACTION]]], axis=2
-        ).reshape(-1, 2)
+        opponent = player.reshape(-1, 2)[:, ::-1].reshape(-1)
+        run_d = self._run_d
+        state = snap[run_d, opponent]  # each player's dilemma state: its opponent's snapshot move
         own_prev = snap[run_d, player]
+        # the coins of pair k sit in its selector's row: [M explore, M action, O explore, O action]
+        coins = u[runs, m][:, :, U_M_EXPLORE : U_O_ACTION + 1].reshape(-1, 2)
         action = np.empty(2 * R * N, dtype=np.int64)
         reason = np.empty(2 * R * N, dtype=np.int8)
         extra: dict[str, np.ndarray] = {}
@@ -263,7 +262,7 @@ class PopulationEngine:
         self.iteration += 1
 
         n_c = (snap == 0).sum(axis=1, keepdims=True)
-        avail = n_c - (np.take_along_axis(snap, m, axis=1) == 0)
+        avail = n_c - (s_o == 0)  # s_o is the selector's own snapshot move
         return IterationRecords(
             iteration=t,
             selector=m,
@@ -280,7 +279,7 @@ class PopulationEngine:
             selected_learning_reward=learning[..., 1],
             selector_reason=reason.reshape(R, N, 2)[..., 0],
             selected_reason=reason.reshape(R, N, 2)[..., 1],
-            selection_reason=np.take_along_axis(sel_reason, m, axis=1),
+            selection_reason=sel_reason[runs, m],
             selector_available_c=avail,
             collective_payoff=pay[..., 0] + pay[..., 1],
             equality=equality(pay[..., 0], pay[..., 1]),
