@@ -200,15 +200,19 @@ LLM_METRICS = ("illegal_rate", "p_cooperate", "kl", "policy_loss", "value_loss")
 LLM_COLUMNS = ("legal", "p_cooperate", "kl", "policy_loss", "value_loss")  # per role: selector_<c>, selected_<c>
 
 
+def _require_llm_columns(lf: pl.LazyFrame, metric: str) -> None:
+    need = [f"{r}_{c}" for r in ROLES for c in LLM_COLUMNS]
+    missing = sorted(set(need) - set(lf.collect_schema().names()))
+    if missing:
+        raise MoralsimError(f"{metric} needs the LLM columns of simulator.schema.LLM_RECORD_SCHEMA; missing {missing}")
+
+
 def llm_training(lf: pl.LazyFrame, bin_size: int = 1) -> pl.LazyFrame:
     """LLM agents over training (one PPO update per iteration), from their rows in both roles: `illegal_rate` (share
     of answers that were not a legal action token), mean `p_cooperate`, and the `kl`, `policy_loss`, `value_loss` of
     the agent's latest update before each game (so iteration t shows update t - 1). Only agents with LLM data appear.
     Columns: agent, type, metric, iteration, mean, ci_low, ci_high, n_runs."""
-    need = [f"{r}_{c}" for r in ROLES for c in LLM_COLUMNS]
-    missing = sorted(set(need) - set(lf.collect_schema().names()))
-    if missing:
-        raise MoralsimError(f"llm_training needs the LLM columns of simulator.schema.LLM_RECORD_SCHEMA; missing {missing}")
+    _require_llm_columns(lf, "llm_training")
     per_run = (
         agent_games(lf, extra=LLM_COLUMNS)
         .group_by("run", iteration_bin(bin_size), "agent", "type")
@@ -217,6 +221,32 @@ def llm_training(lf: pl.LazyFrame, bin_size: int = 1) -> pl.LazyFrame:
             **{c: pl.col(c).cast(pl.Float64).mean() for c in LLM_METRICS[1:]},
         )
         .unpivot(index=["run", "iteration", "agent", "type"], on=list(LLM_METRICS), variable_name="metric",
+                 value_name="value")
+        .drop_nulls("value")
+    )
+    return across_runs(per_run, ["agent", "type", "metric", "iteration"])
+
+
+LLM_EPISODE_METRICS = ("cooperation_rate", "illegal_rate", "p_cooperate")
+
+
+def llm_episodes(lf: pl.LazyFrame, bin_size: int = 1) -> pl.LazyFrame:
+    """LLM agents per episode (`iteration`, binned), over all their decisions in both roles (rows with an LLM answer,
+    i.e. non-null `legal`): `cooperation_rate`, the share of C among their moves, legal or not (an illegal answer
+    plays D, so it counts as not C); `illegal_rate`, the share of answers that were not a legal action token; and
+    mean `p_cooperate`. Only LLM agents appear. Columns: agent, type, metric, iteration, mean, ci_low, ci_high,
+    n_runs."""
+    _require_llm_columns(lf, "llm_episodes")
+    per_run = (
+        agent_games(lf, extra=("legal", "p_cooperate"))
+        .filter(pl.col("legal").is_not_null())
+        .group_by("run", iteration_bin(bin_size), "agent", "type")
+        .agg(
+            cooperation_rate=(pl.col("action") == 0).cast(pl.Float64).mean(),
+            illegal_rate=1.0 - pl.col("legal").cast(pl.Float64).mean(),
+            p_cooperate=pl.col("p_cooperate").cast(pl.Float64).mean(),
+        )
+        .unpivot(index=["run", "iteration", "agent", "type"], on=list(LLM_EPISODE_METRICS), variable_name="metric",
                  value_name="value")
         .drop_nulls("value")
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,6 +39,7 @@ METRIC_LABELS = {
     "cooperator_chosen": "P(cooperator chosen | available)",
     "payoff": "game payoff",
     "learning_reward": "learning (moral) reward",
+    "cooperation_rate": "cooperation rate",
     "illegal_rate": "illegal-answer rate",
     "p_cooperate": "P(cooperate)",
     "kl": "KL to base model",
@@ -52,8 +54,20 @@ def colour_map(names: Sequence[str]) -> dict[str, str]:
     return {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(sorted(set(names)))}
 
 
+def _wrap_titles(fig: Figure) -> None:
+    """Wrap titles to their axes' width: population strings make long titles that would be cut off."""
+    for ax in fig.axes:
+        chars = max(20, int(ax.get_position().width * fig.get_figwidth() * 11))
+        if len(ax.get_title()) > chars:
+            ax.set_title(textwrap.fill(ax.get_title(), chars))
+    sup = fig.get_suptitle()
+    if sup and len(sup) > fig.get_figwidth() * 11:
+        fig.suptitle(textwrap.fill(sup, int(fig.get_figwidth() * 11)))
+
+
 def save(fig: Figure, path: Path, dpi: int = 150) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _wrap_titles(fig)
     fig.savefig(path, dpi=dpi)  # constrained layout already fits labels and legends
     return path
 
@@ -101,7 +115,8 @@ def plot_cooperation(
     _rate_axis(ax, "cooperation rate")
     ax.set_xlabel(_xlabel(bin_size))
     ax.set_title(title or ("Cooperation per agent" if by == "agent" else "Cooperation per moral type"))
-    ax.legend(title="agent (type)" if by == "agent" else "type", fontsize=8, loc="best", ncols=2 if len(ax.lines) > 8 else 1)
+    ax.legend(title="agent (type)" if by == "agent" else "type", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              ncols=2 if len(ax.lines) > 12 else 1)
     return fig
 
 
@@ -238,6 +253,29 @@ def _per_agent_panels(df: pl.DataFrame, metrics: Sequence[str], title: str, bin_
 def plot_reward_vs_payoff(df: pl.DataFrame, title: str = "", bin_size: int = 1) -> Figure:
     """Per agent: the game payoff it received against the reward it learned from."""
     return _per_agent_panels(df, ["payoff", "learning_reward"], title or "Learning reward against game payoff", bin_size)
+
+
+def plot_llm_episodes(df: pl.DataFrame, title: str = "", bin_size: int = 1) -> Figure:
+    """Two panels over episodes, one line per LLM agent: its cooperation rate (all moves, an illegal answer plays D)
+    and its illegal-answer rate."""
+    agents = sorted(df.select("agent", "type").unique().rows(), key=lambda r: r[0])
+    labels = {a: f"{a} ({t})" for a, t in agents}
+    colours = colour_map(list(labels.values()))
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ["cooperation_rate", "illegal_rate"], strict=True):
+        part = df.filter(pl.col("metric") == metric)
+        for agent, _ in agents:
+            p = part.filter(pl.col("agent") == agent).drop_nulls("mean")
+            if p.height:
+                _band(ax, p, labels[agent], colours[labels[agent]])
+        _rate_axis(ax, METRIC_LABELS[metric])
+        ax.set_xlabel(_xlabel(bin_size).replace("iteration", "episode"))
+        ax.set_title(METRIC_LABELS[metric] + (" (illegal answers play D)" if metric == "cooperation_rate" else ""))
+    if axes[0].lines:
+        axes[0].legend(title="LLM agent (type)", fontsize=8)
+    fig.suptitle(title or "LLM agents per episode")
+    return fig
 
 
 def plot_llm_training(df: pl.DataFrame, title: str = "", bin_size: int = 1) -> Figure:

@@ -28,7 +28,7 @@ from simulator.errors import CorruptDataError, MoralsimError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_POINTS = 500  # bins per time series: a 30000-iteration run gives bins of 60
+DEFAULT_MAX_POINTS = 200  # bins per time series: a 30000-iteration run gives bins of 150
 SELECTION_TIME_POINTS = 50  # coarser bins for the per-bin selection matrices
 # collect_all would otherwise cache the scan the queries share, i.e. hold the whole dataset in memory (5+ GiB at
 # 100M rows); without it each query streams the parts on its own and memory stays flat.
@@ -79,6 +79,7 @@ def _queries(lf: pl.LazyFrame, ds: Dataset, bin_size: int, sel_bin: int) -> dict
         "reward_vs_payoff": m.reward_vs_payoff(lf, bin_size),
     }
     if ds.has_llm:
+        q["llm_episodes"] = m.llm_episodes(lf, bin_size)
         q["llm_training"] = m.llm_training(lf, bin_size)
     return q
 
@@ -152,6 +153,8 @@ def _summaries(a: Analysis) -> list[tuple[str, pl.DataFrame]]:
         ("Outcome mix (share of the pair's games, selector's move first)",
          f["outcome_mix"].pivot(on="outcome", index=["selector_type", "selected_type"], values="fraction")),
     ]
+    if "llm_episodes" in f:
+        out.append(("LLM agents per episode, last bin", _last_bin(f["llm_episodes"], ["agent", "type", "metric"])))
     if "llm_training" in f:
         out.append(("LLM metrics, last bin", _last_bin(f["llm_training"], ["agent", "type", "metric"])))
     return out
@@ -227,6 +230,9 @@ def _figures(a: Analysis) -> list[tuple[str, str, Callable[[], Figure]]]:
         ("reward_vs_payoff", "Learning reward against game payoff, per agent",
          lambda: plots.plot_reward_vs_payoff(f["reward_vs_payoff"], f"Learning reward vs game payoff — {label}", b)),
     ]
+    if "llm_episodes" in f:
+        out.append(("llm_episodes", "LLM agents per episode: cooperation rate and illegal-answer rate",
+                    lambda: plots.plot_llm_episodes(f["llm_episodes"], f"LLM agents per episode — {label}", b)))
     if "llm_training" in f:
         out.append(("llm_training", "LLM fine-tuning metrics",
                     lambda: plots.plot_llm_training(f["llm_training"], f"LLM fine-tuning — {label}", b)))

@@ -266,6 +266,53 @@ def test_llm_training_needs_the_llm_columns() -> None:
         m.llm_training(games(TWO_RUNS))
 
 
+def test_llm_episodes_counts_illegal_answers_as_defection() -> None:
+    run1 = games(
+        [  # run 1: the LLM defects twice (legally) in episode 0; in episode 1 an illegal answer (plays D), then C
+            (1, 0, 0, 1, "Ut", "TFT", 1, 0, 4.0, 0.0, 4.0, None, 0, 1),
+            (1, 0, 1, 0, "TFT", "Ut", 0, 1, 0.0, 4.0, None, 0.0, 1, 0),
+            (1, 1, 0, 1, "Ut", "TFT", 1, 1, 1.0, 1.0, -6.0, None, 1, 0),
+            (1, 1, 1, 0, "TFT", "Ut", 1, 0, 4.0, 0.0, None, 0.0, 1, 0),
+        ]
+    ).with_columns(
+        selector_legal=pl.Series([True, None, False, None]),
+        selected_legal=pl.Series([None, True, None, True]),
+        selector_p_cooperate=pl.Series([0.4, None, 0.5, None], dtype=pl.Float32),
+        selected_p_cooperate=pl.Series([None, 0.2, None, 0.7], dtype=pl.Float32),
+        **{f"{r}_{c}": pl.lit(None, dtype=pl.Float32) for r in m.ROLES for c in ("kl", "policy_loss", "value_loss")},
+    )
+    lf = pl.concat([llm_records(), run1])
+    got = m.llm_episodes(lf).collect(engine="streaming")
+    # Agent 0's moves per run and episode (the static TFT agent 1 has no LLM answers and does not appear):
+    #   run 0: ep 0 D (illegal), C -> coop 0.5, illegal 0.5, p_c (0.2 + 0.6) / 2; ep 1 C, C -> 1, 0, (0.8 + 0.9) / 2
+    #   run 1: ep 0 D, D -> coop 0, illegal 0, p_c 0.3;                          ep 1 D (illegal), C -> 0.5, 0.5, 0.6
+    # Two runs: half-width = T1 * |a - b| / 2.
+    want = summary(
+        {
+            "agent": [0] * 6,
+            "type": ["Ut"] * 6,
+            "metric": ["cooperation_rate"] * 2 + ["illegal_rate"] * 2 + ["p_cooperate"] * 2,
+            "iteration": [0, 1] * 3,
+        },
+        [0.25, 0.75, 0.25, 0.25, 0.35, 0.725],
+        [T1 * 0.25, T1 * 0.25, T1 * 0.25, T1 * 0.25, T1 * 0.05, T1 * 0.125],
+        [2] * 6,
+    )
+    assert_frame_equal(got, want, rel_tol=1e-6)
+
+    # One run, episodes 0 and 1 in one bin: 3 C out of 4 moves, 1 illegal answer; no interval.
+    binned = m.llm_episodes(llm_records(), bin_size=2).collect()
+    want_binned = summary(
+        {"agent": [0] * 3, "type": ["Ut"] * 3, "metric": list(m.LLM_EPISODE_METRICS), "iteration": [0] * 3},
+        [0.75, 0.25, 0.625],
+        [None] * 3,
+        [1] * 3,
+    )
+    assert_frame_equal(binned, want_binned, rel_tol=1e-6)
+    with pytest.raises(MoralsimError, match="llm_episodes needs the LLM columns"):
+        m.llm_episodes(games(TWO_RUNS))
+
+
 def test_generalisation_matrix() -> None:
     lf = pl.LazyFrame(
         {

@@ -84,6 +84,7 @@ def test_comparison_report_with_bad_part_llm_runs_and_eval(tmp_path: Path) -> No
         "compare_cooperation_grid.png",
         "compare_learners.png",
         "compare_social_outcomes.png",
+        "1xGame+De_1xTFT__llm_episodes.png",
         "1xGame+De_1xTFT__llm_training.png",
         "generalisation_matrix.png",
     } <= names
