@@ -45,7 +45,8 @@ GroupFactory = Callable[[Population, Sequence[RunStreams]], list[AgentGroup]]
 Progress = Callable[[int], None]
 STAGING = ".moralsim-staging"
 MANIFEST = "manifest.json"
-PROGRESS_EVERY = 50  # iterations between progress reports
+PROGRESS_EVERY = 50  # iterations between progress reports...
+PROGRESS_SECONDS = 1.0  # ...or seconds, whichever comes first (LLM iterations take seconds each)
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,17 @@ def run_batch(
     buffer = RecordBuffer(len(runs), pop.codes, capacity=max(1, cfg.flush_rows // pop.size), llm_columns=llm)
     rows = 0
     done_since_report = 0
+    last_report = time.perf_counter()
     for _ in range(cfg.num_iterations):
         buffer.add(engine.step())
         if buffer.full:
             rows += buffer.flush(stages)
         done_since_report += 1
-        if progress is not None and done_since_report >= PROGRESS_EVERY:
+        if progress is not None and (
+            done_since_report >= PROGRESS_EVERY or time.perf_counter() - last_report > PROGRESS_SECONDS
+        ):
             progress(done_since_report * len(runs))
-            done_since_report = 0
+            done_since_report, last_report = 0, time.perf_counter()
     rows += buffer.flush(stages)
     for group in engine.groups:  # groups with state worth keeping (LLM adapters) save it beside the records
         save = getattr(group, "save", None)
