@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from actors.llm import prompts as P
-from actors.llm.engine import GenerationRequest, RolloutEngine
-from actors.llm.hf_engine import HFEngine, check_fresh
+from actors.llm.engine import GenerationRequest, RolloutEngine, check_fresh
+from actors.llm.hf_engine import HFEngine
 from actors.llm.learner import PolicyHost, PPOConfig, PPOLearner
 from simulator.contracts import Action
 from simulator.errors import StaleAdapterError, UnknownNameError

@@ -78,7 +78,7 @@ def test_stale_adapter_is_reported_not_used(tiny_model_path):
     learner.step([[1, 2, 3]] * 2, [[4]] * 2, [1.0, 0.0])  # the learner moves to v1; the engine is not synced
     batch = DilemmaBatch(1, np.zeros(1, int), np.zeros(1, int), np.ones(1, int), np.zeros(1, np.int8),
                          np.zeros(1, np.int8), np.full((1, 2), 0.5))
-    with pytest.raises(StaleAdapterError, match="v0"):
+    with pytest.raises(StaleAdapterError, match="came from version 0, expected >= 1"):
         group.act(batch)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from actors.dqn import DQNConfig, DQNGroup
-from actors.llm.engine import GenerationRequest, GenerationResult, RolloutEngine
+from actors.llm.engine import GenerationRequest, GenerationResult, RolloutEngine, check_fresh
 from actors.llm.learner import PolicyHost, PPOConfig, PPOLearner
 from actors.llm.prompts import (
     STRUCTURED,
@@ -42,7 +42,7 @@ from actors.llm.prompts import (
 )
 from actors.static import uniform_partner
 from simulator.contracts import Action, Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
-from simulator.errors import ConfigError, StaleAdapterError
+from simulator.errors import ConfigError
 from simulator.games import Game
 from simulator.rewards import R_ILLEGAL
 
@@ -159,12 +159,7 @@ class LLMGroup:
             for b, p in zip(bs, prompts, strict=True)
         ]
         results = self.engine.generate(requests)
-        for b, res in zip(bs, results, strict=True):
-            if res.adapter_version != self.learners[b].version:
-                raise StaleAdapterError(
-                    f"agent {self.names[b]} acted with adapter v{res.adapter_version}, the learner is at "
-                    f"v{self.learners[b].version}"
-                )
+        check_fresh(results, {self.names[b]: self.learners[b].version for b in set(bs)})
         return results
 
     def _p_cooperate(self, bs: list[int], prompts: list[list[int]]) -> np.ndarray:

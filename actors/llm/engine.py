@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from simulator.errors import StaleAdapterError
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -68,3 +70,17 @@ class RolloutEngine(Protocol):
     def adapter_version(self, adapter: str) -> int:
         """The version now served for `adapter`; raises if the adapter is unknown."""
         ...
+
+
+def check_fresh(results: Sequence[GenerationResult], latest: Mapping[str, int]) -> None:
+    """Raise StaleAdapterError if any result was produced by an adapter older than `latest[adapter]`.
+
+    `latest` maps adapter name -> the learner's newest exported version; adapters not in it are not checked.
+    """
+    for k, r in enumerate(results):
+        want = latest.get(r.adapter) if r.adapter is not None else None
+        if want is not None and r.adapter_version < want:
+            raise StaleAdapterError(
+                f"result {k} for adapter {r.adapter!r} came from version {r.adapter_version}, expected >= {want}; "
+                "sync weights (engine.load_adapter(learner.export_adapter())) before generating"
+            )

@@ -10,7 +10,7 @@ sequence only, never on the global torch RNG. `logprobs` are log pi(token) of th
 
 Weight sync: `load_adapter(AdapterWeights)` writes the learner's LoRA tensors into the named adapter and records
 its version; results carry the version that produced them, so a caller can reject stale rollouts with
-`check_fresh` (raises StaleAdapterError).
+`actors.llm.engine.check_fresh` (raises StaleAdapterError).
 """
 
 from __future__ import annotations
@@ -30,20 +30,6 @@ logger = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 BASE_VERSION = -1
-
-
-def check_fresh(results: Sequence[GenerationResult], latest: Mapping[str, int]) -> None:
-    """Raise StaleAdapterError if any result was produced by an adapter older than `latest[adapter]`.
-
-    `latest` maps adapter name -> the learner's newest exported version; adapters not in it are not checked.
-    """
-    for k, r in enumerate(results):
-        want = latest.get(r.adapter) if r.adapter is not None else None
-        if want is not None and r.adapter_version < want:
-            raise StaleAdapterError(
-                f"result {k} for adapter {r.adapter!r} came from version {r.adapter_version}, expected >= {want}; "
-                "sync weights (engine.load_adapter(learner.export_adapter())) before generating"
-            )
 
 
 def lora_config_from_dict(cfg: Mapping[str, object], inference_mode: bool):  # type: ignore[no-untyped-def]
