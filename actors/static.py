@@ -84,7 +84,8 @@ class StaticGroup:
     def __init__(self, slots: np.ndarray, codes: list[str], num_runs: int) -> None:
         self.slots = np.asarray(slots, dtype=np.int64)
         self.codes = list(codes)
-        self._by_code = {c: np.flatnonzero(np.array(codes) == c) for c in dict.fromkeys(codes)}
+        self._strategies = list(dict.fromkeys(codes))  # distinct codes, in order of first slot
+        self._code_of = np.array([self._strategies.index(c) for c in codes], dtype=np.int64)  # member -> strategy
         self.defected = np.zeros((num_runs, len(codes)), dtype=bool)  # GEb memory
         self._pending = np.zeros_like(self.defected)
 
@@ -94,11 +95,8 @@ class StaticGroup:
 
     def act(self, batch: DilemmaBatch) -> Decisions:
         action = np.empty(batch.member.shape, dtype=np.int64)
-        member_code = np.empty(len(self.codes), dtype=np.int64)
-        for k, members in enumerate(self._by_code.values()):
-            member_code[members] = k
-        code_of = member_code[batch.member]
-        for k, code in enumerate(self._by_code):
+        code_of = self._code_of[batch.member]
+        for k, code in enumerate(self._strategies):
             m = code_of == k
             if m.any():
                 action[m] = STRATEGIES[code].rule(

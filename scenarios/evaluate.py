@@ -61,7 +61,7 @@ def evaluate(
     temperature: float = 1.0,
 ) -> pl.DataFrame:
     """Run the matrix for one model (+ adapter); write the Parquet and the table; return the table."""
-    from actors.llm.agent import LLMAgentConfig, make_engine, resolve_tokens
+    from actors.llm.agent import LLMAgentConfig, cooperation_probability, make_engine, resolve_tokens
     from actors.llm.engine import GenerationRequest
     from actors.llm.models import resolve_model
     from actors.llm.prompts import UNRELATED_QUESTIONS, chat_ids, game_prompt_text, parse_answer, unrelated_prompt_text
@@ -82,6 +82,7 @@ def evaluate(
     rng = np.random.default_rng(seed)
     rows: list[dict[str, object]] = []
     prompts: list[list[int]] = []
+    row_tokens: list[Any] = []  # the TokenPair of each row
     for axis, game_id, tokens_spec, variant in _cells(full):
         tokens: Any = resolve_tokens(tokens_spec, rng)
         for k in range(samples):
@@ -94,21 +95,20 @@ def evaluate(
                 text = game_prompt_text(GAMES[game_id], tokens, own, opp, rng, variant)
             prompts.append(chat_ids(tokenizer, text))
             rows.append(dict(model=str(model), adapter=str(adapter) if adapter else "base", axis=axis, game=game_id,
-                             action_tokens=f"{tokens.c}|{tokens.d}", prompt_variant=variant, history=history,
-                             _tokens=tokens))
+                             action_tokens=f"{tokens.c}|{tokens.d}", prompt_variant=variant, history=history))
+            row_tokens.append(tokens)
     results = engine.generate([GenerationRequest(tuple(p), name, max_new_tokens, temperature) for p in prompts])
-    probs = getattr(engine, "action_probs", None)
-    for row, prompt, res in zip(rows, prompts, results, strict=True):
-        tokens = row.pop("_tokens")
-        act = parse_answer(res.text, tokens)  # type: ignore[arg-type]
+    by_tokens: dict[str, list[int]] = {}  # rows sharing a token pair are scored in one call
+    for k, row in enumerate(rows):
+        by_tokens.setdefault(str(row["action_tokens"]), []).append(k)
+    for ks in by_tokens.values():
+        p_c = cooperation_probability(engine, tokenizer, row_tokens[ks[0]], [name] * len(ks),
+                                      [prompts[k] for k in ks])
+        for k, p in zip(ks, p_c.tolist(), strict=True):
+            rows[k]["p_cooperate"] = p
+    for row, tokens, res in zip(rows, row_tokens, results, strict=True):
+        act = parse_answer(res.text, tokens)
         row.update(raw_answer=res.text, legal=act is not None, action=None if act is None else int(act))
-        p_c = float("nan")
-        if probs is not None:
-            c_ids = tokenizer(tokens.c, add_special_tokens=False)["input_ids"]  # type: ignore[attr-defined]
-            d_ids = tokenizer(tokens.d, add_special_tokens=False)["input_ids"]  # type: ignore[attr-defined]
-            p = probs([name], [prompt], c_ids, d_ids)[0]
-            p_c = float(p[0] / max(p.sum(), 1e-30))
-        row["p_cooperate"] = p_c
     out.mkdir(parents=True, exist_ok=True)
     df = pl.DataFrame(rows).with_columns(pl.col("action").cast(pl.Int8), pl.col("p_cooperate").cast(pl.Float32))
     df.write_parquet(out / "eval.parquet")

@@ -101,6 +101,19 @@ def make_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: i
     return HFEngine(model_dir, device=config.device, seed=seed)
 
 
+def cooperation_probability(
+    engine: RolloutEngine, tokenizer: Any, tokens: TokenPair, adapters: list[str | None], prompts: list[list[int]]
+) -> np.ndarray:
+    """(B,) P(C answer) / (P(C answer) + P(D answer)) per prompt, one scoring call; NaN where the engine cannot score."""
+    probs = getattr(engine, "action_probs", None)
+    if probs is None:
+        return np.full(len(prompts), np.nan)
+    c_ids = tokenizer(tokens.c, add_special_tokens=False)["input_ids"]
+    d_ids = tokenizer(tokens.d, add_special_tokens=False)["input_ids"]
+    p = probs(adapters, prompts, c_ids, d_ids)
+    return p[:, 0] / np.maximum(p.sum(axis=1), 1e-30)
+
+
 @dataclass
 class _Sample:
     prompt: list[int]
@@ -163,13 +176,9 @@ class LLMGroup:
         return results
 
     def _p_cooperate(self, bs: list[int], prompts: list[list[int]]) -> np.ndarray:
-        probs = getattr(self.engine, "action_probs", None)
-        if not self.cfg.p_cooperate or probs is None:
+        if not self.cfg.p_cooperate:
             return np.full(len(bs), np.nan)
-        c_ids = self.tokenizer(self.tokens.c, add_special_tokens=False)["input_ids"]
-        d_ids = self.tokenizer(self.tokens.d, add_special_tokens=False)["input_ids"]
-        p = probs([self.names[b] for b in bs], prompts, c_ids, d_ids)
-        return p[:, 0] / np.maximum(p.sum(axis=1), 1e-30)
+        return cooperation_probability(self.engine, self.tokenizer, self.tokens, [self.names[b] for b in bs], prompts)
 
     # -- decisions ----------------------------------------------------------------------------------------------
     def select(self, batch: SelectionBatch) -> Decisions:
