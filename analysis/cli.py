@@ -29,7 +29,9 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Figures, tables and an HTML report from the Parquet logs of one or more destination folders. "
-        "Several folders are also compared side by side.",
+        "Several folders are also compared side by side; two or more LLM runs (e.g. Game, De, Ut, Game+De and "
+        "Game-then-De against TFT) get the paper's figures: cooperation over legal answers and illegal-answer rate "
+        "per episode, start and end rates, and the generalisation matrix of their saved adapters' evaluations.",
     )
     p.add_argument("folders", nargs="+", type=Path, help="<output>/<destination_folder> (one or more)")
     p.add_argument("--out", type=Path, default=None,
@@ -42,6 +44,10 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
                    help="evaluation-suite Parquet (model/adapter, game, action_tokens, prompt_variant, legal, action): "
                    "adds the generalisation matrix")
     p.add_argument("--dpi", type=_positive_int, default=150, help="PNG resolution (default: %(default)s)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the sweep report of several populations (e.g. the nine AIES ones): comparison figures across "
+                   "populations, per-run final cooperation and mode counts, each population's report under "
+                   "<out>/populations (default out: <parent>/sweep_report)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -62,6 +68,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m analysis") ->
                             format="%(levelname)s %(name)s: %(message)s")
     out = args.out or default_out(args.folders)
     try:
+        if args.sweep:
+            from analysis.sweep import write_sweep_report
+
+            out = args.out or default_out(args.folders).with_name("sweep_report")
+            if args.eval_path is not None:
+                raise MoralsimError("--eval is for the report of LLM runs, not for --sweep")
+            sweep = write_sweep_report(args.folders, out, args.bin_size, args.dpi, args.max_points)
+            sys.stdout.write(f"{sweep.out / 'index.html'}\n")
+            return 0
         report = write_report(args.folders, out, args.bin_size, args.eval_path, args.max_points, args.dpi)
     except MoralsimError as e:
         log.error("%s", e)

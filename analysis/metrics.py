@@ -55,6 +55,16 @@ def iteration_bin(bin_size: int = 1) -> pl.Expr:
     return (pl.col("iteration") // bin_size * bin_size).cast(pl.Int32).alias("iteration")
 
 
+def episode_bin(episode_length: int = 1, bin_size: int = 1) -> pl.Expr:
+    """Each row's episode, `iteration // episode_length`, as the first episode of its bin of `bin_size` episodes,
+    named `episode`. One episode is `episode_length` iterations: in the paper's protocol, batch_size games and then
+    one PPO update (the manifest's `config.episode_length`; 1 where it is absent, one update per iteration)."""
+    for name, v in (("episode_length", episode_length), ("bin_size", bin_size)):
+        if not isinstance(v, int) or v < 1:
+            raise MoralsimError(f"{name} must be a positive integer, got {v!r}")
+    return (pl.col("iteration") // episode_length // bin_size * bin_size).cast(pl.Int32).alias("episode")
+
+
 def across_runs(per_run: pl.LazyFrame, keys: Sequence[str], value: str = "value") -> pl.LazyFrame:
     """Summarise a per-run value across runs: mean, 95% t interval, number of runs with a non-null value."""
     v = pl.col(value)
@@ -228,24 +238,28 @@ def llm_training(lf: pl.LazyFrame, bin_size: int = 1) -> pl.LazyFrame:
 
 
 LLM_EPISODE_METRICS = ("cooperation_rate", "illegal_rate", "p_cooperate")
+# Over the rows of an LLM agent's answers (`legal` not null). An illegal answer is no choice between C and D: the
+# move recorded for it is a stand-in (the agent's previous legal move), so cooperation counts legal answers only,
+# as the paper's figures do, and the illegal answers are a rate of their own.
+LLM_ANSWER_RATES = {
+    "cooperation_rate": (pl.col("action") == 0).filter(pl.col("legal")).cast(pl.Float64).mean(),
+    "illegal_rate": 1.0 - pl.col("legal").cast(pl.Float64).mean(),
+}
 
 
-def llm_episodes(lf: pl.LazyFrame, bin_size: int = 1) -> pl.LazyFrame:
-    """LLM agents per episode (`iteration`, binned), over all their decisions in both roles (rows with an LLM answer,
-    i.e. non-null `legal`): `cooperation_rate`, the share of C among their moves, legal or not (an illegal answer
-    plays D, so it counts as not C); `illegal_rate`, the share of answers that were not a legal action token; and
-    mean `p_cooperate`. Only LLM agents appear. Columns: agent, type, metric, iteration, mean, ci_low, ci_high,
-    n_runs."""
+def llm_episodes(lf: pl.LazyFrame, bin_size: int = 1, episode_length: int = 1) -> pl.LazyFrame:
+    """LLM agents per episode, over all their answers in both roles (rows with an LLM answer, i.e. non-null
+    `legal`): `cooperation_rate`, the share of C among their legal answers; `illegal_rate`, the share of answers
+    that were not a legal action token; and mean `p_cooperate`. `iteration` in the output is the episode
+    (`iteration // episode_length`, binned by `bin_size` episodes). Only LLM agents appear; an episode bin without
+    a legal answer has no cooperation rate in that run. Columns: agent, type, metric, iteration, mean, ci_low,
+    ci_high, n_runs."""
     _require_llm_columns(lf, "llm_episodes")
     per_run = (
         agent_games(lf, extra=("legal", "p_cooperate"))
         .filter(pl.col("legal").is_not_null())
-        .group_by("run", iteration_bin(bin_size), "agent", "type")
-        .agg(
-            cooperation_rate=(pl.col("action") == 0).cast(pl.Float64).mean(),
-            illegal_rate=1.0 - pl.col("legal").cast(pl.Float64).mean(),
-            p_cooperate=pl.col("p_cooperate").cast(pl.Float64).mean(),
-        )
+        .group_by("run", episode_bin(episode_length, bin_size).alias("iteration"), "agent", "type")
+        .agg(**LLM_ANSWER_RATES, p_cooperate=pl.col("p_cooperate").cast(pl.Float64).mean())
         .unpivot(index=["run", "iteration", "agent", "type"], on=list(LLM_EPISODE_METRICS), variable_name="metric",
                  value_name="value")
         .drop_nulls("value")

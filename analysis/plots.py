@@ -256,8 +256,8 @@ def plot_reward_vs_payoff(df: pl.DataFrame, title: str = "", bin_size: int = 1) 
 
 
 def plot_llm_episodes(df: pl.DataFrame, title: str = "", bin_size: int = 1) -> Figure:
-    """Two panels over episodes, one line per LLM agent: its cooperation rate (all moves, an illegal answer plays D)
-    and its illegal-answer rate."""
+    """Two panels over episodes, one line per LLM agent: its cooperation rate (over its legal answers) and its
+    illegal-answer rate."""
     agents = sorted(df.select("agent", "type").unique().rows(), key=lambda r: r[0])
     labels = {a: f"{a} ({t})" for a, t in agents}
     colours = colour_map(list(labels.values()))
@@ -271,7 +271,7 @@ def plot_llm_episodes(df: pl.DataFrame, title: str = "", bin_size: int = 1) -> F
                 _band(ax, p, labels[agent], colours[labels[agent]])
         _rate_axis(ax, METRIC_LABELS[metric])
         ax.set_xlabel(_xlabel(bin_size).replace("iteration", "episode"))
-        ax.set_title(METRIC_LABELS[metric] + (" (illegal answers play D)" if metric == "cooperation_rate" else ""))
+        ax.set_title(METRIC_LABELS[metric] + (" (legal answers)" if metric == "cooperation_rate" else ""))
     if axes[0].lines:
         axes[0].legend(title="LLM agent (type)", fontsize=8)
     fig.suptitle(title or "LLM agents per episode")

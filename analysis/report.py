@@ -21,8 +21,8 @@ from pathlib import Path
 import polars as pl
 from matplotlib.figure import Figure
 
+from analysis import llm_compare, modes, plots
 from analysis import metrics as m
-from analysis import plots
 from analysis.dataset import Dataset, deep_check, open_dataset, scan_eval
 from simulator.errors import CorruptDataError, MoralsimError
 
@@ -44,6 +44,7 @@ class Analysis:
     bin_size: int
     frames: dict[str, pl.DataFrame]
     selection_bin_size: int  # coarser bins of the "selection_over_time" frame
+    llm_run: llm_compare.LLMRun | None = None  # what the manifest says about the LLM runs (reward, episodes)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Report:
     problems: list[str] = field(default_factory=list)  # skipped parts, unreadable folders, ...
     figures: list[tuple[str, str, Path]] = field(default_factory=list)  # (section, caption, png)
     tables: list[Path] = field(default_factory=list)
+    extra_tables: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (section, caption, table)
 
 
 def _num_iterations(ds: Dataset, lf: pl.LazyFrame) -> int:
@@ -67,7 +69,8 @@ def auto_bin_size(num_iterations: int, max_points: int = DEFAULT_MAX_POINTS) -> 
     return max(1, math.ceil(num_iterations / max_points))
 
 
-def _queries(lf: pl.LazyFrame, ds: Dataset, bin_size: int, sel_bin: int) -> dict[str, pl.LazyFrame]:
+def _queries(lf: pl.LazyFrame, ds: Dataset, bin_size: int, sel_bin: int,
+             llm_run: llm_compare.LLMRun | None = None) -> dict[str, pl.LazyFrame]:
     q = {
         "cooperation_by_type": m.cooperation_by_type(lf, bin_size),
         "cooperation_by_agent": m.cooperation_by_agent(lf, bin_size),
@@ -78,9 +81,12 @@ def _queries(lf: pl.LazyFrame, ds: Dataset, bin_size: int, sel_bin: int) -> dict
         "outcome_mix": m.outcome_mix(lf),
         "reward_vs_payoff": m.reward_vs_payoff(lf, bin_size),
     }
-    if ds.has_llm:
-        q["llm_episodes"] = m.llm_episodes(lf, bin_size)
+    if ds.has_llm and llm_run is not None:
+        episode_bin = llm_run.episode_bin_size(bin_size)
+        q["llm_episodes"] = m.llm_episodes(lf, episode_bin, llm_run.episode_length)
         q["llm_training"] = m.llm_training(lf, bin_size)
+        q["llm_rates"] = llm_compare.llm_rates(lf, llm_run, episode_bin)
+        q["llm_windows"] = llm_compare.llm_windows(lf, llm_run)
     return q
 
 
@@ -93,9 +99,14 @@ def analyse(ds: Dataset, label: str | None = None, bin_size: int | None = None,
             n_iter = _num_iterations(ds, lf)
             b = bin_size or auto_bin_size(n_iter, max_points)
             sel_bin = max(b, auto_bin_size(n_iter, SELECTION_TIME_POINTS))
-            q = _queries(lf, ds, b, sel_bin)
+            llm_run = llm_compare.LLMRun.from_manifest(label or ds.name, ds.manifest, n_iter) if ds.has_llm else None
+            q = _queries(lf, ds, b, sel_bin, llm_run)
+            q["final_cooperation"] = modes.final_cooperation(lf, n_iter)
             frames = dict(zip(q, pl.collect_all(list(q.values()), engine="streaming", optimizations=_NO_SHARED_SCAN), strict=True))
-            return Analysis(ds, label or ds.name, b, frames, sel_bin)
+            frames["cooperation_modes"] = modes.cooperation_modes(frames["final_cooperation"].lazy()).collect()
+            if llm_run is not None:
+                frames["llm_switches"] = llm_compare.phase_switches(llm_run)
+            return Analysis(ds, label or ds.name, b, frames, sel_bin, llm_run)
         except (pl.exceptions.PolarsError, OSError) as e:
             if attempt:
                 raise CorruptDataError(f"{ds.folder}: scan failed after dropping unreadable parts ({e})") from e
@@ -150,6 +161,8 @@ def _summaries(a: Analysis) -> list[tuple[str, pl.DataFrame]]:
         ("Social outcomes per game, last bin", _last_bin(f["social_outcomes"], ["metric"])),
         ("Selection matrix (share of the row type's selections)",
          f["selection_matrix"].pivot(on="selected_type", index="selector_type", values="fraction", sort_columns=True)),
+        (f"Runs per outcome mode: final cooperation over the last {modes.FINAL_FRACTION:.0%} of iterations "
+         f"< {modes.DEFECT_BELOW} defect, > {modes.COOPERATE_ABOVE} cooperate, else mixed", f["cooperation_modes"]),
         ("Outcome mix (share of the pair's games, selector's move first)",
          f["outcome_mix"].pivot(on="outcome", index=["selector_type", "selected_type"], values="fraction")),
     ]
@@ -157,6 +170,10 @@ def _summaries(a: Analysis) -> list[tuple[str, pl.DataFrame]]:
         out.append(("LLM agents per episode, last bin", _last_bin(f["llm_episodes"], ["agent", "type", "metric"])))
     if "llm_training" in f:
         out.append(("LLM metrics, last bin", _last_bin(f["llm_training"], ["agent", "type", "metric"])))
+    if "llm_windows" in f:
+        out.append((f"LLM agents at the start and end of fine-tuning: first and last {llm_compare.WINDOW_FRACTION:.0%} "
+                    "of the episodes (and the end of each phase of a phased run), mean over runs",
+                    llm_compare.window_table(f["llm_windows"])))
     return out
 
 
@@ -197,6 +214,8 @@ def render_html(report: Report, title: str) -> str:
             f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
+    for section, caption, df in report.extra_tables:
+        sections.setdefault(section, []).append(f"<h3>{html.escape(caption)}</h3>{html_table(df)}")
     for section, body in sections.items():
         parts.append(f"<h2>{html.escape(section)}</h2>" + "".join(body))
     parts.append("</body></html>")
@@ -213,6 +232,10 @@ def _figures(a: Analysis) -> list[tuple[str, str, Callable[[], Figure]]]:
         ("cooperation_by_type", "Cooperation rate per moral type",
          lambda: plots.plot_cooperation(f["cooperation_by_type"], f"Cooperation per moral type — {label}", "type", b,
                                         colours)),
+        ("final_cooperation", f"Each run's cooperation per type over the last {modes.FINAL_FRACTION:.0%} of iterations "
+         "(outcomes can split across runs, which a mean hides)",
+         lambda: modes.plot_final_cooperation({label: f["final_cooperation"]},
+                                              order=modes.type_order(a.dataset.population))),
         ("cooperation_by_agent", "Cooperation rate per agent",
          lambda: plots.plot_cooperation(f["cooperation_by_agent"], f"Cooperation per agent — {label}", "agent", b)),
         ("social_outcomes", "Social outcomes per game",
@@ -230,13 +253,60 @@ def _figures(a: Analysis) -> list[tuple[str, str, Callable[[], Figure]]]:
         ("reward_vs_payoff", "Learning reward against game payoff, per agent",
          lambda: plots.plot_reward_vs_payoff(f["reward_vs_payoff"], f"Learning reward vs game payoff — {label}", b)),
     ]
-    if "llm_episodes" in f:
+    if "llm_rates" in f and a.llm_run is not None:
+        episode_bin = a.llm_run.episode_bin_size(b)
+        answer_modes = sorted(set(f["llm_rates"]["answer_mode"].drop_nulls()))
+        mode_note = f" (answers: {', '.join(answer_modes)})" if answer_modes else ""
+        out.append(("llm_cooperation", "LLM agents per episode by reward, as the paper plots them: cooperation over "
+                    "legal answers and illegal-answer rate (dashed: reward switch)",
+                    lambda: llm_compare.plot_llm_comparison(f["llm_rates"], f["llm_switches"],
+                                                            f"LLM fine-tuning — {label}", [episode_bin])))
         out.append(("llm_episodes", "LLM agents per episode: cooperation rate and illegal-answer rate",
-                    lambda: plots.plot_llm_episodes(f["llm_episodes"], f"LLM agents per episode — {label}", b)))
+                    lambda: plots.plot_llm_episodes(f["llm_episodes"], f"LLM agents per episode — {label}{mode_note}",
+                                                    episode_bin)))
     if "llm_training" in f:
         out.append(("llm_training", "LLM fine-tuning metrics",
                     lambda: plots.plot_llm_training(f["llm_training"], f"LLM fine-tuning — {label}", b)))
     return out
+
+
+def _compare_llm_runs(report: Report, runs: Sequence[tuple[Analysis, llm_compare.LLMRun]], tables_dir: Path,
+                      figures_dir: Path, dpi: int) -> None:
+    """Two or more LLM datasets side by side, as the paper's figures put them: cooperation over legal answers and
+    the illegal-answer rate per episode (one line per reward and opponent), start and end rates, and the
+    generalisation matrix of the saved adapters where `main.py evaluate` was run on them."""
+    section = "LLM runs compared"
+    frames = {name: pl.concat([a.frames[name] for a, _ in runs]) for name in ("llm_rates", "llm_windows", "llm_switches")}
+    for name in ("llm_rates", "llm_windows"):
+        path = tables_dir / f"compare_{name}.csv"
+        frames[name].write_csv(path)
+        report.tables.append(path)
+    fig = llm_compare.plot_llm_comparison(frames["llm_rates"], frames["llm_switches"],
+                                          bin_sizes=[run.episode_bin_size(a.bin_size) for a, run in runs])
+    report.figures.append((section, "Cooperation over legal answers and illegal-answer rate per episode, by reward "
+                           "and opponent (dashed: reward switch)", plots.save(fig, figures_dir / "compare_llm_runs.png", dpi)))
+    report.extra_tables.append((section, f"Start and end of fine-tuning: first and last {llm_compare.WINDOW_FRACTION:.0%} "
+                                "of the episodes, mean over runs", llm_compare.window_table(frames["llm_windows"])))
+    gens = []
+    for a, run in runs:
+        evals = llm_compare.scan_run_evals(a.dataset.folder, run)
+        if evals is None:
+            continue
+        try:
+            gens.append(llm_compare.llm_generalisation(evals, run).collect(engine="streaming"))
+        except (pl.exceptions.PolarsError, OSError) as e:
+            report.problems.append(f"{a.dataset.folder}: adapter evaluations left out ({e})")
+            log.warning(report.problems[-1])
+    if not gens:
+        log.info("no adapter evaluations (%s) in the LLM datasets: no generalisation comparison", llm_compare.EVAL_GLOB)
+        return
+    gen = pl.concat(gens)
+    path = tables_dir / "compare_llm_generalisation.csv"
+    gen.write_csv(path)
+    report.tables.append(path)
+    report.figures.append((section, "Test-time generalisation of the saved adapters, mean over runs",
+                           plots.save(llm_compare.plot_llm_generalisation(gen), figures_dir / "compare_llm_generalisation.png",
+                                      dpi)))
 
 
 def write_report(
@@ -298,6 +368,10 @@ def write_report(
         ]:
             report.figures.insert(0, ("Comparison", caption, plots.save(fig, figures_dir / f"{name}.png", dpi)))
         report.figures.sort(key=lambda t: t[0] != "Comparison")  # comparison first, order otherwise kept
+
+    llm_runs = [(a, a.llm_run) for a in report.analyses if a.llm_run is not None and "llm_rates" in a.frames]
+    if len(llm_runs) >= 2:
+        _compare_llm_runs(report, llm_runs, tables_dir, figures_dir, dpi)
 
     if eval_path is not None:
         gm = m.generalisation_matrix(scan_eval(eval_path)).collect(engine="streaming")

@@ -157,6 +157,7 @@ def _chunk(
             p_c = np.clip(1.0 - act.ravel() + rng.normal(0, 0.2, k), 0, 1).astype(np.float32)
             cols[f"{role}_prompt_variant"] = pa.array(np.full(k, "v0"), mask=~is_llm)
             cols[f"{role}_action_tokens"] = pa.array(np.full(k, "A|B"), mask=~is_llm)
+            cols[f"{role}_answer_mode"] = pa.array(np.full(k, "free"), mask=~is_llm)
             answer = np.where(legal, np.where(act.ravel() == 0, "A", "B"), "I refuse")
             cols[f"{role}_raw_answer"] = pa.array(answer, mask=~is_llm)
             cols[f"{role}_legal"] = pa.array(legal, mask=~is_llm)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from scenarios.scenario import Scenario, load_scenario
 from simulator.config import RunConfig
-from simulator.errors import GameSpecError, MoralsimError, UnknownNameError
+from simulator.errors import ConfigError, GameSpecError, MoralsimError, UnknownNameError
 from simulator.games import GAMES, Game, get_game
 from simulator.population import STATIC_CODES, parse_population
 from simulator.rewards import COMPAT_MODES, MORAL_TYPES
+from simulator.tracking import TRACKERS
 
 log = logging.getLogger("moralsim")
 
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs_per_batch", type=int, default=None,
                    help="runs stacked in one engine (default: spread the runs evenly over the CPUs)")
     p.add_argument("--flush_rows", type=int, default=1 << 18, help="rows per run buffered before a Parquet part is written")
+    p.add_argument("--log_to", choices=TRACKERS, default="none",
+                   help="stream reward, cooperation, KL and losses while the run runs: tensorboard "
+                   "(<output>/<folder>/tensorboard/) or wandb in offline mode (<output>/<folder>/wandb/); default none")
     llm = p.add_argument_group("LLM agents (--learner llm or <code>@llm entries)")
     llm.add_argument("--llm_model", default="smollm2-135m-instruct",
                      help="local HF folder, hub id, or the embedded smollm2-135m-instruct (default)")
@@ -89,7 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm_selection", choices=("random", "dqn", "prompt"), default="random",
                      help="how LLM agents choose partners (default random)")
     llm.add_argument("--llm_tokens", default="action12", help="action-token pair, e.g. action12, AB, XY, 01, random:3")
-    llm.add_argument("--ppo_batch_size", type=int, default=5, help="samples per PPO update (paper: 5; 3 against TFT)")
+    llm.add_argument("--ppo_batch_size", type=int, default=5,
+                     help="samples per PPO update (the paper's job file: 5 against every static opponent, 3 for two "
+                          "LLM learners)")
+    llm.add_argument("--llm_answer_mode", choices=("free", "mask"), default="free",
+                     help="free: sample freely, as the paper (default); mask: restrict answers to the two legal action "
+                          "tokens (a logit mask; for models too small to follow the format)")
+    p.add_argument("--protocol", choices=("population", "pair"), default="population",
+                   help="population (AIES, default): every agent selects; pair (ICLR fine-tuning): two agents, one "
+                        "game per iteration, slot 0 the row player")
+    p.add_argument("--episode_length", type=int, default=0,
+                   help="pair protocol: games per episode, after which the state is drawn afresh (the paper: the PPO "
+                        "batch size); 0 = one episode")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -113,10 +128,12 @@ def _apply_scenario(parser: argparse.ArgumentParser, args: argparse.Namespace, a
 
 def _llm_options(args: argparse.Namespace, scenario: Scenario | None) -> dict[str, object]:
     """LLM settings as plain data (recorded in the manifest; a resumed run must match them)."""
-    llm = {k: v for k, v in (scenario.llm.items() if scenario else ()) if k not in ("model", "engine", "device",
-                                                                                    "selection", "tokens")}
+    flags = ("model", "engine", "device", "selection", "tokens", "answer_mode")
+    llm = {k: v for k, v in (scenario.llm.items() if scenario else ()) if k not in flags}
     llm.update(model=args.llm_model, engine=args.llm_engine, device=args.llm_device, selection=args.llm_selection,
-               tokens=args.llm_tokens)
+               tokens=args.llm_tokens, answer_mode=args.llm_answer_mode)
+    if args.protocol == "pair":  # two agents: the only partner is the other one, nothing to select
+        llm["selection"] = "random"
     ppo = dict(scenario.ppo) if scenario else {}
     ppo["batch_size"] = args.ppo_batch_size
     ppo["mini_batch_size"] = min(ppo.get("mini_batch_size", args.ppo_batch_size), args.ppo_batch_size)
@@ -146,36 +163,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         scenario = _apply_scenario(parser, args, argv)
-        has_llm = any(a.learner == "llm" for a in parse_population(args.destination_folder).resolved(args.method).agents)
-        cfg = RunConfig(
-            destination_folder=args.destination_folder,
+        sweep = scenario.sweep if scenario else None
+        if sweep is not None:
+            parser.set_defaults(destination_folder=None)  # tells a --destination_folder on the command line apart
+            if parser.parse_args(argv).destination_folder is not None:
+                raise ConfigError(
+                    f"--destination_folder cannot be combined with the sweep scenario {args.scenario!r}, which runs "
+                    f"{len(sweep.populations)} populations: {', '.join(sweep.populations)}"
+                )
+        populations = sweep.populations if sweep else (args.destination_folder,)
+        has_llm = any(a.learner == "llm" for p in populations for a in parse_population(p).resolved(args.method).agents)
+        game = load_game(args.game)
+        cfgs = [RunConfig(
+            destination_folder=population,
             num_iterations=args.num_iterations,
             num_runs=args.num_runs,
             seed=args.seed,
-            game=load_game(args.game),
+            game=game,
             method=args.method,
             compat=args.compat,
             random_matching=args.random_matching,
             output=args.output,
             flush_rows=args.flush_rows,
+            log_to=args.log_to,
             reward_schedule=tuple(tuple(e) for e in (scenario.run.get("reward_schedule", ()) if scenario else ())),
             agent_options=_llm_options(args, scenario) if has_llm else {},
-        )
+            protocol=args.protocol,
+            episode_length=args.episode_length,
+        ) for population in populations]
+        cfg = cfgs[0]
         from scenarios.factory import AgentSettings, build_groups
-        from simulator.driver import run_sweep
+        from simulator.driver import run_datasets
 
         llm = _llm_config(cfg.agent_options) if has_llm else None
-        settings = AgentSettings(random_matching=args.random_matching, llm=llm, game=cfg.game, seed=cfg.seed)
-        runs = run_sweep(cfg, partial(build_groups, settings=settings), backend=args.backend,
-                         ray_address=args.ray_address, num_cpus=args.num_cpus,
-                         show_progress=False if args.no_progress else None, runs_per_batch=args.runs_per_batch)
+        settings = AgentSettings(random_matching=args.random_matching or cfg.protocol == "pair", llm=llm, game=cfg.game,
+                                 seed=cfg.seed)
+        tables = run_datasets(cfgs, partial(build_groups, settings=settings), backend=args.backend,
+                              ray_address=args.ray_address, num_cpus=args.num_cpus,
+                              show_progress=False if args.no_progress else None, runs_per_batch=args.runs_per_batch)
+        for c, runs in zip(cfgs, tables, strict=True):
+            rows = sum(int(r.get("rows", 0)) for r in runs.values())
+            log.info("%d runs, %d games in %s", len(runs), rows, c.dataset_dir)
+        if sweep is not None:  # the point of a sweep is the comparison; render it now that every run is there
+            from analysis.sweep import write_sweep_report
+
+            report = write_sweep_report([c.dataset_dir for c in cfgs], Path(args.output) / sweep.report)
+            log.info("sweep report: %s", report.out / "index.html")
     except (MoralsimError, UnknownNameError) as e:
         parser.exit(2, f"main.py: error: {e}\n")
-    if has_llm:  # LLM runs are short and their figures (cooperation, illegal answers, KL) are the point
+    if has_llm and sweep is None:  # LLM runs are short and their figures (cooperation, illegal answers, KL) are the point
         from analysis.cli import main as analyze
 
         analyze([str(cfg.dataset_dir)])
-    rows = sum(int(r.get("rows", 0)) for r in runs.values())
-    log.info("%d runs, %d games in %s", len(runs), rows, cfg.dataset_dir)
     log.info("read them with: polars.scan_parquet('%s/**/*.parquet', hive_partitioning=True)", cfg.dataset_dir)
     return 0

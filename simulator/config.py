@@ -8,9 +8,10 @@ from typing import Any
 
 from simulator.errors import ConfigError
 from simulator.games import Game
-from simulator.population import Population, parse_population
+from simulator.population import FIXED_LAST_MOVE, Population, parse_population
 from simulator.rewards import check_compat, get_moral_type
 from simulator.seeding import check_seed
+from simulator.tracking import check_tracker
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,17 @@ class RunConfig:
     random_matching: bool = False
     output: Path = Path("results")
     flush_rows: int = 1 << 18  # rows per run buffered before a part file is written
+    log_to: str = "none"  # live metrics: none | tensorboard | wandb (offline); see simulator/tracking.py
     agent_options: dict[str, Any] = field(default_factory=dict)  # learner settings, recorded in the manifest
     # phased rewards: (type code, fraction of the iterations after which it switches, new code),
     # e.g. ("Game", 0.5, "De") = the ICLR "Game, then De" schedule
     reward_schedule: tuple[tuple[str, float, str], ...] = ()
+    protocol: str = "population"
+    """population (AIES: every agent selects, N games an iteration) or pair (ICLR fine-tuning: two agents, one
+    game an iteration, slot 0 the row player); see simulator/engine.py"""
+    episode_length: int = 0
+    """pair protocol: iterations per episode (the paper's batch_size games, one PPO update); env_state is drawn
+    afresh at each episode start. 0 = one episode."""
 
     def __post_init__(self) -> None:
         if self.num_iterations < 1:
@@ -39,7 +47,14 @@ class RunConfig:
             raise ConfigError(f"flush_rows must be at least 1, got {self.flush_rows}")
         check_seed(self.seed)
         check_compat(self.compat)
-        self.population.resolved(self.method)  # validates the learner kind
+        check_tracker(self.log_to)
+        pop = self.population.resolved(self.method)  # validates the learner kind
+        if self.protocol not in ("population", "pair"):
+            raise ConfigError(f"unknown protocol {self.protocol!r}; valid: population, pair")
+        if self.protocol == "pair" and pop.size != 2:
+            raise ConfigError(f"the pair protocol plays two agents; {self.destination_folder!r} has {pop.size}")
+        if self.episode_length < 0 or (self.episode_length and self.protocol != "pair"):
+            raise ConfigError(f"episode_length ({self.episode_length}) needs protocol = 'pair' and must be >= 0")
         for entry in self.reward_schedule:
             if len(entry) != 3 or not 0 < float(entry[1]) < 1:
                 raise ConfigError(f"a reward_schedule entry is (code, fraction in (0, 1), new code), got {entry!r}")
@@ -59,6 +74,14 @@ class RunConfig:
             phases.append((round(fraction * self.num_iterations), list(codes)))
         return phases
 
+    def episode_moves(self) -> list[int]:
+        """Each slot's move in a fresh episode state: fixed for AC/AD, -1 (random) for everyone else."""
+        return [FIXED_LAST_MOVE.get(code, -1) for code in self.population.codes]
+
+    @property
+    def games_per_iteration(self) -> int:
+        return self.population.size if self.protocol == "population" else 1
+
     @property
     def dataset_dir(self) -> Path:
         return Path(self.output) / self.destination_folder
@@ -67,8 +90,11 @@ class RunConfig:
         """What must match for a resumed run to continue an existing dataset (everything but num_runs)."""
         d = asdict(self)
         d["game"] = {"id": self.game.id, "cells": [list(c) for c in self.game.cells]}
-        for k in ("num_runs", "output", "flush_rows"):
+        for k in ("num_runs", "output", "flush_rows", "log_to"):  # where results go, not what they are
             d.pop(k)
+        for k, default in (("protocol", "population"), ("episode_length", 0)):
+            if d[k] == default:  # datasets written before these options existed still resume
+                d.pop(k)
         return d
 
 

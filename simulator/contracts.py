@@ -56,6 +56,8 @@ class DilemmaBatch:
     state: np.ndarray  # (K,) int8: opponent's move in the snapshot (the dilemma state)
     own_prev: np.ndarray  # (K,) int8: this agent's own move in the snapshot
     u: np.ndarray  # (K, 2) float: [explore coin, action coin]
+    first: bool = False  # no move has been played yet: the snapshot is the random initial state (population
+    # protocol, iteration 0). In the pair protocol every episode's drawn state stands for last round's moves.
 
 
 @dataclass(frozen=True)

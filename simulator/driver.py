@@ -1,12 +1,14 @@
 """The run driver: one driver, two backends (in-process loop or Ray tasks) over the same `run_batch`.
 
-    main.py ─► scenarios.cli ─► run_sweep(config, factory, backend)
+    main.py ─► scenarios.cli ─► run_sweep(config, factory, backend)  = run_datasets([config], ...)
+                                run_datasets([config per population], ...)   a sweep: one pool, one progress bar
                                    │ resume: skip runs whose run=<k>/ exists, wipe their staging leftovers
-                                   │ split pending runs into batches (several runs stacked per engine)
+                                   │ split each dataset's pending runs into batches (several runs stacked per engine)
                                    ├─ inline: run_batch(...) in this process
                                    └─ ray:    one task per batch (num_cpus=1), progress via a counter actor
     run_batch: PopulationEngine.step() x num_iterations ─► RecordBuffer ─► staging/run=<k>/part-*.parquet
                on success each run directory is renamed into <output>/<folder>/run=<k>/ (atomic)
+               with --log_to, every run's curves also stream to simulator.tracking (TensorBoard, offline W&B)
 
 The driver is given the agent factory; it never imports actors or scenarios.
 """
@@ -38,6 +40,7 @@ from simulator.population import Population
 from simulator.records import RecordBuffer
 from simulator.schema import SCHEMA_VERSION
 from simulator.seeding import RunStreams, initial_state, run_streams
+from simulator.tracking import Tracker, iteration_metrics, open_tracker, track_every
 
 log = logging.getLogger("moralsim.driver")
 
@@ -76,6 +79,7 @@ def build_engine(
     engine = PopulationEngine(
         pop.codes, pop.moral_codes, factory(pop, streams), cfg.game, [s.protocol for s in streams], init,
         compat=cfg.compat, random_matching=cfg.random_matching, reward_phases=cfg.reward_phases(),
+        protocol=cfg.protocol, episode_length=cfg.episode_length, episode_moves=cfg.episode_moves(),
     )
     return engine, streams
 
@@ -93,25 +97,40 @@ def run_batch(
         shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted attempt
         d.mkdir(parents=True)
     llm = any(a.learner == "llm" for a in pop.agents)
-    buffer = RecordBuffer(len(runs), pop.codes, capacity=max(1, cfg.flush_rows // pop.size), llm_columns=llm)
+    games = cfg.games_per_iteration
+    buffer = RecordBuffer(len(runs), pop.codes, capacity=max(1, cfg.flush_rows // games), llm_columns=llm, games=games)
     rows = 0
     done_since_report = 0
     last_report = time.perf_counter()
-    for _ in range(cfg.num_iterations):
-        buffer.add(engine.step())
-        if buffer.full:
-            rows += buffer.flush(stages)
-        done_since_report += 1
-        if progress is not None and (
-            done_since_report >= PROGRESS_EVERY or time.perf_counter() - last_report > PROGRESS_SECONDS
-        ):
-            progress(done_since_report * len(runs))
-            done_since_report, last_report = 0, time.perf_counter()
-    rows += buffer.flush(stages)
-    for group in engine.groups:  # groups with state worth keeping (LLM adapters) save it beside the records
-        save = getattr(group, "save", None)
-        if callable(save):
-            save(stages)
+    trackers: list[Tracker] = []  # stays empty for log_to="none": the loop below then skips tracking entirely
+    every, last = track_every(cfg.num_iterations, llm), cfg.num_iterations - 1
+    try:
+        if cfg.log_to != "none":
+            config = json.loads(json.dumps(cfg.identity(), default=_json_default))
+            for r in runs:
+                trackers.append(open_tracker(cfg.log_to, cfg.dataset_dir, f"run={r}", {**config, "run": r}))
+        for t in range(cfg.num_iterations):
+            rec = engine.step()
+            buffer.add(rec)
+            if trackers and (t % every == 0 or t == last):
+                for tracker, metrics in zip(trackers, iteration_metrics(rec), strict=True):
+                    tracker.log(rec.iteration, metrics)
+            if buffer.full:
+                rows += buffer.flush(stages)
+            done_since_report += 1
+            if progress is not None and (
+                done_since_report >= PROGRESS_EVERY or time.perf_counter() - last_report > PROGRESS_SECONDS
+            ):
+                progress(done_since_report * len(runs))
+                done_since_report, last_report = 0, time.perf_counter()
+        rows += buffer.flush(stages)
+        for group in engine.groups:  # groups with state worth keeping (LLM adapters) save it beside the records
+            save = getattr(group, "save", None)
+            if callable(save):
+                save(stages)
+    finally:  # a crashed run still flushes the curves it drew, which is when they are most wanted
+        for tracker in trackers:
+            tracker.close()
     if progress is not None and done_since_report:
         progress(done_since_report * len(runs))
     seconds = time.perf_counter() - t0
@@ -221,44 +240,73 @@ def run_sweep(
     runs_per_batch: int | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Run every run of cfg that is not in the dataset yet; returns the manifest's run table."""
+    return run_datasets([cfg], factory, backend, ray_address, num_cpus, show_progress, runs_per_batch)[0]
+
+
+def run_datasets(
+    cfgs: Sequence[RunConfig],
+    factory: GroupFactory,
+    backend: str = "ray",
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    show_progress: bool | None = None,
+    runs_per_batch: int | None = None,
+) -> list[dict[int, dict[str, Any]]]:
+    """Run every missing run of several datasets (e.g. the nine AIES populations) as one job: the batches of all of
+    them share one pool (one Ray task per batch, or one after the other inline) and one progress bar. Each dataset
+    keeps its own manifest and resumes on its own. Returns each dataset's manifest run table, in the order of cfgs."""
     from tqdm.auto import tqdm
 
     if backend not in ("ray", "inline"):
         raise ConfigError(f"unknown backend {backend!r}; valid: ray, inline")
-    done = _completed_runs(cfg)
-    pending = [k for k in range(cfg.num_runs) if k not in done]
-    write_manifest(cfg, done)
-    if not pending:
-        log.info("all %d runs of %s are complete; nothing to do", cfg.num_runs, cfg.dataset_dir)
-        return done
-    if done:
-        log.info("resuming: %d runs complete, %d to run", len(done), len(pending))
-    cpus = num_cpus or os.cpu_count() or 1
-    workers = 1 if backend == "inline" else cpus
     if runs_per_batch is not None and runs_per_batch < 1:
         raise ConfigError(f"runs_per_batch must be at least 1, got {runs_per_batch}")
-    batches = (
-        [pending[i : i + runs_per_batch] for i in range(0, len(pending), runs_per_batch)]
-        if runs_per_batch
-        else plan_batches(pending, workers, cfg.population.size)
-    )
+    dirs = [cfg.dataset_dir.resolve() for cfg in cfgs]
+    repeated = sorted({str(d) for d in dirs if dirs.count(d) > 1})
+    if repeated:
+        raise ConfigError(f"each dataset may appear once in a sweep; repeated: {', '.join(repeated)}")
+    # Every dataset is checked (a different configuration in a folder is refused) before any work starts.
+    done = [_completed_runs(cfg) for cfg in cfgs]
+    cpus = num_cpus or os.cpu_count() or 1
+    workers = 1 if backend == "inline" else cpus
+    jobs: list[tuple[int, list[int]]] = []  # (index into cfgs, runs stacked in one engine)
+    for i, cfg in enumerate(cfgs):
+        pending = [k for k in range(cfg.num_runs) if k not in done[i]]
+        write_manifest(cfg, done[i])
+        if not pending:
+            log.info("all %d runs of %s are complete; nothing to do", cfg.num_runs, cfg.dataset_dir)
+            continue
+        if done[i]:
+            log.info("%s: resuming, %d runs complete, %d to run", cfg.destination_folder, len(done[i]), len(pending))
+        batches = (
+            [pending[j : j + runs_per_batch] for j in range(0, len(pending), runs_per_batch)]
+            if runs_per_batch
+            else plan_batches(pending, workers, cfg.population.size)
+        )
+        jobs.extend((i, batch) for batch in batches)
+    if not jobs:
+        return done
+    runs = sum(len(batch) for _, batch in jobs)
+    populations = len({i for i, _ in jobs})
     bar = tqdm(
-        total=len(pending) * cfg.num_iterations, unit="it", unit_scale=True, disable=show_progress is False,
-        desc=f"{cfg.destination_folder} ({len(pending)} runs)", smoothing=0.05,
+        total=sum(len(batch) * cfgs[i].num_iterations for i, batch in jobs), unit="it", unit_scale=True,
+        disable=show_progress is False, smoothing=0.05,
+        desc=f"{cfgs[jobs[0][0]].destination_folder} ({runs} runs)" if populations == 1
+        else f"{populations} populations ({runs} runs)",
     )
     failures: list[str] = []
 
-    def finished(results: list[RunResult]) -> None:
+    def finished(i: int, results: list[RunResult]) -> None:
         for res in results:
-            done[res.run] = {"rows": res.rows, "seconds": round(res.seconds, 3), "entropy": str(res.entropy)}
-        write_manifest(cfg, done)
+            done[i][res.run] = {"rows": res.rows, "seconds": round(res.seconds, 3), "entropy": str(res.entropy)}
+        write_manifest(cfgs[i], done[i])
 
     try:
         if backend == "inline":
-            for batch in batches:
-                finished(run_batch(cfg, batch, factory, bar.update))
+            for i, batch in jobs:
+                finished(i, run_batch(cfgs[i], batch, factory, bar.update))
         else:
-            failures = _run_ray(cfg, batches, factory, bar, finished, ray_address, num_cpus)
+            failures = _run_ray(cfgs, jobs, factory, bar, finished, ray_address, num_cpus)
     finally:
         bar.close()
     if failures:
@@ -288,11 +336,11 @@ def _ray_task(cfg: RunConfig, runs: list[int], factory: GroupFactory, counter: A
 
 
 def _run_ray(
-    cfg: RunConfig,
-    batches: list[list[int]],
+    cfgs: Sequence[RunConfig],
+    jobs: list[tuple[int, list[int]]],
     factory: GroupFactory,
     bar: Any,
-    finished: Callable[[list[RunResult]], None],
+    finished: Callable[[int, list[RunResult]], None],
     address: str | None,
     num_cpus: int | None,
 ) -> list[str]:
@@ -307,17 +355,18 @@ def _run_ray(
         ray.init(**kwargs)
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
-    refs = {task.remote(cfg, b, factory, counter): b for b in batches}
+    refs = {task.remote(cfgs[i], batch, factory, counter): (i, batch) for i, batch in jobs}
     failures = []
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
         bar.update(ray.get(counter.take.remote()))  # type: ignore[attr-defined]
         for ref in ready:
+            i, batch = refs[ref]
             try:
-                finished(ray.get(ref))
+                finished(i, ray.get(ref))
             except Exception as e:  # a failed batch must not lose the others
-                log.error("runs %s failed: %s", refs[ref], e)
-                failures.append(f"runs {refs[ref]}: {type(e).__name__}: {e}")
+                log.error("%s runs %s failed: %s", cfgs[i].destination_folder, batch, e)
+                failures.append(f"{cfgs[i].destination_folder} runs {batch}: {type(e).__name__}: {e}")
     bar.update(ray.get(counter.take.remote()))  # type: ignore[attr-defined]
     return failures

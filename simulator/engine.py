@@ -8,6 +8,14 @@ One iteration, for every run r (all arrays carry a leading run axis):
     4. state       env_state = each agent's move in the last game it played (latest write wins)
     5. learning    each learning group gets its selection and dilemma transitions, in game order
 
+Two protocols (`protocol=`):
+    population  the AIES protocol above: every agent selects, N games per iteration.
+    pair        the ICLR 2025 fine-tuning protocol (LLM_morality `fine_tune.py`, `fine_tune_2learners.py`): two
+                agents, one game per iteration with slot 0 as the row player. Every `episode_length` iterations
+                (the paper's batch_size games, then one PPO update) env_state is drawn afresh: random, except that
+                AC starts from C and AD from D (the paper's `generate_initial_state`); the draw reads the
+                order column of the uniform block, which one game per iteration leaves unused.
+
 Randomness: each run has its own protocol generator. Per iteration it yields one (N, 7) block of uniforms,
 column meaning below; the plain reference loop in tests/ reads the same block, so the two can be compared
 record for record. Runs never share randomness, so a run's records do not depend on how runs are batched.
@@ -16,7 +24,7 @@ record for record. Runs never share randomness, so a run's records do not depend
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +44,7 @@ from simulator.rewards import R_ILLEGAL, STATE_DEPENDENT, check_compat, equality
 U_SEL_EXPLORE, U_SEL_PARTNER, U_M_EXPLORE, U_M_ACTION, U_O_EXPLORE, U_O_ACTION, U_ORDER = range(7)
 U_COLUMNS = 7
 RANDOMNESS_CHUNK = 256  # iterations of uniforms drawn per generator call (same stream as one call per iteration)
+PROTOCOLS = ("population", "pair")
 
 
 def others_index(n: int) -> np.ndarray:
@@ -64,7 +73,7 @@ def reward_table(codes: Sequence[str | None], game: Game, compat: str) -> np.nda
 
 @dataclass
 class IterationRecords:
-    """The N games of one iteration for each of R runs, in game order: every array is (R, N)."""
+    """The S games of one iteration for each of R runs, in game order: every array is (R, S), S = N or 1 (pair)."""
 
     iteration: int
     selector: np.ndarray
@@ -87,6 +96,7 @@ class IterationRecords:
     equality: np.ndarray
     min_payoff: np.ndarray
     extra: dict[str, np.ndarray]  # group-provided columns (LLM), (R, N) per name and role
+    learn_stats: dict[str, float] = field(default_factory=dict)  # what the groups' learn() reported (PPO: kl, losses)
 
 
 class PopulationEngine:
@@ -102,15 +112,30 @@ class PopulationEngine:
         compat: str = "none",
         random_matching: bool = False,
         reward_phases: Sequence[tuple[int, Sequence[str | None]]] = (),
+        protocol: str = "population",
+        episode_length: int = 0,
+        episode_moves: Sequence[int] | None = None,
     ) -> None:
         """codes[i]: slot i's type code. learner_codes[i]: its moral type, None for static strategies.
 
         reward_phases: (first iteration, moral type per slot) pairs that switch the rewards mid-run, for
         phased schedules such as Game for the first half, then De.
+        protocol, episode_length: see the module docstring. episode_moves[i]: slot i's move in a fresh episode
+        state (0 = C, 1 = D), or -1 for a random one.
         """
         self.N, self.R = len(codes), len(protocol_rngs)
         if self.N < 2:
             raise ConfigError(f"a population needs at least 2 agents, got {self.N}")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        if protocol == "pair" and self.N != 2:
+            raise ConfigError(f"the pair protocol plays two agents, got a population of {self.N}")
+        if episode_length < 0 or (episode_length and protocol != "pair"):
+            raise ConfigError(f"episode_length must be >= 0 and is used by the pair protocol only, got {episode_length}")
+        self.protocol, self.episode_length = protocol, int(episode_length)
+        self.episode_moves = np.asarray(episode_moves if episode_moves is not None else [-1] * self.N, dtype=np.int64)
+        self.S = self.N if protocol == "population" else 1  # games per iteration: every agent selects, or slot 0
+
         self.codes = list(codes)
         self.groups = list(groups)
         self.group_of = np.full(self.N, -1, dtype=np.int64)
@@ -126,11 +151,13 @@ class PopulationEngine:
         self.random_matching = random_matching
         self.rngs = list(protocol_rngs)
         self.state = np.array(initial_state, dtype=np.int8).reshape(self.R, self.N)
+        if protocol == "pair":  # the first episode starts like every other
+            self.state = np.where(self.episode_moves >= 0, self.episode_moves, self.state).astype(np.int8)
         self.others = others_index(self.N)
         self._phases = {int(start): list(c) for start, c in reward_phases}
         self._set_rewards(list(learner_codes))
         self.iteration = 0
-        self._run_d = np.repeat(np.arange(self.R), 2 * self.N)  # run of each decision slot d
+        self._run_d = np.repeat(np.arange(self.R), 2 * self.S)  # run of each decision slot d
         self._u = np.empty((self.R, 0, self.N, U_COLUMNS))
         self._u_pos = 0
 
@@ -153,13 +180,21 @@ class PopulationEngine:
         return u
 
     # -- one iteration ------------------------------------------------------------------------------------
+    def _episode_state(self, u: np.ndarray) -> np.ndarray:
+        """(R, N) a fresh episode's state: the fixed moves of episode_moves, random (order column) elsewhere."""
+        drawn = (u[:, :, U_ORDER] >= 0.5).astype(np.int8)
+        return np.where(self.episode_moves >= 0, self.episode_moves, drawn).astype(np.int8)
+
     def step(self) -> IterationRecords:
-        t, N, R = self.iteration, self.N, self.R
+        t, N, R, S = self.iteration, self.N, self.R, self.S
         if t in self._phases:
             self._set_rewards(self._phases[t])
-        snap = self.state
         u = self._uniforms()
+        if self.episode_length and t > 0 and t % self.episode_length == 0:
+            self.state = self._episode_state(u)
+        snap = self.state
         runs = np.arange(R)[:, None]
+        pair = self.protocol == "pair"
 
         # 1. selection: partner[r, i] is a population slot != i
         choice = np.empty((R, N), dtype=np.int64)
@@ -168,7 +203,10 @@ class PopulationEngine:
         for g in self.groups:
             state = snap[:, self.others[g.slots]]  # (R, G, N-1)
             sel_states.append(state)
-            if self.random_matching:
+            if pair:  # two agents: the only partner is the other one
+                dec = Decisions(np.zeros((R, len(g.slots)), dtype=np.int64),
+                                np.full((R, len(g.slots)), Reason.STATIC, dtype=np.int8))
+            elif self.random_matching:
                 dec = Decisions(
                     np.minimum((u[:, g.slots, U_SEL_PARTNER] * (N - 1)).astype(np.int64), N - 2),
                     np.full((R, len(g.slots)), Reason.STATIC, dtype=np.int8),
@@ -179,13 +217,13 @@ class PopulationEngine:
             sel_reason[:, g.slots] = dec.reason
         partner = choice + (choice >= np.arange(N))
 
-        # 2. order: game k of run r is pair (m[r, k], o[r, k])
-        m = np.argsort(u[:, :, U_ORDER], axis=1, kind="stable")
+        # 2. order: game k of run r is pair (m[r, k], o[r, k]); S = N games (population) or 1 (pair)
+        m = np.zeros((R, 1), dtype=np.int64) if pair else np.argsort(u[:, :, U_ORDER], axis=1, kind="stable")
         o = partner[runs, m]
         s_m = snap[runs, o]  # M's dilemma state: O's snapshot move
         s_o = snap[runs, m]
 
-        # 3. games. Decisions are laid out as d = (r * N + k) * 2 + role, role 0 = M, 1 = O.
+        # 3. games. Decisions are laid out as d = (r * S + k) * 2 + role, role 0 = M, 1 = O.
         player = np.stack([m, o], axis=2).reshape(-1)
         opponent = player.reshape(-1, 2)[:, ::-1].reshape(-1)
         run_d = self._run_d
@@ -193,8 +231,9 @@ class PopulationEngine:
         own_prev = snap[run_d, player]
         # the coins of pair k sit in its selector's row: [M explore, M action, O explore, O action]
         coins = u[runs, m][:, :, U_M_EXPLORE : U_O_ACTION + 1].reshape(-1, 2)
-        action = np.empty(2 * R * N, dtype=np.int64)
-        reason = np.empty(2 * R * N, dtype=np.int8)
+        action = np.empty(2 * R * S, dtype=np.int64)
+        reason = np.empty(2 * R * S, dtype=np.int8)
+        first = t == 0 and not pair
         extra: dict[str, np.ndarray] = {}
         group_d = self.group_of[player]
         masks = []
@@ -205,19 +244,19 @@ class PopulationEngine:
                 continue
             dec = g.act(
                 DilemmaBatch(t, run_d[sel], self.member_of[player[sel]], opponent[sel], state[sel], own_prev[sel],
-                             coins[sel])
+                             coins[sel], first)
             )
             action[sel] = dec.choice
             reason[sel] = dec.reason
             for name, col in (dec.extra or {}).items():
                 if name not in extra:
-                    extra[name] = np.full(2 * R * N, None if col.dtype == object else np.nan, dtype=col.dtype)
+                    extra[name] = np.full(2 * R * S, None if col.dtype == object else np.nan, dtype=col.dtype)
                 extra[name][sel] = col
-        a2 = action.reshape(R, N, 2)
-        pay = self.game.payoffs[a2[..., 0], a2[..., 1]]  # (R, N, 2) [R_M, R_O]
+        a2 = action.reshape(R, S, 2)
+        pay = self.game.payoffs[a2[..., 0], a2[..., 1]]  # (R, S, 2) [R_M, R_O]
         # the opponent's previous move each player's reward judges; compat reproduces the anchor's DE/mDE bug
         judged = np.stack([s_m, np.where(self.compat_selected[o], snap[runs, o], s_o)], axis=2)
-        tidx = self.type_idx[player].reshape(R, N, 2)
+        tidx = self.type_idx[player].reshape(R, S, 2)
         moral = np.stack(
             [
                 self.rewards[tidx[..., 0], 0, a2[..., 0], a2[..., 1], judged[..., 0]],
@@ -225,28 +264,30 @@ class PopulationEngine:
             ],
             axis=2,
         )
-        learning = np.where(reason.reshape(R, N, 2) == Reason.ILLEGAL, R_ILLEGAL, moral)
+        learning = np.where(reason.reshape(R, S, 2) == Reason.ILLEGAL, R_ILLEGAL, moral)
 
         # 4. latest write wins: the decision with the largest d of each player sets its new state
+        # (every agent plays at least once an iteration: it selects, or in the pair protocol it is selected)
         gp = run_d * N + player
         last = np.full(R * N, -1, dtype=np.int64)
-        np.maximum.at(last, gp, np.arange(2 * R * N))
+        np.maximum.at(last, gp, np.arange(2 * R * S))
         new_state = action[last].astype(np.int8).reshape(R, N)
 
         # 5. learning
         lr_flat = learning.reshape(-1)
-        m_pos = np.empty((R, N), dtype=np.int64)  # game index of each selector's own game
-        m_pos[runs, m] = np.arange(N)
+        m_pos = np.full((R, N), -1, dtype=np.int64)  # game index of each selector's own game (-1: selected no one)
+        m_pos[runs, m] = np.arange(S)
+        learn_stats: dict[str, float] = {}
         for k, g in enumerate(self.groups):
             if g.learns:
                 sel = masks[k]
                 gs = g.slots
-                g.learn(
+                stats = g.learn(
                     Transitions(
                         iteration=t,
                         sel_state=sel_states[k],
                         sel_choice=choice[:, gs],
-                        sel_reward=learning[runs, m_pos[:, gs], 0],
+                        sel_reward=np.where(m_pos[:, gs] >= 0, learning[runs, np.maximum(m_pos[:, gs], 0), 0], np.nan),
                         sel_next_state=new_state[:, self.others[gs]],
                         run=run_d[sel],
                         member=self.member_of[player[sel]],
@@ -256,6 +297,7 @@ class PopulationEngine:
                         next_state=action[sel ^ 1],
                     )
                 )
+                learn_stats.update(stats or {})
         self.state = new_state
         for g in self.groups:
             g.end_iteration(t, new_state)
@@ -277,16 +319,17 @@ class PopulationEngine:
             selected_moral_reward=moral[..., 1],
             selector_learning_reward=learning[..., 0],
             selected_learning_reward=learning[..., 1],
-            selector_reason=reason.reshape(R, N, 2)[..., 0],
-            selected_reason=reason.reshape(R, N, 2)[..., 1],
+            selector_reason=reason.reshape(R, S, 2)[..., 0],
+            selected_reason=reason.reshape(R, S, 2)[..., 1],
             selection_reason=sel_reason[runs, m],
             selector_available_c=avail,
             collective_payoff=pay[..., 0] + pay[..., 1],
             equality=equality(pay[..., 0], pay[..., 1]),
             min_payoff=np.minimum(pay[..., 0], pay[..., 1]),
             extra={
-                f"{role}_{name}": col.reshape(R, N, 2)[..., i]
+                f"{role}_{name}": col.reshape(R, S, 2)[..., i]
                 for name, col in extra.items()
                 for i, role in enumerate(("selector", "selected"))
             },
+            learn_stats=learn_stats,
         )

@@ -18,6 +18,9 @@ from simulator.rewards import MORAL_TYPES
 
 STATIC_CODES: tuple[str, ...] = ("AC", "AD", "TFT", "Random", "CD", "GEa", "GEb", "GEc", "GEd", "GEe")
 LEARNER_KINDS: tuple[str, ...] = ("dqn", "tabularQ", "llm")
+# a fresh episode's state in the pair protocol: these strategies' "last move" is fixed, everyone else's is random
+# (LLM_morality fine_tune.py, generate_initial_state)
+FIXED_LAST_MOVE: dict[str, int] = {"AC": 0, "AD": 1}
 MAX_AGENTS = 1 << 16
 
 _ENTRY = re.compile(r"^(?P<count>[1-9][0-9]*)x(?P<code>[A-Za-z][A-Za-z0-9+]*)(?:@(?P<learner>[A-Za-z]+))?$")

@@ -31,16 +31,21 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
 
 
 class RecordBuffer:
-    """Holds up to `capacity` iterations of records for R runs as numpy columns of shape (R, capacity * N)."""
+    """Holds up to `capacity` iterations of records for R runs as numpy columns of shape (R, capacity * S).
 
-    def __init__(self, num_runs: int, codes: Sequence[str], capacity: int, llm_columns: bool = False) -> None:
-        self.R, self.N, self.capacity = num_runs, len(codes), max(1, capacity)
+    S = games per iteration: N in the population protocol, 1 in the pair protocol.
+    """
+
+    def __init__(
+        self, num_runs: int, codes: Sequence[str], capacity: int, llm_columns: bool = False, games: int | None = None
+    ) -> None:
+        self.R, self.S, self.capacity = num_runs, len(codes) if games is None else games, max(1, capacity)
         uniq = list(dict.fromkeys(codes))
         self._code_dict = pa.array(uniq, pa.string())
         self._code_idx = np.array([uniq.index(c) for c in codes], dtype=np.int16)
         self.schema = LLM_RECORD_SCHEMA if llm_columns else RECORD_SCHEMA
         self._types = {f.name: f.type for f in self.schema}
-        rows = self.capacity * self.N
+        rows = self.capacity * self.S
         self._cols: dict[str, np.ndarray] = {}
         for f in self.schema:
             if f.name in ("selector_type", "selected_type"):
@@ -57,14 +62,14 @@ class RecordBuffer:
                 if pa.types.is_integer(t) and f.nullable:
                     dtype = np.float64  # NaN marks null for nullable ints (LLM adapter version)
             self._cols[f.name] = np.empty((self.R, rows), dtype=dtype)  # type: ignore[call-overload]
-        self._order = np.tile(np.arange(self.N, dtype=np.int32), (self.R, 1))
+        self._order = np.tile(np.arange(self.S, dtype=np.int32), (self.R, 1))
         self.filled = 0  # iterations held
         self.first_iteration = 0
 
     def add(self, rec: IterationRecords) -> None:
         if self.filled == 0:
             self.first_iteration = rec.iteration
-        sl = slice(self.filled * self.N, (self.filled + 1) * self.N)
+        sl = slice(self.filled * self.S, (self.filled + 1) * self.S)
         cols = self._cols
         cols["iteration"][:, sl] = rec.iteration
         cols["order"][:, sl] = self._order
@@ -81,7 +86,7 @@ class RecordBuffer:
 
     def table(self, r: int) -> pa.Table:
         """Run r's buffered rows as an Arrow table of the record schema."""
-        n = self.filled * self.N
+        n = self.filled * self.S
         arrays = []
         for f in self.schema:
             if f.name in ("selector_type", "selected_type"):
@@ -108,6 +113,6 @@ class RecordBuffer:
             return 0
         for r, d in enumerate(run_dirs):
             write_table_atomic(self.table(r), d / f"part-{self.first_iteration:08d}.parquet")
-        rows = self.filled * self.N
+        rows = self.filled * self.S
         self.filled = 0
         return rows

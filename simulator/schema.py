@@ -52,6 +52,7 @@ _LLM: list[tuple[str, pa.DataType, bool, str]] = [
     for name, t, meaning in [
         ("prompt_variant", pa.string(), "prompt variant id"),
         ("action_tokens", pa.string(), "legal action tokens 'C-token|D-token'"),
+        ("answer_mode", pa.string(), "free (sampled freely, the paper) or mask (restricted to the legal answers)"),
         ("raw_answer", pa.string(), "the model's raw answer"),
         ("legal", pa.bool_(), "whether the answer was a legal action token"),
         ("p_cooperate", pa.float32(), "P(C-token) / (P(C-token) + P(D-token)) for this prompt"),

@@ -66,3 +66,38 @@ def hf_logprobs(model: torch.nn.Module, prompt_ids: list[int], completion_ids: l
     logp = torch.log_softmax(logits[:-1], dim=-1)
     targets = ids[0, 1:]
     return logp[torch.arange(len(targets)), targets][len(prompt_ids) - 1 :].tolist()
+
+
+class ScriptedEngine:
+    """A RolloutEngine that answers from a fixed script, cycling (Concordia's mock model): LLMGroup tests that need
+    legal AND illegal answers in a known pattern run without depending on what a random tiny model samples."""
+
+    def __init__(self, tokenizer: Any, answers: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = (int(tokenizer.eos_token_id),)
+        self.answers = answers
+        self.calls = 0
+        self.versions: dict[str, int] = {}
+
+    def load_adapter(self, weights: AdapterWeights) -> None:
+        self.versions[weights.name] = weights.version
+
+    def adapter_version(self, adapter: str) -> int:
+        return self.versions[adapter]
+
+    def generate(self, requests: Any) -> list[Any]:
+        from actors.llm.engine import GenerationResult
+
+        out = []
+        for r in requests:
+            text = self.answers[self.calls % len(self.answers)]
+            self.calls += 1
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            out.append(GenerationResult(ids, tuple([-0.5] * len(ids)), text, r.adapter, self.versions[r.adapter]))
+        return out
+
+    def score_batch(self, adapters: Any, prompts: Any, completions: Any) -> list[list[float]]:
+        return [[-0.7] * len(c) for c in completions]
+
+    def score(self, adapter: Any, prompt_ids: Any, completion_ids: Any) -> list[float]:
+        return self.score_batch([adapter], [prompt_ids], [completion_ids])[0]

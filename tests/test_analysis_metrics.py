@@ -266,9 +266,12 @@ def test_llm_training_needs_the_llm_columns() -> None:
         m.llm_training(games(TWO_RUNS))
 
 
-def test_llm_episodes_counts_illegal_answers_as_defection() -> None:
+def test_llm_episodes_counts_cooperation_over_legal_answers() -> None:
+    # Cooperation is counted over legal answers only (the move recorded for an illegal answer is a stand-in, not a
+    # choice, as in the paper's figures); until the illegal answer's move became the previous move it was D and
+    # counted as "not C" here.
     run1 = games(
-        [  # run 1: the LLM defects twice (legally) in episode 0; in episode 1 an illegal answer (plays D), then C
+        [  # run 1: the LLM defects twice (legally) in episode 0; in episode 1 an illegal answer, then C
             (1, 0, 0, 1, "Ut", "TFT", 1, 0, 4.0, 0.0, 4.0, None, 0, 1),
             (1, 0, 1, 0, "TFT", "Ut", 0, 1, 0.0, 4.0, None, 0.0, 1, 0),
             (1, 1, 0, 1, "Ut", "TFT", 1, 1, 1.0, 1.0, -6.0, None, 1, 0),
@@ -283,9 +286,9 @@ def test_llm_episodes_counts_illegal_answers_as_defection() -> None:
     )
     lf = pl.concat([llm_records(), run1])
     got = m.llm_episodes(lf).collect(engine="streaming")
-    # Agent 0's moves per run and episode (the static TFT agent 1 has no LLM answers and does not appear):
-    #   run 0: ep 0 D (illegal), C -> coop 0.5, illegal 0.5, p_c (0.2 + 0.6) / 2; ep 1 C, C -> 1, 0, (0.8 + 0.9) / 2
-    #   run 1: ep 0 D, D -> coop 0, illegal 0, p_c 0.3;                          ep 1 D (illegal), C -> 0.5, 0.5, 0.6
+    # Agent 0's answers per run and episode (the static TFT agent 1 has no LLM answers and does not appear):
+    #   run 0: ep 0 illegal, C -> coop 1/1, illegal 0.5, p_c (0.2 + 0.6) / 2; ep 1 C, C -> 1, 0, (0.8 + 0.9) / 2
+    #   run 1: ep 0 D, D -> coop 0, illegal 0, p_c 0.3;                     ep 1 illegal, C -> 1/1, 0.5, 0.6
     # Two runs: half-width = T1 * |a - b| / 2.
     want = summary(
         {
@@ -294,23 +297,26 @@ def test_llm_episodes_counts_illegal_answers_as_defection() -> None:
             "metric": ["cooperation_rate"] * 2 + ["illegal_rate"] * 2 + ["p_cooperate"] * 2,
             "iteration": [0, 1] * 3,
         },
-        [0.25, 0.75, 0.25, 0.25, 0.35, 0.725],
-        [T1 * 0.25, T1 * 0.25, T1 * 0.25, T1 * 0.25, T1 * 0.05, T1 * 0.125],
+        [0.5, 1.0, 0.25, 0.25, 0.35, 0.725],
+        [T1 * 0.5, 0.0, T1 * 0.25, T1 * 0.25, T1 * 0.05, T1 * 0.125],
         [2] * 6,
     )
     assert_frame_equal(got, want, rel_tol=1e-6)
 
-    # One run, episodes 0 and 1 in one bin: 3 C out of 4 moves, 1 illegal answer; no interval.
-    binned = m.llm_episodes(llm_records(), bin_size=2).collect()
+    # One run, episodes 0 and 1 in one bin: 3 C out of 3 legal answers, 1 illegal answer of 4; no interval.
+    # Two iterations per episode give the same single episode.
     want_binned = summary(
         {"agent": [0] * 3, "type": ["Ut"] * 3, "metric": list(m.LLM_EPISODE_METRICS), "iteration": [0] * 3},
-        [0.75, 0.25, 0.625],
+        [1.0, 0.25, 0.625],
         [None] * 3,
         [1] * 3,
     )
-    assert_frame_equal(binned, want_binned, rel_tol=1e-6)
+    assert_frame_equal(m.llm_episodes(llm_records(), bin_size=2).collect(), want_binned, rel_tol=1e-6)
+    assert_frame_equal(m.llm_episodes(llm_records(), episode_length=2).collect(), want_binned, rel_tol=1e-6)
     with pytest.raises(MoralsimError, match="llm_episodes needs the LLM columns"):
         m.llm_episodes(games(TWO_RUNS))
+    with pytest.raises(MoralsimError, match="episode_length"):
+        m.llm_episodes(llm_records(), episode_length=0)
 
 
 def test_generalisation_matrix() -> None:

@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 from actors.llm import prompts as P
-from actors.llm.engine import GenerationRequest
-from actors.llm.hf_engine import HFEngine
 from actors.llm.learner import PolicyHost, PPOConfig, PPOLearner
-from simulator.contracts import Action
 from simulator.errors import ConfigError
 from simulator.games import GAMES
 from simulator.rewards import R_ILLEGAL
@@ -72,35 +69,34 @@ def test_learners_share_one_base(tiny_model_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ppo_raises_probability_of_the_rewarded_token(tiny_model_path: Path) -> None:
-    """Reward C (+1), D (0), illegal (R_illegal) on the IPD prompt; P(action1) must pass 0.9 within 60 PPO steps.
-
-    Rollouts: 3 of the 5 answers per step are sampled from the synced HFEngine (one token, like the paper's fixed
-    gen_len); 2 are the C answer, because a random tiny model almost never samples a legal token by itself (the
-    paper's Gemma did). lr 5e-3 instead of 1.41e-5, so a tiny model learns in tens of steps; all else is the
-    paper's config (KL 0.2 adaptive, score norm, 4 epochs, grad accumulation 4). Trials: about 20-25 steps.
+def test_ppo_raises_probability_of_the_rewarded_action_from_its_own_samples(tmp_path: Path, tiny_model_path: Path) -> None:
+    """No forced answers: an LLM agent with the kindness reward (VEk: +5 for C, 0 for D) against AC, in the paper's
+    pair protocol, answers only from its own samples (answer_mode = "mask", the two legal tokens, so every sample
+    carries a reward signal) and PPO must lift its recorded P(cooperate) from about 0.5 to above 0.9.
+    lr 5e-3 instead of the paper's 1.41e-5 so that a tiny random model learns in tens of updates; the rest is the
+    paper's config (batch 5, 4 epochs, grad accumulation 4, adaptive KL 0.2, score normalisation).
     """
-    learner = PPOLearner(tiny_model_path, "agent-a", PPOConfig(learning_rate=5e-3))
-    engine = HFEngine(tiny_model_path, seed=1)
-    engine.load_adapter(learner.export_adapter())
-    tok = engine.tokenizer
-    rng = np.random.default_rng(0)
-    c, d = P.answer_ids(tok, "action1")[:1], P.answer_ids(tok, "action2")[:1]
-    p_c, start = 0.0, time.monotonic()
-    for _ in range(60):
-        queries = []
-        for _ in range(5):
-            own, opp = (Action(int(x)) for x in rng.integers(0, 2, 2))
-            queries.append(P.game_prompt_ids(tok, GAMES["IPD"], A12, own, opp, rng))
-        p_c = float(engine.action_probs(["agent-a"] * 5, queries, c, d)[:, 0].min())
-        if p_c > 0.9:
-            break
-        sampled = engine.generate([GenerationRequest(tuple(q), "agent-a", max_new_tokens=1) for q in queries[2:]])
-        responses = [c, c, *(list(r.token_ids) for r in sampled)]
-        scores = []
-        for r in responses:
-            action = P.parse_answer(tok.decode(r, skip_special_tokens=True), A12)
-            scores.append(R_ILLEGAL if action is None else (1.0 if action == Action.C else 0.0))
-        learner.step(queries, responses, scores)
-        engine.load_adapter(learner.export_adapter())
-    assert p_c > 0.9, f"P(action1) reached only {p_c:.3f} in {time.monotonic() - start:.0f} s"
+    from functools import partial
+
+    import polars as pl
+
+    from actors.llm.agent import LLMAgentConfig
+    from scenarios.factory import AgentSettings, build_groups
+    from simulator.config import RunConfig
+    from simulator.driver import run_sweep
+    from tests.helpers import read_dataset
+
+    cfg = RunConfig("1xVEk@llm_1xAC", num_iterations=300, num_runs=1, seed=0, output=tmp_path, protocol="pair",
+                    episode_length=5)
+    llm = LLMAgentConfig(model=str(tiny_model_path), answer_mode="mask", ppo=PPOConfig(learning_rate=5e-3))
+    settings = AgentSettings(random_matching=True, llm=llm, game=cfg.game, seed=cfg.seed)
+    start = time.monotonic()
+    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    df = read_dataset(cfg.dataset_dir).sort("iteration")
+    assert df["selector_legal"].all() and (df["selector_answer_mode"] == "mask").all()
+    p = df["selector_p_cooperate"].to_numpy()
+    first, last = float(np.mean(p[:25])), float(np.mean(p[-25:]))
+    assert 0.2 < first < 0.8, f"an untrained tiny model should be undecided, P(C) = {first:.3f}"
+    assert last > 0.9, f"P(C) went {first:.3f} -> {last:.3f} in {time.monotonic() - start:.0f} s"
+    coop = df.with_columns(ep=pl.col("iteration") // 5).group_by("ep").agg((pl.col("selector_action") == 0).mean())
+    assert coop.sort("ep")["selector_action"].tail(10).mean() > 0.8  # the sampled moves follow

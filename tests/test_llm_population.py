@@ -43,9 +43,12 @@ def test_mixed_population_with_llm_agents(tmp_path, tiny_model_path, selection):
     # LLM columns are filled for LLM players and null for everyone else
     assert llm["selector_legal"].null_count() == 0 and llm["selector_raw_answer"].null_count() == 0
     assert others["selector_legal"].null_count() == others.height
-    # an illegal answer plays D with reason "illegal" and learns from R_illegal
+    # an illegal answer keeps the agent's last move (the paper's state rule), with reason "illegal" and R_illegal;
+    # selected_state is the selector's own snapshot move
     illegal = llm.filter(~pl.col("selector_legal"))
-    assert (illegal["selector_action"] == 1).all() and (illegal["selector_reason"] == "illegal").all()
+    assert illegal.height > 0
+    assert (illegal["selector_action"] == illegal["selected_state"]).all()
+    assert (illegal["selector_reason"] == "illegal").all()
     assert (illegal["selector_learning_reward"] == -6).all()
     legal = llm.filter(pl.col("selector_legal"))
     assert (legal["selector_reason"] == "policy").all()

@@ -8,8 +8,20 @@
     └──────────────────────────────────────┘      └───────────────────────────────────────────────────────┘
 
 Decisions: the game prompt (actors/llm/prompts.py) shows last round's moves and points, the two action tokens in a
-random order drawn from the agent's own stream; the answer is parsed strictly. An illegal answer plays D (no
-cooperation took place) with reason `illegal`, and the engine gives it the learning reward R_illegal.
+random order drawn from the agent's own stream; the answer is parsed strictly. In a population of more than two
+the agent's own last move and its partner's come from different games, and the prompt says so.
+Answers end as the paper's did (actors/llm/answers.py): by default exactly the action token's length in tokens;
+`answer_mode = "mask"` restricts the answer to the two legal token sequences (for models too small to follow the
+format), and PPO then trains the masked policy.
+An illegal answer: reason `illegal`, learning reward R_illegal, and the agent's move stays its previous one (its
+snapshot move), as in the paper: `fine_tune.py` does not update the learner's state after an illegal token, so TFT
+copies the last legal move, and `fine_tune_2learners.py` pays the opponent against the illegal player's last legal
+move. The record's action is that carried-over move; its `legal` column is false.
+
+Randomness: every learner's initialisation and every sampling coin comes from its agent's own stream of the run
+(simulator/seeding.py), so a run's records do not depend on how runs are batched into one engine.
+Samples keep the adapter version and the behaviour log pi that produced them: a sample older than its learner is
+trained with the importance ratio (`off_policy = "ratio"`) or dropped and counted (`"drop"`).
 Partner selection: `random` (uniform), `dqn` (a DQN selection head per agent, actors/dqn.py) or `prompt` (the model
 picks an agent id from a list of candidates and their last moves; that answer is trained with PPO too, rewarded with
 the learning reward of the game it led to, or R_illegal).
@@ -26,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from actors.dqn import DQNConfig, DQNGroup
-from actors.llm.engine import GenerationRequest, GenerationResult, RolloutEngine, check_fresh
+from actors.llm.answers import ANSWER_MODES, STOP_MODES, AnswerTrie, answer_length, sample_masked
+from actors.llm.engine import GenerationRequest, GenerationResult, RolloutEngine, action_probs, check_fresh
 from actors.llm.learner import PolicyHost, PPOConfig, PPOLearner
 from actors.llm.prompts import (
     STRUCTURED,
@@ -64,20 +77,33 @@ class LLMAgentConfig:
     variant: str = STRUCTURED
     selection: str = "random"
     """partner selection: random, dqn or prompt"""
-    max_new_tokens: int = 4
+    max_new_tokens: int | None = None
+    """tokens generated per answer; None = the longest action token's length (the paper's gen_len)"""
+    stop: str = "length"
+    """length: exactly max_new_tokens (the paper); eos: stop at an end-of-turn token (actors/llm/answers.py)"""
+    answer_mode: str = "free"
+    """free: sample freely (the paper); mask: only the two legal answers (a logit mask, for tiny models)"""
+    off_policy: str = "ratio"
+    """a sample from an older adapter version: ratio (importance ratio in PPO) or drop (discard and count)"""
     temperature: float = 1.0
     train: bool = True
     p_cooperate: bool = True
-    """record P(C token) / (P(C) + P(D)) per decision (one extra scoring pass where the engine offers it)"""
+    """record P(C token) / (P(C) + P(D)) per decision (one extra scoring pass; free in mask mode)"""
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:
+        if self.answer_mode not in ANSWER_MODES:
+            raise ConfigError(f"unknown answer_mode {self.answer_mode!r}; valid: {', '.join(ANSWER_MODES)}")
+        if self.stop not in STOP_MODES:
+            raise ConfigError(f"unknown stop {self.stop!r}; valid: {', '.join(STOP_MODES)}")
+        if self.off_policy not in ("ratio", "drop"):
+            raise ConfigError(f"unknown off_policy {self.off_policy!r}; valid: ratio, drop")
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown LLM engine {self.engine!r}; valid: {', '.join(ENGINES)}")
         if self.selection not in SELECTION_MODES:
             raise ConfigError(f"unknown LLM partner selection {self.selection!r}; valid: {', '.join(SELECTION_MODES)}")
         check_variant(self.variant)
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
@@ -104,13 +130,10 @@ def make_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: i
 def cooperation_probability(
     engine: RolloutEngine, tokenizer: Any, tokens: TokenPair, adapters: list[str | None], prompts: list[list[int]]
 ) -> np.ndarray:
-    """(B,) P(C answer) / (P(C answer) + P(D answer)) per prompt, one scoring call; NaN where the engine cannot score."""
-    probs = getattr(engine, "action_probs", None)
-    if probs is None:
-        return np.full(len(prompts), np.nan)
+    """(B,) P(C answer) / (P(C answer) + P(D answer)) per prompt, one scoring call on either engine."""
     c_ids = tokenizer(tokens.c, add_special_tokens=False)["input_ids"]
     d_ids = tokenizer(tokens.d, add_special_tokens=False)["input_ids"]
-    p = probs(adapters, prompts, c_ids, d_ids)
+    p = action_probs(engine, adapters, prompts, c_ids, d_ids)
     return p[:, 0] / np.maximum(p.sum(axis=1), 1e-30)
 
 
@@ -118,6 +141,9 @@ def cooperation_probability(
 class _Sample:
     prompt: list[int]
     response: list[int]
+    logprobs: list[float]  # behaviour log pi per response token (masked in mask mode)
+    version: int  # adapter version that produced it
+    allowed: list[list[int]] | None = None  # mask mode: the allowed tokens per response position
 
 
 class LLMGroup:
@@ -143,21 +169,27 @@ class LLMGroup:
         self.cfg = config
         self.game = game
         self.R, self.G, self.n_others = len(rngs), len(self.slots), num_agents - 1
-        self.rngs = [rng for run in rngs for rng in run]  # b = run * G + member: option order, token draws
+        self.same_game = num_agents == 2  # two agents: both last moves are the moves of one game
+        # b = run * G + member. Each agent's own stream of its run: learner seed, option order, sampling coins
+        self.rngs = [rng for run in rngs for rng in run]
         self.tokens = resolve_tokens(config.tokens, np.random.default_rng(seed))
         model_dir = model_dir or resolve_model(config.model)
         self.host = PolicyHost(model_dir, device=config.device)
         self.tokenizer = self.host.tokenizer
         self.names = [f"run{r}-slot{int(s)}" for r in range(self.R) for s in self.slots]
         self.learners = [
-            PPOLearner(self.host, name, replace(config.ppo, seed=config.ppo.seed + b))
-            for b, name in enumerate(self.names)
+            PPOLearner(self.host, name, replace(config.ppo, seed=int(rng.integers(2**31))))
+            for rng, name in zip(self.rngs, self.names, strict=True)
         ]
         self.engine = engine or make_engine(config, model_dir, seed, len(self.names))
         for learner in self.learners:
             self.engine.load_adapter(learner.export_adapter())
+        self.answers = (self.tokens.c, self.tokens.d)
+        self.trie = AnswerTrie.from_texts(self.tokenizer, self.answers) if config.answer_mode == "mask" else None
+        self.max_new_tokens = config.max_new_tokens or answer_length(self.tokenizer, self.answers)
         self.buffers: list[list[tuple[_Sample, float]]] = [[] for _ in self.names]
         self.last_stats: list[dict[str, float]] = [{} for _ in self.names]
+        self.dropped = 0  # stale samples discarded (off_policy = "drop")
         self._act_samples: list[_Sample] = []
         self._sel_samples: dict[int, _Sample] = {}
         self._sel_illegal: np.ndarray = np.zeros(0, dtype=bool)
@@ -166,14 +198,38 @@ class LLMGroup:
             self.head = DQNGroup(self.slots, num_agents, rngs, DQNConfig(learn_dilemma=False))
 
     # -- engine calls -------------------------------------------------------------------------------------------
-    def _generate(self, bs: list[int], prompts: list[list[int]]) -> list[GenerationResult]:
+    def _generate(self, bs: list[int], prompts: list[list[int]], max_new_tokens: int) -> list[GenerationResult]:
         requests = [
-            GenerationRequest(tuple(p), self.names[b], self.cfg.max_new_tokens, self.cfg.temperature)
+            GenerationRequest(tuple(p), self.names[b], max_new_tokens, self.cfg.temperature,
+                              stop_at_eos=self.cfg.stop == "eos", seed=int(self.rngs[b].integers(2**63)))
             for b, p in zip(bs, prompts, strict=True)
         ]
         results = self.engine.generate(requests)
         check_fresh(results, {self.names[b]: self.learners[b].version for b in set(bs)})
         return results
+
+    def _masked(self, bs: list[int], prompts: list[list[int]]) -> tuple[list[GenerationResult], np.ndarray]:
+        """Mask mode: score both legal answers per prompt (one call), sample each on the trie with the agent's coins.
+
+        Returns the results (as if generated) and P(C)/(P(C)+P(D)) from the same scores.
+        """
+        assert self.trie is not None
+        seqs = self.trie.sequences
+        names = [self.names[b] for b in bs]
+        raw = self.engine.score_batch(
+            [n for n in names for _ in seqs], [p for p in prompts for _ in seqs], [list(q) for _ in prompts for q in seqs]
+        )
+        results, p_c = [], np.empty(len(bs))
+        width = max(len(q) for q in seqs)
+        for k, (b, name) in enumerate(zip(bs, names, strict=True)):
+            rows = raw[k * len(seqs) : (k + 1) * len(seqs)]
+            pick, logps = sample_masked(self.trie, rows, self.rngs[b].random(width), self.cfg.temperature)
+            totals = np.array([sum(r) for r in rows])
+            p_c[k] = 1.0 / (1.0 + np.exp(totals[1] - totals[0]))
+            results.append(GenerationResult(seqs[pick], tuple(logps), self.answers[pick], name,
+                                            self.engine.adapter_version(name)))
+        check_fresh(results, {self.names[b]: self.learners[b].version for b in set(bs)})
+        return results, p_c
 
     def _p_cooperate(self, bs: list[int], prompts: list[list[int]]) -> np.ndarray:
         if not self.cfg.p_cooperate:
@@ -197,7 +253,7 @@ class LLMGroup:
                 bs.append(b)
                 prompts.append(chat_ids(self.tokenizer, text))
                 others.append(ids)
-        results = self._generate(bs, prompts)
+        results = self._generate(bs, prompts, max(self.max_new_tokens, len(str(self.n_others))))
         choice = random_choice.copy()
         reason = np.full(choice.shape, Reason.POLICY, dtype=np.int8)
         self._sel_samples = {}
@@ -210,31 +266,43 @@ class LLMGroup:
                 self._sel_illegal[r, g] = True
             else:
                 choice[r, g] = ids.index(picked)
-            self._sel_samples[b] = _Sample(prompt, list(res.token_ids))
+            self._sel_samples[b] = _Sample(prompt, list(res.token_ids), list(res.logprobs), res.adapter_version)
         return Decisions(choice, reason)
 
     def act(self, batch: DilemmaBatch) -> Decisions:
         bs = (batch.run * self.G + batch.member).tolist()
         prompts = []
         for k, b in enumerate(bs):
-            first = batch.iteration == 0
-            own = None if first else Action(int(batch.own_prev[k]))
-            opp = None if first else Action(int(batch.state[k]))
-            text = game_prompt_text(self.game, self.tokens, own, opp, self.rngs[b], self.cfg.variant)
+            own = None if batch.first else Action(int(batch.own_prev[k]))
+            opp = None if batch.first else Action(int(batch.state[k]))
+            text = game_prompt_text(self.game, self.tokens, own, opp, self.rngs[b], self.cfg.variant, self.same_game)
             prompts.append(chat_ids(self.tokenizer, text))
-        results = self._generate(bs, prompts)
+        if self.trie is not None:
+            results, p_c = self._masked(bs, prompts)
+            if not self.cfg.p_cooperate:
+                p_c[:] = np.nan
+        else:
+            results = self._generate(bs, prompts, self.max_new_tokens)
+            p_c = self._p_cooperate(bs, prompts)
         parsed = [parse_answer(res.text, self.tokens) for res in results]
         legal = np.array([p is not None for p in parsed])
-        action = np.array([int(p) if p is not None else int(Action.D) for p in parsed], dtype=np.int64)
+        # an illegal answer changes nothing: the agent's move stays its snapshot move (module docstring)
+        action = np.array([int(p) if p is not None else int(batch.own_prev[k]) for k, p in enumerate(parsed)],
+                          dtype=np.int64)
         reason = np.where(legal, Reason.POLICY, Reason.ILLEGAL).astype(np.int8)
-        self._act_samples = [_Sample(p, list(res.token_ids)) for p, res in zip(prompts, results, strict=True)]
+        self._act_samples = [
+            _Sample(p, list(res.token_ids), list(res.logprobs), res.adapter_version,
+                    None if self.trie is None else self.trie.allowed(res.token_ids))
+            for p, res in zip(prompts, results, strict=True)
+        ]
         stats = [self.last_stats[b] for b in bs]
         extra: dict[str, np.ndarray] = {
             "prompt_variant": np.array([self.cfg.variant] * len(bs), dtype=object),
             "action_tokens": np.array([f"{self.tokens.c}|{self.tokens.d}"] * len(bs), dtype=object),
+            "answer_mode": np.array([self.cfg.answer_mode] * len(bs), dtype=object),
             "raw_answer": np.array([res.text for res in results], dtype=object),
             "legal": legal.astype(np.float32),
-            "p_cooperate": self._p_cooperate(bs, prompts).astype(np.float32),
+            "p_cooperate": p_c.astype(np.float32),
             "adapter_version": np.array([res.adapter_version for res in results], dtype=np.float64),
             "kl": np.array([s.get("kl", np.nan) for s in stats], dtype=np.float32),
             "policy_loss": np.array([s.get("policy_loss", np.nan) for s in stats], dtype=np.float32),
@@ -256,17 +324,27 @@ class LLMGroup:
             reward = R_ILLEGAL if self._sel_illegal[r, g] else float(tr.sel_reward[r, g])
             self.buffers[b].append((sample, reward))
         self._sel_samples = {}
-        updated = 0
+        updated: list[dict[str, float]] = []
         for b, learner in enumerate(self.learners):
+            if self.cfg.off_policy == "drop":
+                fresh = [(smp, r) for smp, r in self.buffers[b] if smp.version >= learner.version]
+                self.dropped += len(self.buffers[b]) - len(fresh)
+                self.buffers[b] = fresh
             n = learner.config.batch_size
             while len(self.buffers[b]) >= n:
                 chunk, self.buffers[b] = self.buffers[b][:n], self.buffers[b][n:]
                 self.last_stats[b] = learner.step(
-                    [s.prompt for s, _ in chunk], [s.response for s, _ in chunk], [r for _, r in chunk]
+                    [s.prompt for s, _ in chunk], [s.response for s, _ in chunk], [r for _, r in chunk],
+                    behaviour_logprobs=[s.logprobs for s, _ in chunk], versions=[s.version for s, _ in chunk],
+                    allowed=None if self.trie is None else [s.allowed for s, _ in chunk],
                 )
                 self.engine.load_adapter(learner.export_adapter())  # weight sync: the next rollout uses v+1
-                updated += 1
-        return {"ppo_updates": updated}
+                updated.append(self.last_stats[b])
+        out: dict[str, float] = {"ppo_updates": float(len(updated)), "stale_dropped": float(self.dropped)}
+        for key in ("kl", "kl_coef", "policy_loss", "value_loss", "entropy", "mean_score", "stale_samples"):
+            if updated:  # the mean over this iteration's updates, for live tracking (Parquet keeps per-agent values)
+                out[key] = float(np.mean([st[key] for st in updated]))
+        return out
 
     def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:
         return None

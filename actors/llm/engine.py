@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from simulator.errors import StaleAdapterError
@@ -30,6 +31,8 @@ class GenerationRequest:
     adapter: str | None = None  # adapter name (one per agent); None = frozen base
     max_new_tokens: int = 4
     temperature: float = 1.0  # 1.0 samples from pi; 0.0 is greedy
+    stop_at_eos: bool = True  # False: exactly max_new_tokens tokens, as the paper generated (actors/llm/answers.py)
+    seed: int | None = None  # per-request sampling seed (from the agent's own stream); None = the engine's stream
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,12 @@ class AdapterWeights:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
+    """Generation and scoring on served adapters. Stopping: a request with stop_at_eos stops at any id of
+    `eos_ids` (the tokenizer's EOS plus the generation config's; both engines use that same set)."""
+
+    tokenizer: Any  # the served model's tokenizer (chat template, action-token ids)
+    eos_ids: tuple[int, ...]
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate one completion per request, all in one batch where the backend allows."""
         ...
@@ -61,6 +70,12 @@ class RolloutEngine(Protocol):
         self, adapter: str | None, prompt_ids: Sequence[int], completion_ids: Sequence[int]
     ) -> list[float]:
         """log pi(completion_t | prompt, completion_<t) for each completion token, served weights."""
+        ...
+
+    def score_batch(
+        self, adapters: Sequence[str | None], prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """score() for many rows in one call (P(cooperate), masked answers)."""
         ...
 
     def load_adapter(self, weights: AdapterWeights) -> None:
@@ -84,3 +99,21 @@ def check_fresh(results: Sequence[GenerationResult], latest: Mapping[str, int]) 
                 f"result {k} for adapter {r.adapter!r} came from version {r.adapter_version}, expected >= {want}; "
                 "sync weights (engine.load_adapter(learner.export_adapter())) before generating"
             )
+
+
+def action_probs(
+    engine: RolloutEngine,
+    adapters: Sequence[str | None],
+    prompts: Sequence[Sequence[int]],
+    c_ids: Sequence[int],
+    d_ids: Sequence[int],
+) -> np.ndarray:
+    """(B, 2) probabilities of answering exactly the C tokens / the D tokens first (EOS not required), one scoring call.
+
+    For single-token answers this is P(C token), P(D token) at the first answer position. P(C | legal) is
+    p[:, 0] / p.sum(1); 1 - p.sum(1) is the probability mass of answers that start illegally.
+    """
+    B = len(prompts)
+    lp = engine.score_batch([*adapters, *adapters], [*prompts, *prompts], [list(c_ids)] * B + [list(d_ids)] * B)
+    total = np.array([sum(x) for x in lp], dtype=np.float64)
+    return np.exp(np.stack([total[:B], total[B:]], axis=1))

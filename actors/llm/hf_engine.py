@@ -4,9 +4,12 @@
                               one forward per step for the whole batch; peft routes each row through its own
                               adapter (`adapter_names=[...]`, "__base__" = adapter disabled)
 
-Sampling draws from the engine's own seeded `torch.Generator`, so results depend on the engine seed and the call
-sequence only, never on the global torch RNG. `logprobs` are log pi(token) of the raw model distribution
-(temperature 1) whatever the sampling temperature, i.e. the numbers PPO needs and the ones `score()` returns.
+Sampling: a request with a `seed` samples from its own generator seeded with it (the agent's stream provides it),
+so its tokens do not depend on what else is in the batch; without one, rows draw from the engine's seeded
+`torch.Generator`. Never from the global torch RNG. Stopping: `stop_at_eos` requests stop at any of `eos_ids`
+(tokenizer EOS + generation-config EOS, the set vLLM stops at); the others generate exactly max_new_tokens.
+`logprobs` are log pi(token) of the raw model distribution (temperature 1) whatever the sampling temperature,
+i.e. the numbers PPO needs and the ones `score()` returns.
 
 Weight sync: `load_adapter(AdapterWeights)` writes the learner's LoRA tensors into the named adapter and records
 its version; results carry the version that produced them, so a caller can reject stale rollouts with
@@ -23,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
+from actors.llm.answers import eos_token_ids
+from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult, action_probs
 from simulator.errors import StaleAdapterError, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +64,8 @@ class HFEngine:
         self._peft = None
         self._versions: dict[str, int] = {}
         self._gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
+        self.eos_id = self.eos_ids[0]
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id)
 
     # ── adapters ────────────────────────────────────────────────────────────────────────────────────────────────
@@ -145,21 +150,26 @@ class HFEngine:
         out_lp = torch.zeros((B, steps), dtype=torch.float32, device=self.device)
         alive = limits > 0  # (B,) still generating
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
+        stops = torch.tensor([r.stop_at_eos for r in requests], device=self.device)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        own = [
+            None if r.seed is None else torch.Generator(device=self.device).manual_seed(int(r.seed)) for r in requests
+        ]
 
         out = self._call(names, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         for t in range(steps):
             logits = out.logits[:, -1].float()  # (B, V)
             logp = torch.log_softmax(logits, dim=-1)  # (B, V) log pi under the serving weights
             greedy = logits.argmax(-1)
-            sampled = torch.multinomial(
-                torch.softmax(logits / temps.clamp(min=1e-6)[:, None], dim=-1), 1, generator=self._gen
-            ).squeeze(1)
+            probs = torch.softmax(logits / temps.clamp(min=1e-6)[:, None], dim=-1)
+            sampled = self._sample(probs, own)
             tok = torch.where(temps > 0, sampled, greedy)  # (B,)
             tok = torch.where(alive, tok, torch.full_like(tok, self.pad_id))
             out_tok[:, t] = tok
             out_lp[:, t] = logp.gather(1, tok[:, None]).squeeze(1)
             lengths += alive.long()
-            alive = alive & (tok != self.eos_id) & (limits > t + 1)
+            ended = stops & torch.isin(tok, eos)
+            alive = alive & ~ended & (limits > t + 1)
             if not alive.any():
                 break
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], 1)
@@ -182,6 +192,17 @@ class HFEngine:
                 )
             )
         return results
+
+    def _sample(self, probs: torch.Tensor, own: list[torch.Generator | None]) -> torch.Tensor:
+        """(B,) one token per row: rows with their own generator draw alone, the rest together from the engine's."""
+        out = torch.empty(probs.shape[0], dtype=torch.long, device=self.device)
+        shared = [i for i, g in enumerate(own) if g is None]
+        if shared:
+            out[shared] = torch.multinomial(probs[shared], 1, generator=self._gen).squeeze(1)
+        for i, g in enumerate(own):
+            if g is not None:
+                out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+        return out
 
     @torch.no_grad()
     def score_batch(
@@ -218,12 +239,5 @@ class HFEngine:
         c_ids: Sequence[int],
         d_ids: Sequence[int],
     ) -> np.ndarray:
-        """(B, 2) probabilities of answering exactly the C tokens / the D tokens first (EOS not required).
-
-        For single-token answers this is P(C token), P(D token) at the first answer position. P(C | legal) is
-        p[:, 0] / p.sum(1); 1 - p.sum(1) is the probability mass of answers that start illegally.
-        """
-        B = len(prompts)
-        lp = self.score_batch([*adapters, *adapters], [*prompts, *prompts], [list(c_ids)] * B + [list(d_ids)] * B)
-        total = np.array([sum(x) for x in lp], dtype=np.float64)
-        return np.exp(np.stack([total[:B], total[B:]], axis=1))
+        """(B, 2) P(answer = C tokens), P(answer = D tokens); see actors.llm.engine.action_probs."""
+        return action_probs(self, adapters, prompts, c_ids, d_ids)

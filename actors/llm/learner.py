@@ -10,7 +10,7 @@ adapter before every forward, and its optimizer holds only its own LoRA tensors 
 serves N agents. Learners on one host must run one at a time (one Ray actor hosts them sequentially). A learner
 given a model folder instead builds a private host.
 
-step(queries, responses, scores), batch of `batch_size` samples:
+step(queries, responses, scores, behaviour_logprobs=, versions=, allowed=), batch of `batch_size` samples:
     1. scores -> running mean/std normalisation (use_score_scaling + use_score_norm)
     2. old log pi, V (adapter on) and log pi_ref (adapter off) of every response token, no grad
     3. r_t = -beta (log pi - log pi_ref)_t, + score on the last token; GAE(gamma, lambda); whiten advantages
@@ -21,6 +21,22 @@ step(queries, responses, scores), batch of `batch_size` samples:
 Step 4 reproduces what the paper's run actually did: its script set `mini_batch_size = batch_size = 5` and raised
 `gradient_accumulation_steps` to 4 after PPOConfig was built, so accelerate's counter (which persists across
 steps) made the 4 epochs' mini-batches one accumulated Adam step per PPO step. The counter here persists too.
+
+Identical passes. With mini_batch_size = batch_size and no dropout, the passes between two Adam steps see the same
+weights and the same samples, so they compute the same gradient (and a ratio of exactly 1 on the first window).
+`merge_identical_passes` computes each such window once and scales its loss by the number of passes it stands for;
+the first window's forward also provides old log pi and V (no separate no-grad forward). With the paper's settings a
+PPO step is then one forward/backward plus the reference forward instead of 2 forwards + 4 forward/backwards;
+`tests/test_llm_ppo_passes.py` shows the update is unchanged, and benchmarks/llm_throughput.py measures the gain.
+
+Off-policy samples. Each sample may carry the adapter version and the behaviour log pi that produced it. A sample
+from an older version than the learner's is trained with the importance ratio pi_theta / pi_behaviour (its
+behaviour log pi is its "old" log pi in the clipped objective) and counted in `stale_samples`; it is never
+silently treated as on-policy. (The group can also drop them: actors/llm/agent.py, `off_policy = "drop"`.)
+
+Masked answers (actors/llm/answers.py): `allowed[i][t]` lists the tokens the answer mask allowed at response
+position t of sample i; log pi, the reference log pi (so the KL) and the entropy are then those of the masked,
+renormalised policy that produced the sample.
 """
 
 from __future__ import annotations
@@ -92,6 +108,8 @@ class PPOConfig:
     lora_target_modules: str = "all-linear"
     seed: int = 0
     """LoRA A and value-head init, and the mini-batch shuffle."""
+    merge_identical_passes: bool = True
+    """compute passes that see the same weights and samples once (see the module docstring); False = every pass"""
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
@@ -106,6 +124,19 @@ class PPOConfig:
             raise ConfigError(f"mini_batch_size {self.mini_batch_size} exceeds batch_size {self.batch_size}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+
+MASKED_LOGIT = -1e9  # logit of a token an answer mask forbids: exp() is exactly 0, and 0 * it stays finite
+
+
+def _allowed_mask(allowed: Sequence[Sequence[Sequence[int]] | None], b: int, width: int, vocab: int) -> torch.Tensor:
+    """(b, width, V) bool: True where a token may be produced; rows or positions without a mask allow everything."""
+    m = torch.ones((b, width, vocab), dtype=torch.bool)
+    for i, per_pos in enumerate(allowed):
+        for t, ids in enumerate(per_pos or ()):
+            m[i, t] = False
+            m[i, t, list(ids)] = True
+    return m
 
 
 def _plain(v: object) -> object:
@@ -197,12 +228,19 @@ class PPOLearner:
     # ── forward ─────────────────────────────────────────────────────────────────────────────────────────────────
 
     def _forward(
-        self, queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], width: int, values: bool = True
+        self,
+        queries: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        width: int,
+        values: bool = True,
+        allowed: Sequence[Sequence[Sequence[int]] | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Right-padded forward of query + response rows.
 
         Returns logp (b, width) log pi(response_t), values (b, width) V(state before response_t) or None,
         mask (b, width), logits (b, width, V) at the positions that predict the response tokens.
+        allowed[i]: per response position the tokens an answer mask allowed (None = free); logits outside them are
+        set to MASKED_LOGIT, so logp and the entropy are those of the renormalised, masked policy.
         """
         seqs = [list(q) + list(r) for q, r in zip(queries, responses, strict=True)]
         L = max(len(s) for s in seqs)
@@ -222,6 +260,8 @@ class PPOLearner:
         out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values)
         rows = torch.arange(b, device=self.device)[:, None]
         logits = out.logits[rows, pos].float()  # (b, width, V)
+        if allowed is not None and any(a is not None for a in allowed):
+            logits = logits.masked_fill(~_allowed_mask(allowed, b, width, logits.shape[-1]).to(self.device), MASKED_LOGIT)
         logp = torch.log_softmax(logits, -1).gather(2, tgt[..., None]).squeeze(2)  # (b, width)
         v = None
         if values:
@@ -230,21 +270,36 @@ class PPOLearner:
         return logp, v, mask, logits
 
     @torch.no_grad()
-    def logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+    def logprobs(
+        self, prompt_ids: Sequence[int], completion_ids: Sequence[int], allowed: Sequence[Sequence[int]] | None = None
+    ) -> list[float]:
         """log pi(completion_t | prompt, completion_<t) under the current adapter (one unpadded forward)."""
         if not completion_ids:
             return []
         self._activate()
         self.host.model.eval()
-        logp, _, _, _ = self._forward([prompt_ids], [completion_ids], len(completion_ids), values=False)
+        logp, _, _, _ = self._forward([prompt_ids], [completion_ids], len(completion_ids), values=False,
+                                      allowed=[allowed])
         return [float(x) for x in logp[0].tolist()]
 
     # ── PPO step ────────────────────────────────────────────────────────────────────────────────────────────────
 
     def step(
-        self, queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], scores: Sequence[float]
+        self,
+        queries: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        scores: Sequence[float],
+        *,
+        behaviour_logprobs: Sequence[Sequence[float]] | None = None,
+        versions: Sequence[int] | None = None,
+        allowed: Sequence[Sequence[Sequence[int]] | None] | None = None,
     ) -> dict[str, float]:
-        """One PPO update on `batch_size` (query ids, response ids, score) samples; returns scalar statistics."""
+        """One PPO update on `batch_size` (query ids, response ids, score) samples; returns scalar statistics.
+
+        behaviour_logprobs[i], versions[i]: the log pi per response token and the adapter version that produced
+        sample i; a sample older than this learner is trained with the importance ratio (module docstring).
+        allowed[i]: the answer mask of sample i, or None for a freely generated answer.
+        """
         cfg = self.config
         B = len(queries)
         if not (B == len(responses) == len(scores) == cfg.batch_size):
@@ -254,58 +309,66 @@ class PPOLearner:
             )
         if any(len(r) == 0 for r in responses) or any(len(q) == 0 for q in queries):
             raise ValueError("every query and every response needs at least one token")
+        stale = self._stale_rows(B, versions, behaviour_logprobs, responses)
         raw = torch.tensor([float(s) for s in scores], dtype=torch.float32, device=self.device)
         score_t = normalise_scores(raw, self.running, cfg.use_score_scaling, cfg.use_score_norm, cfg.score_clip)
         width = max(len(r) for r in responses)
         model = self.host.model
         self._activate()
-        model.eval()
+        windows = self._pass_windows() if self._merge_passes(B) else []
+        merged = 0 < len(windows) < cfg.ppo_epochs  # some passes stand for others (with GA = 1 none do)
+
+        # 1-3: old log pi and V (from the first training forward when passes are merged), reference log pi, advantages
+        first: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+        if merged:  # the first window's forward sees exactly the step's old weights
+            model.train()
+            first = self._forward(queries, responses, width, allowed=allowed)
+            old_logp, old_values, mask = first[0].detach(), first[1].detach(), first[2]  # type: ignore[union-attr]
+        else:
+            model.eval()
+            with torch.no_grad():
+                old_logp, old_values_opt, mask, _ = self._forward(queries, responses, width, allowed=allowed)
+            assert old_values_opt is not None  # values=True
+            old_values = old_values_opt
         with torch.no_grad():
-            old_logp, old_values, mask, _ = self._forward(queries, responses, width)
+            model.eval()
             with model.disable_adapter():
-                ref_logp, _, _, _ = self._forward(queries, responses, width, values=False)
+                ref_logp, _, _, _ = self._forward(queries, responses, width, values=False, allowed=allowed)
+        if stale.any():
+            assert behaviour_logprobs is not None  # checked by _stale_rows
+            old_logp = old_logp.clone()
+            for i in np.flatnonzero(stale):
+                n = len(responses[i])
+                old_logp[i, :n] = torch.as_tensor(list(behaviour_logprobs[i]), dtype=old_logp.dtype, device=self.device)
         kl_coef = self.kl_ctl.value
         rewards, non_score, kl = kl_shaped_rewards(score_t, old_logp, ref_logp, mask, kl_coef)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
-        assert old_values is not None  # values=True above
         old_values = old_values * mask
         adv, returns = gae(old_values, rewards, mask, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, mask)
 
+        # 4: epochs x mini-batches, or one forward/backward per window of identical passes
         model.train()
         acc: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac",
                                                        "approxkl", "ratio", "vf_clipfrac")}
         optimizer_steps = 0
-        for _ in range(cfg.ppo_epochs):
-            perm = self._rng.permutation(B)
-            for start in range(0, B, cfg.mini_batch_size):
-                idx = perm[start : start + cfg.mini_batch_size]
-                t = torch.as_tensor(idx, device=self.device)
-                logp, vpred, m, logits = self._forward([queries[i] for i in idx], [responses[i] for i in idx], width)
-                pg, pg_stats = policy_loss(logp, old_logp[t], adv[t], m, cfg.cliprange)
-                vf, vf_stats = value_loss(vpred, old_values[t], returns[t], m, cfg.cliprange_value)  # type: ignore[arg-type]
-                loss = pg + cfg.vf_coef * vf
-                if pg_stats["ratio"] > cfg.ratio_threshold:
-                    logger.warning("%s: mean ratio %.2f > %.2f, skipping mini-batch", self.name,
-                                   float(pg_stats["ratio"]), cfg.ratio_threshold)
-                    loss = loss * 0.0
-                (loss / cfg.gradient_accumulation_steps).backward()
-                self._accum += 1
-                if self._accum % cfg.gradient_accumulation_steps == 0:
-                    if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    optimizer_steps += 1
-                with torch.no_grad():
-                    acc["policy_loss"].append(float(pg))
-                    acc["value_loss"].append(float(vf))
-                    acc["entropy"].append(float(masked_mean(entropy_from_logits(logits), m)))
-                    acc["clipfrac"].append(float(pg_stats["clipfrac"]))
-                    acc["approxkl"].append(float(pg_stats["approxkl"]))
-                    acc["ratio"].append(float(pg_stats["ratio"]))
-                    acc["vf_clipfrac"].append(float(vf_stats["clipfrac"]))
+        if merged:
+            for w, passes in enumerate(windows):
+                for _ in range(passes):  # the shuffle the unmerged passes would draw, so later steps match
+                    self._rng.permutation(B)
+                fwd = first if w == 0 else self._forward(queries, responses, width, allowed=allowed)
+                assert fwd is not None
+                optimizer_steps += self._train_pass(fwd, old_logp, old_values, adv, returns, passes, acc)
+        else:
+            for _ in range(cfg.ppo_epochs):
+                perm = self._rng.permutation(B)
+                for start in range(0, B, cfg.mini_batch_size):
+                    idx = perm[start : start + cfg.mini_batch_size]
+                    t = torch.as_tensor(idx, device=self.device)
+                    fwd = self._forward([queries[i] for i in idx], [responses[i] for i in idx], width,
+                                        allowed=None if allowed is None else [allowed[i] for i in idx])
+                    optimizer_steps += self._train_pass(fwd, old_logp[t], old_values[t], adv[t], returns[t], 1, acc)
         model.eval()
 
         mean_kl = float(kl.sum(1).mean())  # mean over the batch of the sequence KL, TRL's objective/kl
@@ -323,9 +386,99 @@ class PPOLearner:
             values_mean=float(masked_mean(old_values, mask)),
             advantages_mean=float(masked_mean(adv, mask)),
             optimizer_steps=float(optimizer_steps),
+            forward_backward_passes=float(len(windows) if merged else cfg.ppo_epochs * self._minibatches(B)),
+            stale_samples=float(stale.sum()),
             version=float(self.version),
         )
         return stats
+
+    def _minibatches(self, B: int) -> int:
+        return -(-B // self.config.mini_batch_size)
+
+    def _merge_passes(self, B: int) -> bool:
+        """Whether every pass of this step sees the full batch, deterministically (see the module docstring)."""
+        cfg = self.config
+        return cfg.merge_identical_passes and cfg.mini_batch_size >= B and cfg.lora_dropout == 0.0
+
+    def _pass_windows(self) -> list[int]:
+        """The step's ppo_epochs passes grouped by the Adam steps between them: [4] for the paper's settings."""
+        ga, windows, run = self.config.gradient_accumulation_steps, [], 0
+        for p in range(self.config.ppo_epochs):
+            run += 1
+            if (self._accum + p + 1) % ga == 0:
+                windows.append(run)
+                run = 0
+        return windows + ([run] if run else [])
+
+    def _stale_rows(
+        self,
+        B: int,
+        versions: Sequence[int] | None,
+        behaviour: Sequence[Sequence[float]] | None,
+        responses: Sequence[Sequence[int]],
+    ) -> np.ndarray:
+        """(B,) bool: samples produced by an older adapter version than this learner's."""
+        if versions is None:
+            return np.zeros(B, dtype=bool)
+        v = np.asarray(versions)
+        if len(v) != B:
+            raise ValueError(f"versions has {len(v)} entries for {B} samples")
+        if (v > self.version).any():
+            raise ValueError(f"samples from version {int(v.max())} are newer than the learner's v{self.version}")
+        stale = v < self.version
+        if stale.any():
+            if behaviour is None:
+                raise ValueError(
+                    f"{int(stale.sum())} samples come from an older adapter version; training them needs their "
+                    "behaviour log pi (behaviour_logprobs) for the importance ratio"
+                )
+            for i in np.flatnonzero(stale):
+                if len(behaviour[i]) != len(responses[i]):
+                    raise ValueError(f"sample {i}: {len(behaviour[i])} behaviour log pi for {len(responses[i])} tokens")
+        return stale
+
+    def _train_pass(
+        self,
+        fwd: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor],
+        old_logp: torch.Tensor,
+        old_values: torch.Tensor,
+        adv: torch.Tensor,
+        returns: torch.Tensor,
+        passes: int,
+        acc: dict[str, list[float]],
+    ) -> int:
+        """Backward of `passes` identical mini-batch passes; an Adam step when the accumulation window closes."""
+        cfg = self.config
+        logp, vpred, m, logits = fwd
+        assert vpred is not None
+        pg, pg_stats = policy_loss(logp, old_logp, adv, m, cfg.cliprange)
+        vf, vf_stats = value_loss(vpred, old_values, returns, m, cfg.cliprange_value)
+        loss = pg + cfg.vf_coef * vf
+        if pg_stats["ratio"] > cfg.ratio_threshold:
+            logger.warning("%s: mean ratio %.2f > %.2f, skipping mini-batch", self.name, float(pg_stats["ratio"]),
+                           cfg.ratio_threshold)
+            loss = loss * 0.0
+        (loss * (passes / cfg.gradient_accumulation_steps)).backward()
+        steps = 0
+        for _ in range(passes):
+            self._accum += 1
+            if self._accum % cfg.gradient_accumulation_steps == 0:
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                steps += 1
+        with torch.no_grad():
+            entropy = float(masked_mean(entropy_from_logits(logits), m))
+            for _ in range(passes):
+                acc["policy_loss"].append(float(pg))
+                acc["value_loss"].append(float(vf))
+                acc["entropy"].append(entropy)
+                acc["clipfrac"].append(float(pg_stats["clipfrac"]))
+                acc["approxkl"].append(float(pg_stats["approxkl"]))
+                acc["ratio"].append(float(pg_stats["ratio"]))
+                acc["vf_clipfrac"].append(float(vf_stats["clipfrac"]))
+        return steps
 
     # ── weight sync ─────────────────────────────────────────────────────────────────────────────────────────────
 

@@ -175,11 +175,20 @@ _QUESTION = {
 }
 
 
-def _history(game: Game, tokens: TokenPair, own_prev: Action | None, opp_prev: Action | None) -> str:
+def _history(
+    game: Game, tokens: TokenPair, own_prev: Action | None, opp_prev: Action | None, same_game: bool = True
+) -> str:
+    """Last round, as it happened. With `same_game` False (a population of more than two, where the two last moves
+    come from different games) the moves are told apart and no points are claimed for a game that never happened."""
     if own_prev is None or opp_prev is None:
         if own_prev is not None or opp_prev is not None:
             raise ConfigError("give both last moves (own and opponent's) or neither (first round)")
         return "This is the first round: you have not played with this opponent before. "
+    if not same_game:
+        return (
+            f"In its most recent game, your opponent played {tokens.token(opp_prev)}. "
+            f"In your own most recent game, you played {tokens.token(own_prev)}. "
+        )
     r_m, r_o = game.outcome(int(own_prev), int(opp_prev))
     return (
         f"You have played with this opponent before. Last time, you played {tokens.token(own_prev)} and they "
@@ -206,9 +215,11 @@ def game_prompt_text(
     opp_prev: Action | None,
     rng: np.random.Generator,
     variant: str = STRUCTURED,
+    same_game: bool = True,
 ) -> str:
     """The user message for one dilemma decision; `own_prev`/`opp_prev` None means the first round.
 
+    same_game: the two last moves are the two moves of one game (two agents); False in larger populations.
     Draws from `rng`: one uniform for the option order (none for `reversed`), plus two for `permuted`'s table order.
     """
     check_variant(variant)
@@ -216,7 +227,8 @@ def game_prompt_text(
     head = shared_text(game, tokens, variant, table_order)
     option_order = (Action.D, Action.C) if variant == REVERSED else _random_order(rng)
     question = _QUESTION.get(variant, _QUESTION[STRUCTURED])
-    return head + _history(game, tokens, own_prev, opp_prev) + question + " " + _options(tokens, option_order)
+    history = _history(game, tokens, own_prev, opp_prev, same_game)
+    return head + history + question + " " + _options(tokens, option_order)
 
 
 def unrelated_prompt_text(question: str, tokens: TokenPair, rng: np.random.Generator) -> str:

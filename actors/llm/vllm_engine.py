@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
+from actors.llm.answers import eos_token_ids
+from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult, action_probs
 from actors.llm.weight_sync import adapter_to_peft_dir
 from simulator.errors import ConfigError, StaleAdapterError, UnknownNameError
 
@@ -66,8 +67,20 @@ def _grouped_lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: t
     inputs = inputs.to(dtype)
     n = weights.shape[0]
     indices = torch.where(indices < 0, indices + n, indices)  # Python indexing semantics, as vLLM's gather
-    if inputs.shape[0] != indices.shape[0]:  # shapes vLLM's einsum would broadcast: keep its exact code path
-        return torch.einsum("bi,boi->bo", inputs, weights[indices].to(dtype))
+    if inputs.shape[0] != indices.shape[0]:
+        # the logits LoRA with prompt logprobs: one index per request, one row per prompt token. vLLM's einsum
+        # broadcasts a single request and fails for several. One adapter: apply it to every row, as vLLM would.
+        # Several: exact only when their logits LoRA is zero, which holds for every adapter here (peft's
+        # "all-linear" never targets the output layer), so say so instead of guessing a row-to-request map.
+        used = torch.unique(indices)
+        if used.numel() == 1:
+            return inputs @ weights[int(used[0])].to(dtype).T
+        if not weights[used].any():
+            return torch.zeros(inputs.shape[0], weights.shape[1], dtype=dtype, device=inputs.device)
+        raise NotImplementedError(
+            "vLLM-CPU cannot score prompt logprobs of several requests whose adapters change the output layer; "
+            "score them one request at a time"
+        )
     out = torch.empty(inputs.shape[0], weights.shape[1], dtype=dtype, device=inputs.device)
     for slot in torch.unique(indices).tolist():
         rows = (indices == slot).nonzero(as_tuple=True)[0]
@@ -169,6 +182,8 @@ class VLLMEngine:
             **llm_kwargs,
         )
         torch.set_num_threads = set_num_threads
+        self.tokenizer = self._llm.get_tokenizer()
+        self.eos_ids = eos_token_ids(self.tokenizer, model)
         self._own_root = adapter_root is None
         self._root = Path(adapter_root or tempfile.mkdtemp(prefix="moralsim-adapters-"))
         if self._own_root:  # also when close() is never called
@@ -256,7 +271,13 @@ class VLLMEngine:
         min_versions = min_versions or {}
         resolved = [self._resolve(r.adapter, min_versions.get(r.adapter) if r.adapter else None) for r in requests]
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
-        params = [SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, logprobs=0) for r in requests]
+        # the same stop rule as the HF engine: exactly max_new_tokens, or up to any id of eos_ids (explicit, so the
+        # set does not depend on what vLLM reads from the generation config)
+        params = [
+            SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, logprobs=0, seed=r.seed,
+                           ignore_eos=not r.stop_at_eos, stop_token_ids=list(self.eos_ids) if r.stop_at_eos else None)
+            for r in requests
+        ]
         # all or none: once any adapter is loaded, base requests resolve to the zero adapter, never to None
         loras = [lora for lora, _ in resolved if lora is not None]
         outputs = self._llm.generate(prompts, params, lora_request=loras if len(loras) == len(resolved) else None, use_tqdm=False)
@@ -302,6 +323,50 @@ class VLLMEngine:
         (output,) = self._llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=lora, use_tqdm=False)
         per_position = output.prompt_logprobs or []
         return [float(per_position[i][ids[i]].logprob) for i in range(len(prompt_ids), len(ids))]  # type: ignore[index]
+
+    def score_batch(
+        self,
+        adapters: Sequence[str | None],
+        prompts: Sequence[Sequence[int]],
+        completions: Sequence[Sequence[int]],
+        *,
+        min_versions: Mapping[str, int] | None = None,
+    ) -> list[list[float]]:
+        """score() for every row in one `llm.generate` call (prompt logprobs, adapters mixed in the batch)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not (len(adapters) == len(prompts) == len(completions)):
+            raise ValueError("adapters, prompts and completions must have the same length")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("score needs at least one prompt token per row")
+        rows = [k for k, c in enumerate(completions) if len(c)]
+        out: list[list[float]] = [[] for _ in completions]
+        if not rows:
+            return out
+        min_versions = min_versions or {}
+        resolved = [self._resolve(a, min_versions.get(a) if a else None) for a in (adapters[k] for k in rows)]
+        ids = [[*prompts[k], *completions[k]] for k in rows]
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        loras = [lora for lora, _ in resolved if lora is not None]
+        outputs = self._llm.generate(
+            [TokensPrompt(prompt_token_ids=x) for x in ids], params,
+            lora_request=loras if len(loras) == len(resolved) else None, use_tqdm=False,
+        )
+        for k, x, output in zip(rows, ids, outputs, strict=True):
+            per_position = output.prompt_logprobs or []
+            out[k] = [float(per_position[i][x[i]].logprob) for i in range(len(prompts[k]), len(x))]  # type: ignore[index]
+        return out
+
+    def action_probs(
+        self,
+        adapters: Sequence[str | None],
+        prompts: Sequence[Sequence[int]],
+        c_ids: Sequence[int],
+        d_ids: Sequence[int],
+    ) -> Any:
+        """(B, 2) P(answer = C tokens), P(answer = D tokens); see actors.llm.engine.action_probs."""
+        return action_probs(self, adapters, prompts, c_ids, d_ids)
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,81 @@
+"""PPOLearner: merged identical passes give the same update; off-policy samples are never treated as on-policy."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from actors.llm import prompts as P
+from actors.llm.answers import AnswerTrie
+from actors.llm.learner import PolicyHost, PPOConfig, PPOLearner
+from simulator.games import GAMES
+
+A12 = P.TOKEN_PAIRS["action12"]
+PAPER = PPOConfig(learning_rate=1e-3)  # the paper's mini-batch = batch = 5, 4 epochs, grad accumulation 4; a visible lr
+
+
+def _batch(tok) -> tuple[list[list[int]], list[list[int]]]:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    q = [P.game_prompt_ids(tok, GAMES["IPD"], A12, None, None, rng) for _ in range(5)]
+    c, d = P.answer_ids(tok, "action1"), P.answer_ids(tok, "action2")
+    return q, [c, d, c, d, c]
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_merged_passes_give_the_same_update(tiny_model_path: Path, mask: bool) -> None:
+    host = PolicyHost(tiny_model_path)
+    merged = PPOLearner(host, "merged", replace(PAPER, seed=3))
+    every = PPOLearner(host, "every", replace(PAPER, seed=3, merge_identical_passes=False))
+    q, r = _batch(host.tokenizer)
+    allowed = None
+    if mask:
+        trie = AnswerTrie.from_texts(host.tokenizer, ["action1", "action2"])
+        r = [list(trie.sequences[k % 2]) for k in range(5)]
+        allowed = [trie.allowed(x) for x in r]
+    for step, scores in enumerate(([3.0, 0.0, 3.0, 0.0, 3.0], [1.0, 0.0, 4.0, 1.0, 0.0], [0.0, 3.0, 3.0, 0.0, 1.0])):
+        a = merged.step(q, r, scores, allowed=allowed)
+        b = every.step(q, r, scores, allowed=allowed)
+        assert a["forward_backward_passes"] == 1.0 and b["forward_backward_passes"] == 4.0
+        assert a["optimizer_steps"] == b["optimizer_steps"] == 1.0
+        assert a["ratio"] == pytest.approx(1.0, abs=1e-6) and b["ratio"] == pytest.approx(1.0, abs=1e-6)
+        for key in ("policy_loss", "value_loss", "kl", "entropy", "mean_scaled_score"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (step, key)
+    wa, wb = merged.export_adapter().tensors, every.export_adapter().tensors
+    moved = max(float((wa[k] - 0).abs().max()) for k in wa if "lora_B" in k)
+    assert moved > 1e-4  # the updates did something
+    # Summing four equal gradients and scaling one by four differ in the last bits; Adam's g / sqrt(v) turns that
+    # rounding into a visible step only where a gradient is ~0. So: every weight within 5% of one Adam step (lr),
+    # and on average the two updates agree to 1e-7.
+    lr = PAPER.learning_rate
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0.05 * lr)
+        assert float((wa[k] - wb[k]).abs().mean()) < 1e-7, k
+    torch.testing.assert_close(merged.value_head.weight, every.value_head.weight, rtol=0, atol=0.05 * lr)
+
+
+def test_passes_are_not_merged_when_they_differ(tiny_model_path: Path) -> None:
+    learner = PPOLearner(tiny_model_path, "a", PPOConfig(batch_size=4, mini_batch_size=2))
+    q, r = _batch(learner.tokenizer)
+    stats = learner.step(q[:4], r[:4], [1.0, 0.0, 1.0, 0.0])
+    assert stats["forward_backward_passes"] == 8.0  # 4 epochs x 2 shuffled mini-batches: weights differ between them
+
+
+def test_stale_samples_use_the_importance_ratio_and_are_counted(tiny_model_path: Path) -> None:
+    learner = PPOLearner(tiny_model_path, "a", replace(PAPER, learning_rate=5e-3))
+    q, r = _batch(learner.tokenizer)
+    behaviour_v0 = [learner.logprobs(x, y) for x, y in zip(q, r, strict=True)]
+    learner.step(q, r, [3.0, 0.0, 3.0, 0.0, 3.0], versions=[0] * 5, behaviour_logprobs=behaviour_v0)
+    assert learner.version == 1
+    # two samples were produced by v0, three by the current v1
+    behaviour = [*behaviour_v0[:2], *(learner.logprobs(x, y) for x, y in zip(q[2:], r[2:], strict=True))]
+    stats = learner.step(q, r, [3.0, 0.0, 3.0, 0.0, 3.0], versions=[0, 0, 1, 1, 1], behaviour_logprobs=behaviour)
+    assert stats["stale_samples"] == 2.0
+    assert abs(stats["ratio"] - 1.0) > 1e-4  # pi_v1 / pi_v0 on the stale rows: not treated as on-policy
+    with pytest.raises(ValueError, match="behaviour log pi"):
+        learner.step(q, r, [1.0] * 5, versions=[0, 2, 2, 2, 2])
+    with pytest.raises(ValueError, match="newer"):
+        learner.step(q, r, [1.0] * 5, versions=[9] * 5, behaviour_logprobs=behaviour)
