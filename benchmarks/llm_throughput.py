@@ -6,6 +6,10 @@ engines get the same requests in one call. Default model: the embedded SmolLM2-1
 
     python benchmarks/llm_throughput.py                  # last line: vllm_over_hf=<ratio>
     python benchmarks/llm_throughput.py --agents 8 --repeats 2 --ppo-steps 2
+    python benchmarks/llm_throughput.py --ppo-only       # last line: ppo_merged_over_every=<ratio>
+
+PPO is timed twice in the same run, with the paper's settings (batch 5 = mini-batch, 4 epochs, grad accumulation 4,
+LoRA r64): computing every pass, and merging the passes that see the same weights (actors/llm/learner.py).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main() -> None:
     p.add_argument("--ppo-steps", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--ppo-only", action="store_true", help="time only the PPO updates (every pass vs merged)")
     args = p.parse_args()
 
     from actors.llm.engine import GenerationRequest
@@ -52,6 +57,10 @@ def main() -> None:
                                           args.max_new_tokens, 1.0))
     prompt_tokens = sum(len(r.prompt_ids) for r in requests)
 
+    if args.ppo_only:
+        ppo_benchmark(host, requests, rng, args.ppo_steps)
+        return
+
     def measure(engine) -> float:  # type: ignore[no-untyped-def]
         for a in adapters:
             engine.load_adapter(a)
@@ -71,18 +80,31 @@ def main() -> None:
         vllm = measure(VLLMEngine(model_dir, max_loras=args.agents, seed=0))
         print(f"vllm_decisions_per_s={vllm:.2f}")
 
-    learner = learners[0]
-    n = learner.config.batch_size
-    queries = [list(r.prompt_ids) for r in requests[:n]]
-    answer = [*host.tokenizer("action1", add_special_tokens=False)["input_ids"], host.tokenizer.eos_token_id]
-    responses = [answer] * n
-    learner.step(queries, responses, [3.0] * n)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(args.ppo_steps):
-        learner.step(queries, responses, list(rng.normal(size=n)))
-    ppo = args.ppo_steps / (time.perf_counter() - t0)
-    print(f"ppo_updates_per_s={ppo:.4f} (batch {n}, {learner.config.ppo_epochs} epochs, LoRA r{learner.config.lora_r})")
+    ppo_benchmark(host, requests, rng, args.ppo_steps)
     print(f"vllm_over_hf={vllm / hf:.2f}")
+
+
+def ppo_benchmark(host, requests, rng, steps: int) -> float:  # type: ignore[no-untyped-def]
+    """PPO updates/s computing every pass, then merging identical passes, on the same batch; returns the ratio."""
+    from actors.llm.learner import PPOConfig, PPOLearner
+
+    rates = {}
+    for merge in (False, True):
+        learner = PPOLearner(host, f"ppo-merge-{merge}", PPOConfig(seed=7, merge_identical_passes=merge))
+        n = learner.config.batch_size
+        queries = [list(requests[i % len(requests)].prompt_ids) for i in range(n)]
+        answer = host.tokenizer("action1", add_special_tokens=False)["input_ids"]  # the paper's fixed-length answer
+        learner.step(queries, [answer] * n, [3.0] * n)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            learner.step(queries, [answer] * n, list(rng.normal(size=n)))
+        rates[merge] = steps / (time.perf_counter() - t0)
+        name = "merged" if merge else "every_pass"
+        print(f"ppo_updates_per_s_{name}={rates[merge]:.4f} (batch {n}, {learner.config.ppo_epochs} epochs, "
+              f"grad accumulation {learner.config.gradient_accumulation_steps}, LoRA r{learner.config.lora_r})")
+    ratio = rates[True] / rates[False]
+    print(f"ppo_merged_over_every={ratio:.2f}")
+    return ratio
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ The matrix, each cell answered by `--samples` prompts with random last-round his
     tokens    action12, action34, AB, XY, 01, random:3, random:7   on IPD, structured prompt
     variants  structured, reversed, permuted, unstructured, value_ut, value_de, poetic   on IPD, test tokens
     unrelated questions that have nothing to do with the game, answered with the test tokens
-`--full` crosses all games x tokens x variants instead. Output: `<out>/eval.parquet` (one row per answer: model,
-adapter, axis, game, action_tokens, prompt_variant, history, raw_answer, legal, action, p_cooperate) and
+`--full` crosses all games x tokens x variants instead. Answers end as in training (actors/llm/answers.py): each
+token pair's length in tokens, no EOS stop; `--answer_mode mask` restricts them to the two legal answers, as the
+CPU demo trained (then the illegal rate is 0 by construction and cooperation is the measure).
+Output: `<out>/eval.parquet` (one row per answer: model, adapter, answer_mode, axis, game, action_tokens,
+prompt_variant, history, raw_answer, legal, action, p_cooperate) and
 `<out>/eval_table.csv` (cooperation and illegal-answer rate per cell), also printed as a table.
 """
 
@@ -57,17 +60,21 @@ def evaluate(
     engine_kind: str = "hf",
     device: str = "cpu",
     seed: int = 0,
-    max_new_tokens: int = 4,
+    max_new_tokens: int | None = None,
     temperature: float = 1.0,
+    answer_mode: str = "free",
 ) -> pl.DataFrame:
     """Run the matrix for one model (+ adapter); write the Parquet and the table; return the table."""
     from actors.llm.agent import LLMAgentConfig, cooperation_probability, make_engine, resolve_tokens
+    from actors.llm.answers import ANSWER_MODES, AnswerTrie, answer_length, sample_masked
     from actors.llm.engine import GenerationRequest
     from actors.llm.models import resolve_model
     from actors.llm.prompts import UNRELATED_QUESTIONS, chat_ids, game_prompt_text, parse_answer, unrelated_prompt_text
     from actors.llm.weight_sync import peft_dir_to_adapter
     from simulator.contracts import Action
 
+    if answer_mode not in ANSWER_MODES:
+        raise MoralsimError(f"unknown answer_mode {answer_mode!r}; valid: {', '.join(ANSWER_MODES)}")
     model_dir = resolve_model(model)
     engine = make_engine(LLMAgentConfig(model=str(model_dir), engine=engine_kind, device=device), model_dir, seed, 1)
     name = None
@@ -94,21 +101,34 @@ def evaluate(
                                                                    Action("CD".index(history[1])))
                 text = game_prompt_text(GAMES[game_id], tokens, own, opp, rng, variant)
             prompts.append(chat_ids(tokenizer, text))
-            rows.append(dict(model=str(model), adapter=str(adapter) if adapter else "base", axis=axis, game=game_id,
+            rows.append(dict(model=str(model), adapter=str(adapter) if adapter else "base", answer_mode=answer_mode,
+                             axis=axis, game=game_id,
                              action_tokens=f"{tokens.c}|{tokens.d}", prompt_variant=variant, history=history))
             row_tokens.append(tokens)
-    results = engine.generate([GenerationRequest(tuple(p), name, max_new_tokens, temperature) for p in prompts])
-    by_tokens: dict[str, list[int]] = {}  # rows sharing a token pair are scored in one call
+    by_tokens: dict[str, list[int]] = {}  # rows sharing a token pair are scored (and masked) in one call
     for k, row in enumerate(rows):
         by_tokens.setdefault(str(row["action_tokens"]), []).append(k)
+    texts: list[str] = [""] * len(rows)
+    if answer_mode == "free":
+        lengths = [max_new_tokens or answer_length(tokenizer, (t.c, t.d)) for t in row_tokens]
+        results = engine.generate([GenerationRequest(tuple(p), name, n, temperature, stop_at_eos=False)
+                                   for p, n in zip(prompts, lengths, strict=True)])
+        texts = [res.text for res in results]
     for ks in by_tokens.values():
-        p_c = cooperation_probability(engine, tokenizer, row_tokens[ks[0]], [name] * len(ks),
-                                      [prompts[k] for k in ks])
+        tokens = row_tokens[ks[0]]
+        p_c = cooperation_probability(engine, tokenizer, tokens, [name] * len(ks), [prompts[k] for k in ks])
         for k, p in zip(ks, p_c.tolist(), strict=True):
             rows[k]["p_cooperate"] = p
-    for row, tokens, res in zip(rows, row_tokens, results, strict=True):
-        act = parse_answer(res.text, tokens)
-        row.update(raw_answer=res.text, legal=act is not None, action=None if act is None else int(act))
+        if answer_mode == "mask":
+            trie = AnswerTrie.from_texts(tokenizer, (tokens.c, tokens.d))
+            seqs = [list(q) for q in trie.sequences]
+            raw = engine.score_batch([name] * (2 * len(ks)), [prompts[k] for k in ks for _ in seqs], seqs * len(ks))
+            for j, k in enumerate(ks):
+                pick, _ = sample_masked(trie, raw[2 * j : 2 * j + 2], rng.random(max(map(len, seqs))), temperature)
+                texts[k] = (tokens.c, tokens.d)[pick]
+    for row, tokens, text in zip(rows, row_tokens, texts, strict=True):
+        act = parse_answer(text, tokens)
+        row.update(raw_answer=text, legal=act is not None, action=None if act is None else int(act))
     out.mkdir(parents=True, exist_ok=True)
     df = pl.DataFrame(rows).with_columns(pl.col("action").cast(pl.Int8), pl.col("p_cooperate").cast(pl.Float32))
     df.write_parquet(out / "eval.parquet")
@@ -142,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--answer_mode", choices=("free", "mask"), default="free",
+                   help="free: sample freely (the paper); mask: only the two legal answers (as the CPU demo trained)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").exists():
@@ -149,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.output or (args.adapter / "eval" if args.adapter else Path("eval_base"))
     try:
         table = evaluate(args.model, args.adapter, out, samples=args.samples, full=args.full, engine_kind=args.engine,
-                         device=args.device, seed=args.seed)
+                         device=args.device, seed=args.seed, answer_mode=args.answer_mode)
     except MoralsimError as e:
         p.exit(2, f"main.py evaluate: error: {e}\n")
     with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=40):

