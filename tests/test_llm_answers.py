@@ -15,7 +15,7 @@ import pytest
 from actors.llm import prompts as P
 from actors.llm.agent import LLMAgentConfig, LLMGroup
 from actors.llm.answers import AnswerTrie, answer_length, eos_token_ids, sample_masked
-from actors.llm.engine import GenerationRequest
+from actors.llm.engine import GenerationRequest, action_probs
 from actors.llm.hf_engine import HFEngine
 from actors.llm.learner import PPOConfig
 from scenarios.factory import AgentSettings, build_groups
@@ -105,8 +105,8 @@ def test_vllm_and_hf_end_answers_the_same_way(model_with_extra_eos):
             assert vllm.generate(req)[0].token_ids == hf.generate(req)[0].token_ids
         # P(cooperate) is scored on vLLM too (it was NaN there), and equals the HF engine's
         c, d = [P.answer_ids(hf.tokenizer, t)[:1] for t in ("action1", "action2")]
-        probs_v = vllm.action_probs([None, None], [prompt, prompt[:-2]], c, d)
-        probs_h = hf.action_probs([None, None], [prompt, prompt[:-2]], c, d)
+        probs_v = action_probs(vllm, [None, None], [prompt, prompt[:-2]], c, d)
+        probs_h = action_probs(hf, [None, None], [prompt, prompt[:-2]], c, d)
         assert np.allclose(probs_v, probs_h, atol=1e-5) and np.isfinite(probs_v).all()
         # per-request seeds: a request's tokens do not depend on its batch
         seeded = [GenerationRequest(tuple(prompt), None, 6, 1.0, stop_at_eos=False, seed=s) for s in (11, 12, 11)]

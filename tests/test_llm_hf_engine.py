@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from actors.llm import prompts as P
-from actors.llm.engine import GenerationRequest, RolloutEngine, check_fresh
+from actors.llm.engine import GenerationRequest, RolloutEngine, action_probs, check_fresh
 from actors.llm.hf_engine import HFEngine
 from actors.llm.learner import PolicyHost, PPOConfig, PPOLearner
 from simulator.contracts import Action
@@ -85,7 +85,7 @@ def test_generation_is_seeded_and_greedy_is_argmax(tiny_model_path: Path) -> Non
     reqs = [GenerationRequest(tuple(p), None, 4) for p in prompts]
     assert e1.generate(reqs) == e2.generate(reqs)
     greedy = e1.generate([GenerationRequest(tuple(prompts[0]), None, 1, temperature=0.0)])[0]
-    probs = e1.action_probs([None], [prompts[0]], greedy.token_ids, [0])  # P(greedy token) vs P(id 0)
+    probs = action_probs(e1, [None], [prompts[0]], greedy.token_ids, [0])  # P(greedy token) vs P(id 0)
     assert probs[0, 0] >= probs[0, 1]
     assert e1.generate([GenerationRequest(tuple(prompts[0]), None, 0)])[0].token_ids == ()
 
@@ -137,6 +137,6 @@ def test_action_probs(tiny_model_path: Path) -> None:
     tok = engine.tokenizer
     prompts = _prompts(tok, 2)
     c, d = P.answer_ids(tok, "action1")[:1], P.answer_ids(tok, "action2")[:1]
-    p = engine.action_probs([None, None], prompts, c, d)
+    p = action_probs(engine, [None, None], prompts, c, d)
     assert p.shape == (2, 2) and (p > 0).all() and (p.sum(1) < 1).all()
     np.testing.assert_allclose(np.log(p[0, 0]), engine.score(None, prompts[0], c)[0], atol=1e-5)

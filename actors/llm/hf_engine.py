@@ -23,11 +23,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from actors.llm.answers import eos_token_ids
-from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult, action_probs
+from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
 from simulator.errors import StaleAdapterError, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -231,13 +230,3 @@ class HFEngine:
 
     def score(self, adapter: str | None, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         return self.score_batch([adapter], [prompt_ids], [completion_ids])[0]
-
-    def action_probs(
-        self,
-        adapters: Sequence[str | None],
-        prompts: Sequence[Sequence[int]],
-        c_ids: Sequence[int],
-        d_ids: Sequence[int],
-    ) -> np.ndarray:
-        """(B, 2) P(answer = C tokens), P(answer = D tokens); see actors.llm.engine.action_probs."""
-        return action_probs(self, adapters, prompts, c_ids, d_ids)

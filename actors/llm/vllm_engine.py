@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from actors.llm.answers import eos_token_ids
-from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult, action_probs
+from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
 from actors.llm.weight_sync import adapter_to_peft_dir
 from simulator.errors import ConfigError, StaleAdapterError, UnknownNameError
 
@@ -360,16 +360,6 @@ class VLLMEngine:
             per_position = output.prompt_logprobs or []
             out[k] = [float(per_position[i][x[i]].logprob) for i in range(len(prompts[k]), len(x))]  # type: ignore[index]
         return out
-
-    def action_probs(
-        self,
-        adapters: Sequence[str | None],
-        prompts: Sequence[Sequence[int]],
-        c_ids: Sequence[int],
-        d_ids: Sequence[int],
-    ) -> Any:
-        """(B, 2) P(answer = C tokens), P(answer = D tokens); see actors.llm.engine.action_probs."""
-        return action_probs(self, adapters, prompts, c_ids, d_ids)
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
