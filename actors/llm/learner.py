@@ -257,9 +257,12 @@ class PPOLearner:
             tgt[i, : len(r)] = torch.as_tensor(list(r))
             mask[i, : len(r)] = 1.0
         ids, attn, pos, tgt, mask = (x.to(self.device) for x in (ids, attn, pos, tgt, mask))
-        out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values)
+        # the output layer only at the positions that predict response tokens (the union over rows, a few dozen of
+        # a few hundred): the model's own head, so logit soft-capping (Gemma-2) and the like still apply
+        keep = torch.unique(pos)  # (K,) sorted
+        out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep)
         rows = torch.arange(b, device=self.device)[:, None]
-        logits = out.logits[rows, pos].float()  # (b, width, V)
+        logits = out.logits[rows, torch.searchsorted(keep, pos)].float()  # (b, width, V)
         if allowed is not None and any(a is not None for a in allowed):
             logits = logits.masked_fill(~_allowed_mask(allowed, b, width, logits.shape[-1]).to(self.device), MASKED_LOGIT)
         logp = torch.log_softmax(logits, -1).gather(2, tgt[..., None]).squeeze(2)  # (b, width)
