@@ -286,6 +286,10 @@ def run_datasets(
         jobs.extend((i, batch) for batch in batches)
     if not jobs:
         return done
+    if backend == "ray" and len(jobs) == 1 and ray_address is None:
+        # one batch (e.g. one LLM run) has nothing to spread: Ray would add its start-up and a low-priority worker
+        log.info("one batch of runs: running it in this process")
+        backend = "inline"
     runs = sum(len(batch) for _, batch in jobs)
     populations = len({i for i, _ in jobs})
     bar = tqdm(
