@@ -71,9 +71,9 @@ def test_learners_share_one_base(tiny_model_path: Path) -> None:
 @pytest.mark.slow
 def test_ppo_raises_probability_of_the_rewarded_action_from_its_own_samples(tmp_path: Path, tiny_model_path: Path) -> None:
     """No forced answers: an LLM agent in the paper's pair protocol answers only from its own samples (answer_mode =
-    "mask", the two legal tokens, so every sample carries a reward signal). The untrained tiny model (seed 0) prefers
-    action1 (C), P(C) ~ 0.9, so it gets the reward for the action it rarely takes: aggressiveness (Vagg: +5 for D,
-    0 for C) against AC. PPO must bring P(defect) from ~0.1 to above 0.9.
+    "mask", the two legal tokens, so every sample carries a reward signal), rewarded for defecting (aggressiveness,
+    Vagg: +5 for D, 0 for C) against AC. PPO must bring P(defect) from the untrained adapter's (v0) value, below
+    0.75, to above 0.9 over the last 25 decisions.
     lr 5e-3 instead of the paper's 1.41e-5 so that a tiny random model learns in tens of updates; the rest is the
     paper's config (batch 5, 4 epochs, grad accumulation 4, adaptive KL 0.2, score normalisation).
     """
@@ -96,8 +96,9 @@ def test_ppo_raises_probability_of_the_rewarded_action_from_its_own_samples(tmp_
     df = read_dataset(cfg.dataset_dir).sort("iteration")
     assert df["selector_legal"].all() and (df["selector_answer_mode"] == "mask").all()
     p_d = 1.0 - df["selector_p_cooperate"].to_numpy()
-    first, last = float(np.mean(p_d[:25])), float(np.mean(p_d[-25:]))
-    assert first < 0.25, f"the untrained tiny model should rarely defect, P(D) = {first:.3f}"
+    untrained = 1.0 - df.filter(pl.col("selector_adapter_version") == 0)["selector_p_cooperate"].to_numpy()
+    first, last = float(np.mean(untrained)), float(np.mean(p_d[-25:]))
+    assert first < 0.75, f"the untrained policy (adapter v0) should not already defect, P(D) = {first:.3f}"
     assert last > 0.9, f"P(D) went {first:.3f} -> {last:.3f} in {time.monotonic() - start:.0f} s"
     defect = df.with_columns(ep=pl.col("iteration") // 5).group_by("ep").agg((pl.col("selector_action") == 1).mean())
     assert defect.sort("ep")["selector_action"].tail(10).mean() > 0.8  # the sampled moves follow
