@@ -341,8 +341,8 @@ class LLMGroup:
                 self.engine.load_adapter(learner.export_adapter())  # weight sync: the next rollout uses v+1
                 updated.append(self.last_stats[b])
         out: dict[str, float] = {"ppo_updates": float(len(updated)), "stale_dropped": float(self.dropped)}
-        for key in ("kl", "kl_coef", "policy_loss", "value_loss", "entropy", "mean_score", "stale_samples"):
-            if updated:  # the mean over this iteration's updates, for live tracking (Parquet keeps per-agent values)
+        if updated:  # the mean over this iteration's updates, for live tracking (Parquet keeps per-agent values)
+            for key in ("kl", "kl_coef", "policy_loss", "value_loss", "entropy", "mean_score", "stale_samples"):
                 out[key] = float(np.mean([st[key] for st in updated]))
         return out
 

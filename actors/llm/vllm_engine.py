@@ -312,20 +312,8 @@ class VLLMEngine:
         min_version: int | None = None,
     ) -> list[float]:
         """log pi(completion_t | prompt, completion_<t) under the served weights, from vLLM's prompt logprobs."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        if not prompt_ids:
-            raise ValueError("score needs at least one prompt token")
-        if not completion_ids:
-            return []
-        lora, _ = self._resolve(adapter, min_version)
-        ids = [*prompt_ids, *completion_ids]
-        # prompt_logprobs=0: each position's own token only; vLLM then skips reading the prefix cache for it
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        (output,) = self._llm.generate([TokensPrompt(prompt_token_ids=ids)], params, lora_request=lora, use_tqdm=False)
-        per_position = output.prompt_logprobs or []
-        return [float(per_position[i][ids[i]].logprob) for i in range(len(prompt_ids), len(ids))]  # type: ignore[index]
+        versions = {adapter: min_version} if adapter is not None and min_version is not None else None
+        return self.score_batch([adapter], [prompt_ids], [completion_ids], min_versions=versions)[0]
 
     def score_batch(
         self,
@@ -350,6 +338,7 @@ class VLLMEngine:
         min_versions = min_versions or {}
         resolved = [self._resolve(a, min_versions.get(a) if a else None) for a in (adapters[k] for k in rows)]
         ids = [[*prompts[k], *completions[k]] for k in rows]
+        # prompt_logprobs=0: each position's own token only; vLLM then skips reading the prefix cache for it
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         loras = [lora for lora, _ in resolved if lora is not None]
         outputs = self._llm.generate(
