@@ -218,9 +218,10 @@ def _require_llm_columns(lf: pl.LazyFrame, metric: str) -> None:
 
 
 def llm_training(lf: pl.LazyFrame, bin_size: int = 1) -> pl.LazyFrame:
-    """LLM agents over training (one PPO update per iteration), from their rows in both roles: `illegal_rate` (share
-    of answers that were not a legal action token), mean `p_cooperate`, and the `kl`, `policy_loss`, `value_loss` of
-    the agent's latest update before each game (so iteration t shows update t - 1). Only agents with LLM data appear.
+    """LLM agents over training iterations, from their rows in both roles: `illegal_rate` (share of answers that were
+    not a legal action token), mean `p_cooperate`, and the `kl`, `policy_loss`, `value_loss` of the agent's latest
+    update before each game. The x axis is the iteration, not the update: an update comes every iteration in the
+    population protocol and every `episode_length` iterations in the pair protocol. Only agents with LLM data appear.
     Columns: agent, type, metric, iteration, mean, ci_low, ci_high, n_runs."""
     _require_llm_columns(lf, "llm_training")
     per_run = (

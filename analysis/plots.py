@@ -288,7 +288,7 @@ def plot_llm_training(df: pl.DataFrame, title: str = "", bin_size: int = 1) -> F
         for (agent, typ), p in sorted(part.group_by(["agent", "type"]), key=lambda kv: kv[0][0]):
             _band(ax, p, f"{agent} ({typ})")
         ax.set_title(METRIC_LABELS[metric])
-        ax.set_xlabel(_xlabel(bin_size).replace("iteration", "update"))
+        ax.set_xlabel(_xlabel(bin_size))  # iterations: under the pair protocol an update spans an episode
         ax.grid(alpha=0.3)
         if metric in ("illegal_rate", "p_cooperate"):
             ax.set_ylim(-0.03, 1.03)

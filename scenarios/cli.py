@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import tomllib
 from collections.abc import Sequence
 from functools import partial
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partners are assigned uniformly at random instead of learned selection")
     p.add_argument("--compat", choices=COMPAT_MODES, default="none",
                    help="aies2024 reproduces the anchor's reward defects (DE/mDE as the selected player, VM beta)")
-    p.add_argument("--ray_address", default=None, help="join a running Ray cluster (e.g. auto or ray://host:10001); "
-                   "without it a local Ray is started")
+    p.add_argument("--ray_address", default=None, help="join a running Ray cluster (e.g. auto, host:6379 or "
+                   "ray://host:10001; refused within 30 s when none answers there); without it a local Ray is started")
     p.add_argument("--num_cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     p.add_argument("--backend", choices=("ray", "inline"), default="ray",
                    help="ray (default) runs batches as Ray tasks; inline runs them in this process")
@@ -99,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm_answer_mode", choices=("free", "mask"), default="free",
                      help="free: sample freely, as the paper (default); mask: restrict answers to the two legal action "
                           "tokens (a logit mask; for models too small to follow the format)")
+    llm.add_argument("--llm_rollout_actors", type=int, default=None,
+                     help="Ray actors hosting rollout engines (one engine each); 0 = engine and learners in this "
+                          "process (default, or the scenario's [llm.actors])")
+    llm.add_argument("--llm_learner_actors", type=int, default=None,
+                     help="Ray actors hosting the PPO learners (one frozen base each; default 1)")
+    llm.add_argument("--llm_overlap", action="store_true", default=None,
+                     help="train iteration t while t+1 rolls out (needs rollout actors; one version off-policy, "
+                          "with the importance ratio)")
     p.add_argument("--protocol", choices=("population", "pair"), default="population",
                    help="population (AIES, default): every agent selects; pair (ICLR fine-tuning): two agents, one "
                         "game per iteration, slot 0 the row player")
@@ -132,6 +141,13 @@ def _llm_options(args: argparse.Namespace, scenario: Scenario | None) -> dict[st
     llm = {k: v for k, v in (scenario.llm.items() if scenario else ()) if k not in flags}
     llm.update(model=args.llm_model, engine=args.llm_engine, device=args.llm_device, selection=args.llm_selection,
                tokens=args.llm_tokens, answer_mode=args.llm_answer_mode)
+    actors = dict(llm.pop("actors", {}))  # [llm.actors] of the scenario, then the flags
+    for flag, key in (("llm_rollout_actors", "rollout_actors"), ("llm_learner_actors", "learner_actors"),
+                      ("llm_overlap", "overlap")):
+        if getattr(args, flag) is not None:
+            actors[key] = getattr(args, flag)
+    if actors:
+        llm["actors"] = actors
     if args.protocol == "pair":  # two agents: the only partner is the other one, nothing to select
         llm["selection"] = "random"
     ppo = dict(scenario.ppo) if scenario else {}
@@ -143,9 +159,29 @@ def _llm_options(args: argparse.Namespace, scenario: Scenario | None) -> dict[st
 def _llm_config(options: dict[str, object]):  # type: ignore[no-untyped-def]
     from actors.llm.agent import LLMAgentConfig
     from actors.llm.learner import PPOConfig
+    from actors.llm.resources import LLMActors
 
     llm = dict(options["llm"])  # type: ignore[call-overload]
-    return LLMAgentConfig(**llm, ppo=PPOConfig(**options["ppo"]))  # type: ignore[arg-type]
+    actors = llm.pop("actors", {})
+    if not isinstance(actors, dict):
+        raise ConfigError(f"[llm.actors] must be a table of actors.llm.resources.LLMActors fields, got {actors!r}")
+    unknown = sorted(set(actors) - set(LLMActors.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown [llm.actors] keys {unknown}; valid: {sorted(LLMActors.__dataclass_fields__)}")
+    return LLMAgentConfig(**llm, ppo=PPOConfig(**options["ppo"]), actors=LLMActors(**actors))  # type: ignore[arg-type]
+
+
+def check_output(path: Path) -> None:
+    """Create the output folder and write a probe file in it; ConfigError naming the path and the OS reason if not."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cannot write the output folder {str(path)!r}: it is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".moralsim-write-check-"):
+            pass
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
+        raise ConfigError(f"cannot write the output folder {str(path)!r}: {e.strerror or e}{where}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,6 +228,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             episode_length=args.episode_length,
         ) for population in populations]
         cfg = cfgs[0]
+        # refused before any work: runs that cannot fit in memory, an output folder that cannot be written, a cluster
+        # that does not answer
+        from simulator.resources import check_run_memory
+
+        check_run_memory(cfgs, args.backend, args.ray_address, args.num_cpus, args.runs_per_batch)
+        check_output(Path(args.output))
+        if args.backend == "ray" and args.ray_address:
+            from simulator.cluster import connect
+
+            connect(args.ray_address)
         from scenarios.factory import AgentSettings, build_groups
         from simulator.driver import run_datasets
 

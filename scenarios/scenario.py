@@ -9,6 +9,8 @@ A scenario file has three optional tables, each mapping onto the command line (e
             protocol = "pair", episode_length = 5      (the ICLR fine-tuning protocol, simulator/engine.py)
     [llm]   model, engine, device, tokens, variant, selection, max_new_tokens, temperature, train, p_cooperate,
             answer_mode (free | mask), stop (length | eos), off_policy (ratio | drop)
+            [llm.actors]: any actors.llm.resources.LLMActors field (rollout_actors, learner_actors, rollout_cpus,
+            rollout_gpus, learner_cpus, learner_gpus, gpu_memory_utilization, placement, overlap, ...)
     [ppo]   any actors.llm.learner.PPOConfig field (batch_size, learning_rate, init_kl_coef, lora_r, ...)
 
 A sweep runs several populations with the same [run] settings (one progress bar, one report); `[run]` then has no
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent
 RUN_KEYS = {"destination_folder", "num_iterations", "num_runs", "game", "seed", "method", "compat", "random_matching",
             "reward_schedule", "output", "log_to", "protocol", "episode_length"}
 LLM_KEYS = {"model", "engine", "device", "tokens", "variant", "selection", "max_new_tokens", "temperature", "train",
-            "p_cooperate", "answer_mode", "stop", "off_policy"}
+            "p_cooperate", "answer_mode", "stop", "off_policy", "actors"}
 SWEEP_KEYS = {"populations", "types", "majority", "minority", "report"}
 
 

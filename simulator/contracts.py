@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -88,7 +89,15 @@ class Transitions:
 
 @runtime_checkable
 class AgentGroup(Protocol):
-    """A set of population slots played by one kind of agent, for all R runs of a batch."""
+    """A set of population slots played by one kind of agent, for all R runs of a batch.
+
+    Call order (simulator/engine.py PopulationEngine.step, simulator/driver.py run_batch):
+        construction by the factory; then restore(run_dirs) when resuming, if the group is a RestoresState
+        per iteration t = 0 .. T-1:  select -> act -> learn -> end_iteration
+            each phase runs for every group before the next; learn only for groups with learns=True
+        save(run_dirs) once, after the last iteration, if the group is a SavesState
+        close() always, last, also after a failure, if the group is a HoldsResources (Ray actors, engines)
+    """
 
     slots: np.ndarray  # (G,) population indices this group plays
     learns: bool  # whether learn() does anything (static strategies do not)
@@ -102,3 +111,36 @@ class AgentGroup(Protocol):
     def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:
         """Called after env_state is updated; new_state is (R, N) int8."""
         ...
+
+
+@runtime_checkable
+class SavesState(Protocol):
+    """Optional: a group with state worth keeping (LLM adapters) writes it beside each run's records.
+
+    Called once, after the last iteration; run_dirs[i] is the (staging) directory of the batch's i-th run.
+    """
+
+    def save(self, run_dirs: list[Path]) -> None: ...
+
+
+@runtime_checkable
+class RestoresState(Protocol):
+    """Optional: a group that can resume loads what save() wrote into run_dirs.
+
+    Called once, after construction and before the first iteration, only when resuming.
+    """
+
+    def restore(self, run_dirs: list[Path]) -> None: ...
+
+
+@runtime_checkable
+class StatefulGroup(SavesState, RestoresState, Protocol):
+    """A group whose runs can be saved and resumed: both save() and restore()."""
+
+
+@runtime_checkable
+class HoldsResources(Protocol):
+    """Optional: a group that holds resources beyond its own memory (Ray actors and their placement group)
+    releases them in close(). Called once at the end of the batch, also when it failed."""
+
+    def close(self) -> None: ...

@@ -6,7 +6,8 @@
                                    │ split each dataset's pending runs into batches (several runs stacked per engine)
                                    ├─ inline: run_batch(...) in this process
                                    └─ ray:    one task per batch (num_cpus=1), progress via a counter actor
-    run_batch: PopulationEngine.step() x num_iterations ─► RecordBuffer ─► staging/run=<k>/part-*.parquet
+    run_batch: PopulationEngine.step() x num_iterations ─► RecordBuffer ─► PartWriter (a background thread)
+               ─► staging/run=<k>/part-*.parquet
                on success each run directory is renamed into <output>/<folder>/run=<k>/ (atomic)
                with --log_to, every run's curves also stream to simulator.tracking (TensorBoard, offline W&B)
 
@@ -33,11 +34,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from simulator.config import RunConfig
-from simulator.contracts import AgentGroup
+from simulator.contracts import AgentGroup, HoldsResources, SavesState
 from simulator.engine import PopulationEngine
 from simulator.errors import ConfigError, CorruptDataError
 from simulator.population import Population
-from simulator.records import RecordBuffer
+from simulator.records import PartWriter, RecordBuffer
 from simulator.schema import SCHEMA_VERSION
 from simulator.seeding import RunStreams, initial_state, run_streams
 from simulator.tracking import Tracker, iteration_metrics, open_tracker, track_every
@@ -104,6 +105,7 @@ def run_batch(
     last_report = time.perf_counter()
     trackers: list[Tracker] = []  # stays empty for log_to="none": the loop below then skips tracking entirely
     every, last = track_every(cfg.num_iterations, llm), cfg.num_iterations - 1
+    writer = PartWriter()  # parts are written on a background thread: the loop never waits for the disk
     try:
         if cfg.log_to != "none":
             config = json.loads(json.dumps(cfg.identity(), default=_json_default))
@@ -116,21 +118,28 @@ def run_batch(
                 for tracker, metrics in zip(trackers, iteration_metrics(rec), strict=True):
                     tracker.log(rec.iteration, metrics)
             if buffer.full:
-                rows += buffer.flush(stages)
+                rows += buffer.flush(stages, writer)
             done_since_report += 1
             if progress is not None and (
                 done_since_report >= PROGRESS_EVERY or time.perf_counter() - last_report > PROGRESS_SECONDS
             ):
                 progress(done_since_report * len(runs))
                 done_since_report, last_report = 0, time.perf_counter()
-        rows += buffer.flush(stages)
+        rows += buffer.flush(stages, writer)
+        writer.close()  # every part on disk (or its error raised) before the run moves into the dataset
         for group in engine.groups:  # groups with state worth keeping (LLM adapters) save it beside the records
-            save = getattr(group, "save", None)
-            if callable(save):
-                save(stages)
+            if isinstance(group, SavesState):
+                group.save(stages)
     finally:  # a crashed run still flushes the curves it drew, which is when they are most wanted
+        try:
+            writer.close()  # after a failure: the parts already queued still land in staging
+        except Exception as e:  # never mask the error that stopped the run
+            log.error("writing record parts failed too: %s", e)
         for tracker in trackers:
             tracker.close()
+        for group in engine.groups:
+            if isinstance(group, HoldsResources):
+                group.close()
     if progress is not None and done_since_report:
         progress(done_since_report * len(runs))
     seconds = time.perf_counter() - t0
@@ -350,13 +359,9 @@ def _run_ray(
 ) -> list[str]:
     import ray
 
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-        if address:
-            kwargs["address"] = address
-        elif num_cpus:
-            kwargs["num_cpus"] = num_cpus
-        ray.init(**kwargs)
+    from simulator.cluster import connect
+
+    connect(address, num_cpus)  # fails fast, naming the address, when no cluster answers there
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
     refs = {task.remote(cfgs[i], batch, factory, counter): (i, batch) for i, batch in jobs}

@@ -59,6 +59,10 @@ class ConfigError(MoralsimError, ValueError):
     """A run configuration value out of its allowed range."""
 
 
+class ClusterError(MoralsimError, ConnectionError):
+    """A Ray cluster that cannot be reached or joined (simulator/cluster.py)."""
+
+
 class CorruptDataError(MoralsimError, OSError):
     """A Parquet part or manifest that cannot be read."""
 

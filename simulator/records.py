@@ -107,12 +107,51 @@ class RecordBuffer:
                 arrays.append(pa.array(col, f.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
-    def flush(self, run_dirs: Sequence[Path]) -> int:
-        """Write one part per run, named by its first iteration; returns rows written per run."""
+    def flush(self, run_dirs: Sequence[Path], writer: PartWriter | None = None) -> int:
+        """Write one part per run, named by its first iteration; returns rows written per run.
+
+        With a writer the parts are written on its thread: the tables keep the current column buffers (Arrow may
+        share their memory), and the buffer continues in fresh ones."""
         if self.filled == 0:
             return 0
-        for r, d in enumerate(run_dirs):
-            write_table_atomic(self.table(r), d / f"part-{self.first_iteration:08d}.parquet")
+        parts = [(self.table(r), d / f"part-{self.first_iteration:08d}.parquet") for r, d in enumerate(run_dirs)]
+        if writer is None:
+            for table, path in parts:
+                write_table_atomic(table, path)
+        else:
+            self._cols = {k: np.empty_like(v) for k, v in self._cols.items()}
+            for table, path in parts:
+                writer.submit(table, path)
         rows = self.filled * self.S
         self.filled = 0
         return rows
+
+
+class PartWriter:
+    """Writes Parquet parts on one background thread, so the simulation never waits for compression or the disk.
+
+    At most `max_pending` parts wait (memory stays bounded: a full queue makes submit wait for the oldest). A write
+    error is raised by the next submit() or by close(); close() returns when every part is on disk."""
+
+    def __init__(self, max_pending: int = 8) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moralsim-parts")
+        self._pending: list[Future[None]] = []
+        self.max_pending = max(1, max_pending)
+
+    def submit(self, table: pa.Table, path: Path) -> None:
+        self._reap(block=len(self._pending) >= self.max_pending)
+        self._pending.append(self._pool.submit(write_table_atomic, table, path))
+
+    def _reap(self, block: bool) -> None:
+        while self._pending and (block or self._pending[0].done()):
+            self._pending.pop(0).result()
+            block = False
+
+    def close(self) -> None:
+        try:
+            while self._pending:
+                self._pending.pop(0).result()
+        finally:
+            self._pool.shutdown(wait=True)

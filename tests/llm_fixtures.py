@@ -101,3 +101,6 @@ class ScriptedEngine:
 
     def score(self, adapter: Any, prompt_ids: Any, completion_ids: Any) -> list[float]:
         return self.score_batch([adapter], [prompt_ids], [completion_ids])[0]
+
+    def close(self) -> None:
+        return None

@@ -193,7 +193,7 @@ def test_mask_mode_logprobs_are_the_learners_masked_logprobs(tiny_model_path):
     prompts = [P.game_prompt_ids(group.tokenizer, GAMES["IPD"], A12, Action.C, Action.D, np.random.default_rng(k))
                for k in range(4)]
     results, p_c = group._masked([0] * 4, prompts)
-    learner = group.learners[0]
+    learner = group.learners.learners[group.names[0]]  # type: ignore[attr-defined]
     for prompt, res in zip(prompts, results, strict=True):
         assert res.text in ("action1", "action2")
         allowed = group.trie.allowed(res.token_ids)  # type: ignore[union-attr]

@@ -115,3 +115,86 @@ def test_sampling_is_seeded_by_the_engine(vllm_engine, tokens) -> None:
     results = vllm_engine.generate([GenerationRequest(tuple(prompt), None, 6, 1.0)] * 4)
     assert all(len(r.token_ids) == len(r.logprobs) for r in results)
     assert all(lp <= 0.0 for r in results for lp in r.logprobs)
+
+
+def test_a_replaced_version_is_retired_after_its_last_call(vllm_engine, tiny_model_path: Path, tokens) -> None:
+    """A generate call that resolved v0 before load_adapter(v1) still runs on v0; v0 is retired when it returns."""
+    import threading
+
+    prompt, completion = tokens
+    old_model, new_model = random_lora_model(tiny_model_path, seed=20), random_lora_model(tiny_model_path, seed=21)
+    vllm_engine.load_adapter(lora_weights(old_model, "defer", 0))
+    old = vllm_engine._served["defer"].request
+    request = GenerationRequest(tuple(prompt), "defer", 4, 0.0)
+    (alone,) = vllm_engine.generate([request])
+
+    # a call in flight: it has resolved its adapters (v0) and not yet reached vLLM when the new version arrives
+    resolved, swapped = threading.Event(), threading.Event()
+    acquire = vllm_engine._acquire
+
+    def acquire_then_wait(*args):  # type: ignore[no-untyped-def]
+        out = acquire(*args)
+        resolved.set()
+        assert swapped.wait(120)
+        return out
+
+    results: list = []
+    vllm_engine._acquire = acquire_then_wait
+    worker = threading.Thread(target=lambda: results.extend(vllm_engine.generate([request])))
+    try:
+        worker.start()
+        assert resolved.wait(120)
+        vllm_engine.load_adapter(lora_weights(new_model, "defer", 1))
+        assert vllm_engine.adapter_version("defer") == 1
+        assert Path(old.lora_path).is_dir()  # deferred: the call in flight still needs v0
+        assert old.lora_int_id in vllm_engine._retiring
+    finally:
+        swapped.set()
+        worker.join(120)
+        del vllm_engine._acquire
+    assert not worker.is_alive()
+    (late,) = results
+    assert late.adapter_version == 0
+    assert late.token_ids == alone.token_ids and late.logprobs == pytest.approx(alone.logprobs, abs=ATOL)
+    # the last call referring to v0 retired it
+    assert not Path(old.lora_path).exists()
+    assert old.lora_int_id not in vllm_engine.llm.llm_engine.list_loras()
+    assert not vllm_engine._retiring and not vllm_engine._in_flight
+    # from now on v1 is served, exactly
+    assert vllm_engine.generate([request])[0].adapter_version == 1
+    assert vllm_engine.score("defer", prompt, completion) == pytest.approx(
+        hf_logprobs(new_model, prompt, completion), abs=ATOL
+    )
+    # no call in flight: a replaced version is retired at once
+    current = vllm_engine._served["defer"].request
+    vllm_engine.load_adapter(lora_weights(old_model, "defer", 2))
+    assert not Path(current.lora_path).exists()
+    assert current.lora_int_id not in vllm_engine.llm.llm_engine.list_loras()
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns False"])
+def test_a_failed_load_keeps_the_previous_version(
+    vllm_engine, tiny_model_path: Path, tokens, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    prompt, completion = tokens
+    name = f"keep-{failure.split()[0]}"
+    model, newer = random_lora_model(tiny_model_path, seed=30), random_lora_model(tiny_model_path, seed=31)
+    vllm_engine.load_adapter(lora_weights(model, name, 0))
+    served = vllm_engine.score(name, prompt, completion)
+
+    def add_lora(request):  # type: ignore[no-untyped-def]
+        if failure == "raises":
+            raise RuntimeError("simulated: the adapter failed to load")
+        return False
+
+    with monkeypatch.context() as patch:
+        patch.setattr(vllm_engine.llm.llm_engine, "add_lora", add_lora)
+        with pytest.raises(RuntimeError, match="simulated" if failure == "raises" else "refused"):
+            vllm_engine.load_adapter(lora_weights(newer, name, 1))
+    assert vllm_engine.adapter_version(name) == 0
+    assert vllm_engine.generate([GenerationRequest(tuple(prompt), name, 2, 0.0)])[0].adapter_version == 0
+    assert vllm_engine.score(name, prompt, completion) == pytest.approx(served, abs=ATOL)
+    assert not (vllm_engine._root / name / "v00000001").exists()  # the failed version's folder is gone
+    # the failed version number was not used up
+    vllm_engine.load_adapter(lora_weights(newer, name, 1))
+    assert vllm_engine.score(name, prompt, completion) == pytest.approx(hf_logprobs(newer, prompt, completion), abs=ATOL)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ import numpy as np
 from actors.dqn import DQNConfig, DQNGroup
 from actors.llm.answers import ANSWER_MODES, STOP_MODES, AnswerTrie, answer_length, sample_masked
 from actors.llm.engine import GenerationRequest, GenerationResult, RolloutEngine, action_probs, check_fresh
-from actors.llm.learner import PolicyHost, PPOConfig, PPOLearner
+from actors.llm.learner import PPOConfig
+from actors.llm.learners import LearnerGroup, LearnerPool, StepHandle, StepJob, StepResult
 from actors.llm.prompts import (
     STRUCTURED,
     TokenPair,
@@ -53,6 +55,7 @@ from actors.llm.prompts import (
     random_token_pair,
     token_pair,
 )
+from actors.llm.resources import LLMActors
 from actors.static import uniform_partner
 from simulator.contracts import Action, Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError
@@ -90,6 +93,8 @@ class LLMAgentConfig:
     p_cooperate: bool = True
     """record P(C token) / (P(C) + P(D)) per decision (one extra scoring pass; free in mask mode)"""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    actors: LLMActors = field(default_factory=LLMActors)
+    """Ray actors for engines and learners (actors/llm/resources.py); the default runs everything in process"""
 
     def __post_init__(self) -> None:
         if self.answer_mode not in ANSWER_MODES:
@@ -121,7 +126,10 @@ def make_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: i
     if config.engine == "vllm":
         from actors.llm.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_dir, max_loras=max(1, max_loras), max_lora_rank=config.ppo.lora_r, seed=seed)
+        gpu: dict[str, Any] = {}
+        if config.device.startswith("cuda"):  # vLLM picks the GPU itself (the one Ray made visible)
+            gpu["gpu_memory_utilization"] = config.actors.gpu_memory_utilization
+        return VLLMEngine(model_dir, max_loras=max(1, max_loras), max_lora_rank=config.ppo.lora_r, seed=seed, **gpu)
     from actors.llm.hf_engine import HFEngine
 
     return HFEngine(model_dir, device=config.device, seed=seed)
@@ -174,16 +182,34 @@ class LLMGroup:
         self.rngs = [rng for run in rngs for rng in run]
         self.tokens = resolve_tokens(config.tokens, np.random.default_rng(seed))
         model_dir = model_dir or resolve_model(config.model)
-        self.host = PolicyHost(model_dir, device=config.device)
-        self.tokenizer = self.host.tokenizer
         self.names = [f"run{r}-slot{int(s)}" for r in range(self.R) for s in self.slots]
-        self.learners = [
-            PPOLearner(self.host, name, replace(config.ppo, seed=int(rng.integers(2**31))))
-            for rng, name in zip(self.rngs, self.names, strict=True)
-        ]
-        self.engine = engine or make_engine(config, model_dir, seed, len(self.names))
-        for learner in self.learners:
-            self.engine.load_adapter(learner.export_adapter())
+        specs = [(name, replace(config.ppo, seed=int(rng.integers(2**31))))
+                 for rng, name in zip(self.rngs, self.names, strict=True)]
+        self.cluster: Any = None  # actors.llm.remote.Cluster when the agents live on Ray actors
+        self.learners: LearnerPool
+        if config.actors.enabled:
+            from transformers import AutoTokenizer
+
+            from actors.llm.remote import launch, learner_group_factory
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.cluster = launch(
+                config.actors, self.names, specs,
+                lambda names: partial(make_engine, config, model_dir, seed, len(names)),
+                learner_group_factory(str(model_dir), config.device), self.tokenizer, config.device,
+            )
+            self.learners = self.cluster.learners
+            self.engine = engine or self.cluster.engine
+        else:
+            local = LearnerGroup(model_dir, specs, device=config.device)
+            self.learners, self.tokenizer = local, local.tokenizer
+            self.engine = engine or make_engine(config, model_dir, seed, len(self.names))
+        self._own_engine = engine is None  # an engine handed in belongs to the caller, who closes it
+        for weights in self.learners.export(self.names):
+            self.engine.load_adapter(weights)
+        self.batch_size = config.ppo.batch_size
+        self.served = [0] * len(self.names)  # adapter version the engine serves per agent (the learners' after sync)
+        self.pending: dict[int, StepHandle] = {}  # overlap: the update in flight per agent (at most one)
         self.answers = (self.tokens.c, self.tokens.d)
         self.trie = AnswerTrie.from_texts(self.tokenizer, self.answers) if config.answer_mode == "mask" else None
         self.max_new_tokens = config.max_new_tokens or answer_length(self.tokenizer, self.answers)
@@ -205,7 +231,7 @@ class LLMGroup:
             for b, p in zip(bs, prompts, strict=True)
         ]
         results = self.engine.generate(requests)
-        check_fresh(results, {self.names[b]: self.learners[b].version for b in set(bs)})
+        check_fresh(results, {self.names[b]: self.served[b] for b in set(bs)})
         return results
 
     def _masked(self, bs: list[int], prompts: list[list[int]]) -> tuple[list[GenerationResult], np.ndarray]:
@@ -228,7 +254,7 @@ class LLMGroup:
             p_c[k] = 1.0 / (1.0 + np.exp(totals[1] - totals[0]))
             results.append(GenerationResult(seqs[pick], tuple(logps), self.answers[pick], name,
                                             self.engine.adapter_version(name)))
-        check_fresh(results, {self.names[b]: self.learners[b].version for b in set(bs)})
+        check_fresh(results, {self.names[b]: self.served[b] for b in set(bs)})
         return results, p_c
 
     def _p_cooperate(self, bs: list[int], prompts: list[list[int]]) -> np.ndarray:
@@ -324,26 +350,52 @@ class LLMGroup:
             reward = R_ILLEGAL if self._sel_illegal[r, g] else float(tr.sel_reward[r, g])
             self.buffers[b].append((sample, reward))
         self._sel_samples = {}
-        updated: list[dict[str, float]] = []
-        for b, learner in enumerate(self.learners):
+        overlap = self.cfg.actors.overlap
+        updated = self._sync(block=not overlap)  # overlap: only the updates that finished meanwhile
+        jobs: list[StepJob] = []
+        for b in range(len(self.names)):
             if self.cfg.off_policy == "drop":
-                fresh = [(smp, r) for smp, r in self.buffers[b] if smp.version >= learner.version]
+                trained = self.served[b] + (b in self.pending)  # the learner's version once its update lands
+                fresh = [(smp, r) for smp, r in self.buffers[b] if smp.version >= trained]
                 self.dropped += len(self.buffers[b]) - len(fresh)
                 self.buffers[b] = fresh
-            n = learner.config.batch_size
+            n = self.batch_size
             while len(self.buffers[b]) >= n:
                 chunk, self.buffers[b] = self.buffers[b][:n], self.buffers[b][n:]
-                self.last_stats[b] = learner.step(
-                    [s.prompt for s, _ in chunk], [s.response for s, _ in chunk], [r for _, r in chunk],
+                jobs.append(StepJob(
+                    self.names[b], [s.prompt for s, _ in chunk], [s.response for s, _ in chunk], [r for _, r in chunk],
                     behaviour_logprobs=[s.logprobs for s, _ in chunk], versions=[s.version for s, _ in chunk],
                     allowed=None if self.trie is None else [s.allowed for s, _ in chunk],
-                )
-                self.engine.load_adapter(learner.export_adapter())  # weight sync: the next rollout uses v+1
-                updated.append(self.last_stats[b])
+                ))
+        index = {name: b for b, name in enumerate(self.names)}
+        if overlap:
+            for job in jobs:  # at most one update in flight per agent: rollouts are at most one version behind
+                b = index[job.name]
+                if b in self.pending:
+                    updated += self._land(b, self.pending.pop(b).result())
+                (self.pending[b],) = self.learners.submit([job])
+        elif jobs:
+            for job, handle in zip(jobs, self.learners.submit(jobs), strict=True):  # learner actors run in parallel
+                updated += self._land(index[job.name], handle.result())
         out: dict[str, float] = {"ppo_updates": float(len(updated)), "stale_dropped": float(self.dropped)}
         if updated:  # the mean over this iteration's updates, for live tracking (Parquet keeps per-agent values)
             for key in ("kl", "kl_coef", "policy_loss", "value_loss", "entropy", "mean_score", "stale_samples"):
                 out[key] = float(np.mean([st[key] for st in updated]))
+        return out
+
+    def _land(self, b: int, result: StepResult) -> list[dict[str, float]]:
+        """An update finished: keep its statistics and sync its adapter to the engine (the next rollout uses it)."""
+        self.last_stats[b] = result.stats
+        self.engine.load_adapter(result.weights)
+        self.served[b] = result.version
+        return [result.stats]
+
+    def _sync(self, block: bool) -> list[dict[str, float]]:
+        """Land the updates in flight: all of them (block), or those that finished."""
+        out: list[dict[str, float]] = []
+        for b in sorted(self.pending):
+            if block or self.pending[b].done():
+                out += self._land(b, self.pending.pop(b).result())
         return out
 
     def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:
@@ -351,8 +403,17 @@ class LLMGroup:
 
     def save(self, run_dirs: list[Path]) -> None:
         """Each agent's final adapter as a peft folder: <run dir>/adapters/slot<k>/ (PeftModel.from_pretrained reads it)."""
-        from actors.llm.weight_sync import adapter_to_peft_dir
+        from actors.llm.weight_sync import adapter_to_peft_dir, fetch
 
-        for b, learner in enumerate(self.learners):
+        self._sync(block=True)  # overlap: the last updates belong to the run
+        for b, weights in enumerate(self.learners.export(self.names)):
             r, g = divmod(b, self.G)
-            adapter_to_peft_dir(learner.export_adapter(), Path(run_dirs[r]) / "adapters" / f"slot{int(self.slots[g])}")
+            adapter_to_peft_dir(fetch(weights), Path(run_dirs[r]) / "adapters" / f"slot{int(self.slots[g])}")
+
+    def close(self) -> None:
+        """Release the engine (vLLM's engine core) and the actors; called by the driver at the end of a batch."""
+        if self._own_engine:
+            self.engine.close()
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None

@@ -86,6 +86,10 @@ class RolloutEngine(Protocol):
         """The version now served for `adapter`; raises if the adapter is unknown."""
         ...
 
+    def close(self) -> None:
+        """Release what the engine holds (vLLM's engine core and adapter folders); a no-op where nothing is held."""
+        ...
+
 
 def check_fresh(results: Sequence[GenerationResult], latest: Mapping[str, int]) -> None:
     """Raise StaleAdapterError if any result was produced by an adapter older than `latest[adapter]`.

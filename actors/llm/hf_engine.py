@@ -210,12 +210,18 @@ class HFEngine:
         prompts: Sequence[Sequence[int]],
         completions: Sequence[Sequence[int]],
     ) -> list[list[float]]:
-        """log pi(completion_t | prompt, completion_<t) per token for each row, one left-padded forward."""
+        """log pi(completion_t | prompt, completion_<t) per token for each row, one left-padded forward.
+
+        Rows that repeat a (adapter, prompt) share one forward of that prompt (`_score_shared_prompts`).
+        """
         if not (len(adapters) == len(prompts) == len(completions)):
             raise ValueError("adapters, prompts and completions must have the same length")
         if not prompts:
             return []
         names = self._names(adapters)
+        keys = [(a, tuple(p)) for a, p in zip(adapters, prompts, strict=True)]
+        if len(set(keys)) < len(keys) and all(len(c) for c in completions) and all(len(p) for p in prompts):
+            return self._score_shared_prompts(keys, names, completions)
         seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
         ids, mask = self._left_pad(seqs)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
@@ -233,5 +239,42 @@ class HFEngine:
             out.append([float(x) for x in logp[i, k - 1 - n :].tolist()] if n else [])
         return out
 
+    def _score_shared_prompts(
+        self,
+        keys: Sequence[tuple[str | None, tuple[int, ...]]],
+        names: list[str] | None,
+        completions: Sequence[Sequence[int]],
+    ) -> list[list[float]]:
+        """score_batch when prompts repeat (a judge asking several questions about one text, C/D answers of one
+        prompt): each distinct (adapter, prompt) is run once with the KV cache on, the cache is copied to its rows,
+        and one more forward runs every row's completion on top of it. Same numbers as the one-forward path."""
+        unique: dict[tuple[str | None, tuple[int, ...]], int] = {}
+        row = torch.tensor([unique.setdefault(k, len(unique)) for k in keys], device=self.device)  # (B,) -> prompt
+        u_names = None if names is None else [BASE if a is None else a for a, _ in unique]
+        ids, mask = self._left_pad([p for _, p in unique])
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self._call(u_names, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[row]  # (B, V) predicts each completion's token 0
+        cache = out.past_key_values
+        cache.reorder_cache(row)  # (U, ...) -> (B, ...)
+        width = max(len(c) for c in completions)
+        comp = torch.full((len(keys), width), self.pad_id, dtype=torch.long)
+        comp_mask = torch.zeros((len(keys), width), dtype=torch.long)
+        for i, c in enumerate(completions):
+            comp[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+            comp_mask[i, : len(c)] = 1
+        comp, comp_mask = comp.to(self.device), comp_mask.to(self.device)
+        c_pos = mask.sum(1)[row][:, None] + torch.arange(width, device=self.device)  # (B, width) after each prompt
+        logp0 = first.gather(1, comp[:, :1])  # (B, 1)
+        if width > 1:
+            logits = self._call(names, input_ids=comp[:, :-1], attention_mask=torch.cat([mask[row], comp_mask[:, :-1]], 1),
+                                position_ids=c_pos[:, :-1], past_key_values=cache, use_cache=True).logits.float()
+            rest = torch.log_softmax(logits, dim=-1).gather(2, comp[:, 1:, None]).squeeze(2)  # (B, width-1)
+            logp0 = torch.cat([logp0, rest], 1)
+        return [[float(x) for x in logp0[i, : len(c)].tolist()] for i, c in enumerate(completions)]
+
     def score(self, adapter: str | None, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         return self.score_batch([adapter], [prompt_ids], [completion_ids])[0]
+
+    def close(self) -> None:
+        return None  # the model goes with the object

