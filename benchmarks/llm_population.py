@@ -37,6 +37,9 @@ def main() -> None:
     p.add_argument("--overlap", action="store_true", help="also time 1 rollout actor with overlapped updates")
     p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs per actor")
     p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of in_process,1_actor,2_actors,1_actor_overlap (default: the first "
+                        "three, plus the overlap with --overlap)")
     args = p.parse_args()
 
     import ray
@@ -53,8 +56,10 @@ def main() -> None:
     cpus = dict(rollout_cpus=args.cpus, learner_cpus=args.cpus)
     modes = [("in_process", LLMActors()), ("1_actor", LLMActors(rollout_actors=1, **cpus)),
              ("2_actors", LLMActors(rollout_actors=2, **cpus))]
-    if args.overlap:
+    if args.overlap or (args.modes and "1_actor_overlap" in args.modes):
         modes.append(("1_actor_overlap", LLMActors(rollout_actors=1, overlap=True, **cpus)))
+    if args.modes:
+        modes = [m for m in modes if m[0] in args.modes.split(",")]
     rate: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, actors in modes:
@@ -70,9 +75,12 @@ def main() -> None:
                   f"set-up {res.setup_seconds:.1f} s, wall {time.perf_counter() - t0:.1f} s)", flush=True)
     ray.shutdown()
     for label in rate:
-        if label != "in_process":
+        if label != "in_process" and "in_process" in rate:
             print(f"{label}_over_in_process={rate[label] / rate['in_process']:.3f}")
-    print(f"ray_overhead_1_actor={rate['in_process'] / rate['1_actor'] - 1:.3f}")
+    if "1_actor_overlap" in rate and "1_actor" in rate:
+        print(f"overlap_gain={rate['1_actor_overlap'] / rate['1_actor']:.3f}")
+    if "in_process" in rate and "1_actor" in rate:
+        print(f"ray_overhead_1_actor={rate['in_process'] / rate['1_actor'] - 1:.3f}")
 
 
 if __name__ == "__main__":

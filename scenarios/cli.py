@@ -48,6 +48,8 @@ def load_game(spec: str) -> Game:
     return get_game(spec)
 
 
+LLM_CHECKPOINT_EVERY = 25  # iterations: at most ~2 minutes of the CPU demo lost to a crash
+
 def build_parser() -> argparse.ArgumentParser:
     codes = ", ".join(f"{c} ({t.name})" for c, t in MORAL_TYPES.items() if t.family == "aies")
     p = argparse.ArgumentParser(
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs_per_batch", type=int, default=None,
                    help="runs stacked in one engine (default: spread the runs evenly over the CPUs)")
     p.add_argument("--flush_rows", type=int, default=1 << 18, help="rows per run buffered before a Parquet part is written")
+    p.add_argument("--checkpoint_every", type=int, default=None,
+                   help="iterations between checkpoints of a batch's whole state (learners, optimisers, buffers, random "
+                        f"streams, records written so far); a re-run with the same arguments continues from the last one. "
+                        f"Default: {LLM_CHECKPOINT_EVERY} for runs with LLM agents, 0 (none) otherwise: classic runs "
+                        "resume run by run")
     p.add_argument("--log_to", choices=TRACKERS, default="none",
                    help="stream reward, cooperation, KL and losses while the run runs: tensorboard "
                    "(<output>/<folder>/tensorboard/) or wandb in offline mode (<output>/<folder>/wandb/); default none")
@@ -221,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             random_matching=args.random_matching,
             output=args.output,
             flush_rows=args.flush_rows,
+            checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None
+            else (LLM_CHECKPOINT_EVERY if has_llm else 0),
             log_to=args.log_to,
             reward_schedule=tuple(tuple(e) for e in (scenario.run.get("reward_schedule", ()) if scenario else ())),
             agent_options=_llm_options(args, scenario) if has_llm else {},

@@ -67,7 +67,7 @@ def evaluate(
     """Run the matrix for one model (+ adapter); write the Parquet and the table; return the table."""
     from actors.llm.agent import LLMAgentConfig, cooperation_probability, make_engine, resolve_tokens
     from actors.llm.answers import ANSWER_MODES, AnswerTrie, answer_length, sample_masked
-    from actors.llm.engine import GenerationRequest
+    from actors.llm.engine import GenerationRequest, legal_share
     from actors.llm.models import resolve_model
     from actors.llm.prompts import UNRELATED_QUESTIONS, chat_ids, game_prompt_text, parse_answer, unrelated_prompt_text
     from actors.llm.weight_sync import peft_dir_to_adapter
@@ -116,16 +116,19 @@ def evaluate(
         texts = [res.text for res in results]
     for ks in by_tokens.values():
         tokens = row_tokens[ks[0]]
-        p_c = cooperation_probability(engine, tokenizer, tokens, [name] * len(ks), [prompts[k] for k in ks])
-        for k, p in zip(ks, p_c.tolist(), strict=True):
-            rows[k]["p_cooperate"] = p
-        if answer_mode == "mask":
+        if answer_mode == "mask":  # one scoring call gives both the masked answer and P(C): the same two sequences
             trie = AnswerTrie.from_texts(tokenizer, (tokens.c, tokens.d))
             seqs = [list(q) for q in trie.sequences]
             raw = engine.score_batch([name] * (2 * len(ks)), [prompts[k] for k in ks for _ in seqs], seqs * len(ks))
+            totals = np.array([sum(r) for r in raw]).reshape(len(ks), 2)
+            p_c = legal_share(totals[:, 0], totals[:, 1])
             for j, k in enumerate(ks):
                 pick, _ = sample_masked(trie, raw[2 * j : 2 * j + 2], rng.random(max(map(len, seqs))), temperature)
                 texts[k] = (tokens.c, tokens.d)[pick]
+        else:
+            p_c = cooperation_probability(engine, tokenizer, tokens, [name] * len(ks), [prompts[k] for k in ks])
+        for k, p in zip(ks, p_c.tolist(), strict=True):
+            rows[k]["p_cooperate"] = p
     for row, tokens, text in zip(rows, row_tokens, texts, strict=True):
         act = parse_answer(text, tokens)
         row.update(raw_answer=text, legal=act is not None, action=None if act is None else int(act))

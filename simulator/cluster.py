@@ -12,6 +12,7 @@ quickly when it finds no cluster. Ray is imported lazily: importing this module 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -149,3 +150,55 @@ def connect(
         what = "no Ray cluster found" if address == "auto" else f"could not join the Ray cluster at {address!r}"
         raise ClusterError(f"{what}: {e}. {_how_to()}.") from e
     log.debug("Ray initialised (%s)", address or "local")
+
+
+# ── one dataset on a cluster ────────────────────────────────────────────────────────────────────────────────────
+
+
+def _write_probe(folder: str, token: str) -> str:
+    """Runs on one node: write `<folder>/<token>` there; returns the node's id (a Ray task body)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    path = os.path.join(folder, f"{token}-{node}")
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(node)
+    return str(node)
+
+
+def check_shared_output(output: str | os.PathLike[str], timeout_s: float = 60.0,
+                        probe: Any = None) -> list[str]:
+    """Check that every alive node writes where this driver reads: each node writes a probe file into `output`
+    (as an absolute path), and the driver must find every one of them. Fails fast with a ClusterError naming the
+    nodes whose writes it cannot see (their records would land on their own disks, outside the dataset).
+
+    Returns the node ids checked. `probe` replaces the task body (tests simulate a node with its own disk).
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = os.path.join(os.path.abspath(os.fspath(output)), ".moralsim-staging", ".probes")
+    token = uuid.uuid4().hex
+    body = ray.remote(num_cpus=0, max_retries=0)(probe or _write_probe)
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    refs = [body.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(folder, token)
+            for n in nodes]
+    try:
+        written = ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(f"the nodes did not answer the output check within {timeout_s:.0f} s") from None
+    missing = [n for n in written if not os.path.exists(os.path.join(folder, f"{token}-{n}"))]
+    for n in written:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, f"{token}-{n}"))
+    if missing:
+        raise ClusterError(
+            f"--output {os.fspath(output)!r} is not shared: {len(missing)} of {len(nodes)} Ray nodes wrote their probe "
+            f"file where this driver cannot read it (nodes {', '.join(m[:12] for m in missing)}). Their records would "
+            "land on their own disks. Use a folder every node mounts at the same path (NFS, a shared volume)."
+        )
+    log.info("output %s is shared by all %d nodes", output, len(nodes))
+    return list(written)

@@ -27,6 +27,7 @@ class RunConfig:
     output: Path = Path("results")
     flush_rows: int = 1 << 18  # rows per run buffered before a part file is written
     log_to: str = "none"  # live metrics: none | tensorboard | wandb (offline); see simulator/tracking.py
+    checkpoint_every: int = 0  # iterations between checkpoints of a batch's whole state (0 = none); see driver.py
     agent_options: dict[str, Any] = field(default_factory=dict)  # learner settings, recorded in the manifest
     # phased rewards: (type code, fraction of the iterations after which it switches, new code),
     # e.g. ("Game", 0.5, "De") = the ICLR "Game, then De" schedule
@@ -45,6 +46,8 @@ class RunConfig:
             raise ConfigError(f"--num_runs must be at least 1, got {self.num_runs}")
         if self.flush_rows < 1:
             raise ConfigError(f"flush_rows must be at least 1, got {self.flush_rows}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
         check_seed(self.seed)
         check_compat(self.compat)
         check_tracker(self.log_to)
@@ -90,7 +93,8 @@ class RunConfig:
         """What must match for a resumed run to continue an existing dataset (everything but num_runs)."""
         d = asdict(self)
         d["game"] = {"id": self.game.id, "cells": [list(c) for c in self.game.cells]}
-        for k in ("num_runs", "output", "flush_rows", "log_to"):  # where results go, not what they are
+        # where and how results are written, not what they are
+        for k in ("num_runs", "output", "flush_rows", "log_to", "checkpoint_every"):
             d.pop(k)
         for k, default in (("protocol", "population"), ("episode_length", 0)):
             if d[k] == default:  # datasets written before these options existed still resume

@@ -97,6 +97,7 @@ class AgentGroup(Protocol):
             each phase runs for every group before the next; learn only for groups with learns=True
         save(run_dirs) once, after the last iteration, if the group is a SavesState
         close() always, last, also after a failure, if the group is a HoldsResources (Ray actors, engines)
+        state_dict() / load_state_dict() at checkpoints, between iterations, if the group is Checkpointable
     """
 
     slots: np.ndarray  # (G,) population indices this group plays
@@ -144,3 +145,14 @@ class HoldsResources(Protocol):
     releases them in close(). Called once at the end of the batch, also when it failed."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Checkpointable(Protocol):
+    """Optional: a group whose state cannot simply be pickled (it holds engines or Ray actors) gives its learning
+    state as picklable data, and continues from it. The driver checkpoints every other group by pickling it whole.
+    Called between iterations only (after end_iteration)."""
+
+    def state_dict(self) -> object: ...
+
+    def load_state_dict(self, state: object) -> None: ...

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from simulator.config import RunConfig
 from simulator.contracts import AgentGroup, HoldsResources, SavesState
 from simulator.engine import PopulationEngine
-from simulator.errors import ConfigError, CorruptDataError
+from simulator.errors import ConfigError, CorruptDataError, WorkerLostError
 from simulator.population import Population
 from simulator.records import PartWriter, RecordBuffer
 from simulator.schema import SCHEMA_VERSION
@@ -51,6 +51,7 @@ STAGING = ".moralsim-staging"
 MANIFEST = "manifest.json"
 PROGRESS_EVERY = 50  # iterations between progress reports...
 PROGRESS_SECONDS = 1.0  # ...or seconds, whichever comes first (LLM iterations take seconds each)
+MAX_RECOVERIES = 3  # a batch rolls back to its last checkpoint at most this often before it fails
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,17 @@ def run_batch(
     setup = time.perf_counter() - t0
     pop = cfg.population.resolved(cfg.method)
     stages = [staging_dir(cfg, r) for r in runs]
-    for d in stages:
-        shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted attempt
-        d.mkdir(parents=True)
+    ckpt = checkpoint_dir(cfg, runs)
+    start, rows = resume_from_checkpoint(cfg, runs, engine, stages)
+    if start == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for d in stages:
+            shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted attempt
+            d.mkdir(parents=True)
     llm = any(a.learner == "llm" for a in pop.agents)
     games = cfg.games_per_iteration
     buffer = RecordBuffer(len(runs), pop.codes, capacity=max(1, cfg.flush_rows // games), llm_columns=llm, games=games)
-    rows = 0
-    done_since_report = 0
+    done_since_report = start
     last_report = time.perf_counter()
     trackers: list[Tracker] = []  # stays empty for log_to="none": the loop below then skips tracking entirely
     every, last = track_every(cfg.num_iterations, llm), cfg.num_iterations - 1
@@ -111,20 +115,37 @@ def run_batch(
             config = json.loads(json.dumps(cfg.identity(), default=_json_default))
             for r in runs:
                 trackers.append(open_tracker(cfg.log_to, cfg.dataset_dir, f"run={r}", {**config, "run": r}))
-        for t in range(cfg.num_iterations):
-            rec = engine.step()
+        t, recoveries = start, 0
+        while t < cfg.num_iterations:
+            try:
+                rec = engine.step()
+            except WorkerLostError as e:  # a learner actor died: back to the last checkpoint, once it is restarted
+                recoveries += 1
+                if recoveries > MAX_RECOVERIES or read_checkpoint(cfg, runs) is None:
+                    raise
+                log.warning("%s runs %s, iteration %d: %s; continuing from the last checkpoint", cfg.destination_folder,
+                            list(runs), t, e)
+                buffer.clear()
+                writer.wait()
+                t, rows = resume_from_checkpoint(cfg, runs, engine, stages)
+                continue
             buffer.add(rec)
             if trackers and (t % every == 0 or t == last):
                 for tracker, metrics in zip(trackers, iteration_metrics(rec), strict=True):
                     tracker.log(rec.iteration, metrics)
             if buffer.full:
                 rows += buffer.flush(stages, writer)
+            if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.num_iterations:
+                rows += buffer.flush(stages, writer)
+                writer.wait()  # the records up to t are on disk before the checkpoint names them
+                write_checkpoint(cfg, runs, engine, stages, rows)
             done_since_report += 1
             if progress is not None and (
                 done_since_report >= PROGRESS_EVERY or time.perf_counter() - last_report > PROGRESS_SECONDS
             ):
                 progress(done_since_report * len(runs))
                 done_since_report, last_report = 0, time.perf_counter()
+            t += 1
         rows += buffer.flush(stages, writer)
         writer.close()  # every part on disk (or its error raised) before the run moves into the dataset
         for group in engine.groups:  # groups with state worth keeping (LLM adapters) save it beside the records
@@ -149,7 +170,113 @@ def run_batch(
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(d, final)  # the run appears in the dataset whole, or not at all
         results.append(RunResult(r, rows, seconds, st.entropy, setup))
+    shutil.rmtree(ckpt, ignore_errors=True)
     return results
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+# A checkpoint is a batch's whole state between two iterations, beside its staging runs:
+#     <output>/.moralsim-staging/<folder>/checkpoint-runs=0-1/   state.pt (engine + every group), checkpoint.json
+# checkpoint.json is written last, inside a fresh folder that then replaces the previous checkpoint by rename, so a
+# crash at any moment leaves the previous checkpoint or the new one, whole. It lists the record parts written so
+# far; resuming deletes every later part and continues from the next iteration with every random stream where it
+# was, so the finished run equals one that never stopped, and no record is lost or written twice.
+CHECKPOINT_STATE, CHECKPOINT_MANIFEST = "state.pt", "checkpoint.json"
+
+
+def checkpoint_dir(cfg: RunConfig, runs: Sequence[int]) -> Path:
+    return Path(cfg.output) / STAGING / cfg.destination_folder / f"checkpoint-runs={'-'.join(map(str, runs))}"
+
+
+def write_checkpoint(cfg: RunConfig, runs: Sequence[int], engine: PopulationEngine, stages: Sequence[Path],
+                     rows: int) -> Path:
+    """Commit the batch's state after iteration engine.iteration - 1 (see the comment above)."""
+    import torch  # preserves tensors that share storage (DQN parameter views), unlike plain pickle
+
+    from simulator.contracts import Checkpointable
+
+    t0 = time.perf_counter()
+    final = checkpoint_dir(cfg, runs)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    groups = [g.state_dict() if isinstance(g, Checkpointable) else g for g in engine.groups]
+    with open(tmp / CHECKPOINT_STATE, "wb") as f:
+        torch.save({"engine": engine.state_dict(), "groups": groups}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    manifest = {
+        "iteration": engine.iteration,
+        "runs": list(runs),
+        "rows": rows,
+        "parts": {str(r): sorted(p.name for p in d.glob("part-*.parquet")) for r, d in zip(runs, stages, strict=True)},
+        "config": json.loads(json.dumps(cfg.identity(), default=_json_default)),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    size = sum(p.stat().st_size for p in final.iterdir())
+    log.info("checkpoint at iteration %d: %.1f MB in %.2f s (%s)", engine.iteration, size / 2**20,
+             time.perf_counter() - t0, final)
+    return final
+
+
+def read_checkpoint(cfg: RunConfig, runs: Sequence[int]) -> tuple[Path, dict[str, Any]] | None:
+    """The batch's last committed checkpoint, or None (none, another batch layout, or another configuration)."""
+    final = checkpoint_dir(cfg, runs)
+    for d in (final, final.with_name(final.name + ".old")):  # .old: a crash between the two renames
+        path = d / CHECKPOINT_MANIFEST
+        if not path.is_file():
+            continue
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable checkpoint %s: %s", path, e)
+            continue
+        mine = json.loads(json.dumps(cfg.identity(), default=_json_default))
+        if manifest.get("config") != mine or manifest.get("runs") != list(runs):
+            log.warning("ignoring checkpoint %s: it was written for another configuration or batch", d)
+            return None
+        return d, manifest
+    return None
+
+
+def resume_from_checkpoint(cfg: RunConfig, runs: Sequence[int], engine: PopulationEngine,
+                           stages: Sequence[Path]) -> tuple[int, int]:
+    """Continue the batch from its last checkpoint: (first iteration to run, rows already written per run).
+    (0, 0) when there is none. Parts written after the checkpoint are deleted; the ones it lists stay untouched."""
+    import torch
+
+    from simulator.contracts import Checkpointable
+
+    found = read_checkpoint(cfg, runs)
+    if found is None:
+        return 0, 0
+    d, manifest = found
+    for r, stage in zip(runs, stages, strict=True):
+        listed = set(manifest["parts"].get(str(r), []))
+        missing = sorted(listed - {p.name for p in stage.glob("part-*.parquet")})
+        if missing:
+            raise CorruptDataError(f"checkpoint {d} lists record parts that are gone from {stage}: {missing[:3]}; "
+                                   f"delete {d.parent} to start the batch over")
+        for p in stage.iterdir():
+            if p.name not in listed and (p.name.startswith("part-") or p.name.endswith(".tmp")):
+                p.unlink()  # written after the checkpoint: they will be written again, identically
+    with open(d / CHECKPOINT_STATE, "rb") as f:
+        state = torch.load(f, weights_only=False)
+    engine.load_state_dict(state["engine"])
+    for k, (group, saved) in enumerate(zip(engine.groups, state["groups"], strict=True)):
+        if isinstance(group, Checkpointable):
+            group.load_state_dict(saved)
+        else:
+            engine.groups[k] = saved
+    log.info("%s runs %s: resuming from the checkpoint at iteration %d", cfg.destination_folder, list(runs),
+             engine.iteration)
+    return engine.iteration, int(manifest["rows"])
 
 
 # -- manifest -------------------------------------------------------------------------------------------------
@@ -362,6 +489,11 @@ def _run_ray(
     from simulator.cluster import connect
 
     connect(address, num_cpus)  # fails fast, naming the address, when no cluster answers there
+    if address:  # tasks on other nodes write the records: they must land where this driver reads them
+        from simulator.cluster import check_shared_output
+
+        for out in dict.fromkeys(str(c.output) for c in cfgs):
+            check_shared_output(out)
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
     refs = {task.remote(cfgs[i], batch, factory, counter): (i, batch) for i, batch in jobs}

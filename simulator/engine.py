@@ -161,7 +161,32 @@ class PopulationEngine:
         self._u = np.empty((self.R, 0, self.N, U_COLUMNS))
         self._u_pos = 0
 
+    # -- checkpoint ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, object]:
+        """The protocol's own state between iterations (the groups are checkpointed by the driver)."""
+        return {
+            "iteration": self.iteration,
+            "state": self.state.copy(),
+            "rngs": [rng.bit_generator.state for rng in self.rngs],
+            "u": self._u.copy(),
+            "u_pos": self._u_pos,
+            "learner_codes": list(self._learner_codes),
+        }
+
+    def load_state_dict(self, st: dict[str, object]) -> None:
+        state = np.asarray(st["state"], dtype=np.int8)
+        if state.shape != self.state.shape:
+            raise ConfigError(f"checkpoint state has shape {state.shape}, this engine plays {self.state.shape}")
+        self.iteration = int(st["iteration"])  # type: ignore[call-overload]
+        self.state = state.copy()
+        for rng, bit_state in zip(self.rngs, st["rngs"], strict=True):  # type: ignore[call-overload]
+            rng.bit_generator.state = bit_state
+        self._u = np.asarray(st["u"]).copy()
+        self._u_pos = int(st["u_pos"])  # type: ignore[call-overload]
+        self._set_rewards(list(st["learner_codes"]))  # type: ignore[call-overload]
+
     def _set_rewards(self, learner_codes: list[str | None]) -> None:
+        self._learner_codes = list(learner_codes)
         if len(learner_codes) != self.N:
             raise ConfigError(f"expected a moral type (or None) for each of {self.N} slots, got {len(learner_codes)}")
         moral = list(dict.fromkeys(c for c in learner_codes if c is not None))

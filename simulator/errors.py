@@ -77,3 +77,8 @@ class IllegalAnswerError(MoralsimError, ValueError):
 
 class StaleAdapterError(MoralsimError, RuntimeError):
     """An engine served an adapter version older than the learner's latest."""
+
+
+class WorkerLostError(MoralsimError, RuntimeError):
+    """A process that held part of a batch's state died (a learner actor). The batch continues from its last
+    checkpoint once the process is back (simulator/driver.py); without a checkpoint the batch fails."""

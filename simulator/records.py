@@ -80,6 +80,10 @@ class RecordBuffer:
                 cols[name][:, sl] = col
         self.filled += 1
 
+    def clear(self) -> None:
+        """Drop the buffered iterations (a batch rolled back to its last checkpoint writes them again)."""
+        self.filled = 0
+
     @property
     def full(self) -> bool:
         return self.filled >= self.capacity
@@ -149,9 +153,13 @@ class PartWriter:
             self._pending.pop(0).result()
             block = False
 
+    def wait(self) -> None:
+        """Return when every submitted part is on disk (raises the first write error)."""
+        while self._pending:
+            self._pending.pop(0).result()
+
     def close(self) -> None:
         try:
-            while self._pending:
-                self._pending.pop(0).result()
+            self.wait()
         finally:
             self._pool.shutdown(wait=True)

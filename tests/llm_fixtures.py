@@ -79,7 +79,7 @@ class ScriptedEngine:
         self.calls = 0
         self.versions: dict[str, int] = {}
 
-    def load_adapter(self, weights: AdapterWeights) -> None:
+    def load_adapter(self, weights: AdapterWeights, restore: bool = False) -> None:
         self.versions[weights.name] = weights.version
 
     def adapter_version(self, adapter: str) -> int:

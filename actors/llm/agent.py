@@ -40,7 +40,14 @@ import numpy as np
 
 from actors.dqn import DQNConfig, DQNGroup
 from actors.llm.answers import ANSWER_MODES, STOP_MODES, AnswerTrie, answer_length, sample_masked
-from actors.llm.engine import GenerationRequest, GenerationResult, RolloutEngine, action_probs, check_fresh
+from actors.llm.engine import (
+    GenerationRequest,
+    GenerationResult,
+    RolloutEngine,
+    action_logprobs,
+    check_fresh,
+    legal_share,
+)
 from actors.llm.learner import PPOConfig
 from actors.llm.learners import LearnerGroup, LearnerPool, StepHandle, StepJob, StepResult
 from actors.llm.prompts import (
@@ -141,8 +148,8 @@ def cooperation_probability(
     """(B,) P(C answer) / (P(C answer) + P(D answer)) per prompt, one scoring call on either engine."""
     c_ids = tokenizer(tokens.c, add_special_tokens=False)["input_ids"]
     d_ids = tokenizer(tokens.d, add_special_tokens=False)["input_ids"]
-    p = action_probs(engine, adapters, prompts, c_ids, d_ids)
-    return p[:, 0] / np.maximum(p.sum(axis=1), 1e-30)
+    lp = action_logprobs(engine, adapters, prompts, c_ids, d_ids)
+    return legal_share(lp[:, 0], lp[:, 1])
 
 
 @dataclass
@@ -250,8 +257,7 @@ class LLMGroup:
         for k, (b, name) in enumerate(zip(bs, names, strict=True)):
             rows = raw[k * len(seqs) : (k + 1) * len(seqs)]
             pick, logps = sample_masked(self.trie, rows, self.rngs[b].random(width), self.cfg.temperature)
-            totals = np.array([sum(r) for r in rows])
-            p_c[k] = 1.0 / (1.0 + np.exp(totals[1] - totals[0]))
+            p_c[k] = legal_share(float(np.sum(rows[0])), float(np.sum(rows[1])))  # the trie's sequences: (C, D)
             results.append(GenerationResult(seqs[pick], tuple(logps), self.answers[pick], name,
                                             self.engine.adapter_version(name)))
         check_fresh(results, {self.names[b]: self.served[b] for b in set(bs)})
@@ -409,6 +415,37 @@ class LLMGroup:
         for b, weights in enumerate(self.learners.export(self.names)):
             r, g = divmod(b, self.G)
             adapter_to_peft_dir(fetch(weights), Path(run_dirs[r]) / "adapters" / f"slot{int(self.slots[g])}")
+
+    # -- checkpoint (simulator.contracts.Checkpointable) -------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The group's whole learning state at an iteration boundary: learners (adapters, value heads, Adam, KL,
+        score moments, RNGs), sample buffers, the agents' random streams, the DQN selection head."""
+        self._sync(block=True)  # overlap: an update in flight belongs to the checkpoint
+        return {
+            "learners": self.learners.state_dicts(),
+            "buffers": self.buffers,
+            "last_stats": self.last_stats,
+            "dropped": self.dropped,
+            "served": self.served,
+            "rngs": [rng.bit_generator.state for rng in self.rngs],
+            "head": self.head,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`; the engine is then served every restored adapter."""
+        if sorted(state["learners"]) != sorted(self.names):
+            raise ConfigError(f"checkpoint holds agents {sorted(state['learners'])}, this group plays {self.names}")
+        self.learners.load_state_dicts(state["learners"])
+        self.buffers, self.last_stats, self.dropped = state["buffers"], state["last_stats"], int(state["dropped"])
+        for rng, st in zip(self.rngs, state["rngs"], strict=True):
+            rng.bit_generator.state = st
+        self.head = state["head"]
+        self.pending = {}  # updates in flight died with the state they would have changed
+        restored = [int(v) for v in state["served"]]
+        for b, weights in enumerate(self.learners.export(self.names)):
+            if restored[b] != self.served[b]:  # v0 is the initialisation, the same in every process
+                self.engine.load_adapter(weights, restore=True)
+        self.served = restored
 
     def close(self) -> None:
         """Release the engine (vLLM's engine core) and the actors; called by the driver at the end of a batch."""

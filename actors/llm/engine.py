@@ -78,8 +78,9 @@ class RolloutEngine(Protocol):
         """score() for many rows in one call (P(cooperate), masked answers)."""
         ...
 
-    def load_adapter(self, weights: AdapterWeights) -> None:
-        """Serve these weights for `weights.name` from now on (the weight sync)."""
+    def load_adapter(self, weights: AdapterWeights, restore: bool = False) -> None:
+        """Serve these weights for `weights.name` from now on (the weight sync). Versions only move forward, except
+        with `restore`: a run rolled back to its last checkpoint serves that checkpoint's versions again."""
         ...
 
     def adapter_version(self, adapter: str) -> int:
@@ -105,6 +106,20 @@ def check_fresh(results: Sequence[GenerationResult], latest: Mapping[str, int]) 
             )
 
 
+def action_logprobs(
+    engine: RolloutEngine,
+    adapters: Sequence[str | None],
+    prompts: Sequence[Sequence[int]],
+    c_ids: Sequence[int],
+    d_ids: Sequence[int],
+) -> np.ndarray:
+    """(B, 2) log pi of answering exactly the C tokens / the D tokens first (EOS not required), one scoring call."""
+    B = len(prompts)
+    lp = engine.score_batch([*adapters, *adapters], [*prompts, *prompts], [list(c_ids)] * B + [list(d_ids)] * B)
+    total = np.array([sum(x) for x in lp], dtype=np.float64)
+    return np.stack([total[:B], total[B:]], axis=1)
+
+
 def action_probs(
     engine: RolloutEngine,
     adapters: Sequence[str | None],
@@ -115,9 +130,12 @@ def action_probs(
     """(B, 2) probabilities of answering exactly the C tokens / the D tokens first (EOS not required), one scoring call.
 
     For single-token answers this is P(C token), P(D token) at the first answer position. P(C | legal) is
-    p[:, 0] / p.sum(1); 1 - p.sum(1) is the probability mass of answers that start illegally.
+    `legal_share` of the log pi; 1 - p.sum(1) is the probability mass of answers that start illegally.
     """
-    B = len(prompts)
-    lp = engine.score_batch([*adapters, *adapters], [*prompts, *prompts], [list(c_ids)] * B + [list(d_ids)] * B)
-    total = np.array([sum(x) for x in lp], dtype=np.float64)
-    return np.exp(np.stack([total[:B], total[B:]], axis=1))
+    return np.exp(action_logprobs(engine, adapters, prompts, c_ids, d_ids))
+
+
+def legal_share(logp_c: np.ndarray | float, logp_d: np.ndarray | float) -> np.ndarray:
+    """P(C) / (P(C) + P(D)) from the two answers' total log pi: the one formula for P(cooperate) everywhere
+    (free answers, masked answers, evaluation); stable where both probabilities underflow."""
+    return 1.0 / (1.0 + np.exp(np.asarray(logp_d, dtype=np.float64) - np.asarray(logp_c, dtype=np.float64)))

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 BASE_VERSION = -1
+SHARED_KV_TOKENS = 8192  # tokens of KV cache a shared-prompt scoring group may copy (SmolLM2-135M: ~46 KB each)
 
 
 def lora_config_from_dict(cfg: Mapping[str, object], inference_mode: bool):  # type: ignore[no-untyped-def]
@@ -69,15 +70,16 @@ class HFEngine:
 
     # ── adapters ────────────────────────────────────────────────────────────────────────────────────────────────
 
-    def load_adapter(self, weights: AdapterWeights) -> None:
+    def load_adapter(self, weights: AdapterWeights, restore: bool = False) -> None:
         """Serve `weights` for `weights.name` from now on; creating the adapter on first sight.
 
-        Raises StaleAdapterError for a version older than the one served (a reordered or replayed sync).
+        Raises StaleAdapterError for a version older than the one served (a reordered or replayed sync), unless
+        `restore` (a run rolled back to a checkpoint).
         """
         from peft import get_peft_model, set_peft_model_state_dict
 
         name, served = weights.name, self._versions.get(weights.name)
-        if served is not None and weights.version < served:
+        if served is not None and weights.version < served and not restore:
             raise StaleAdapterError(f"adapter {name!r}: refusing version {weights.version}, serving {served} already")
         if self._peft is None:
             cfg = lora_config_from_dict(weights.peft_config, inference_mode=True)
@@ -247,31 +249,61 @@ class HFEngine:
     ) -> list[list[float]]:
         """score_batch when prompts repeat (a judge asking several questions about one text, C/D answers of one
         prompt): each distinct (adapter, prompt) is run once with the KV cache on, the cache is copied to its rows,
-        and one more forward runs every row's completion on top of it. Same numbers as the one-forward path."""
-        unique: dict[tuple[str | None, tuple[int, ...]], int] = {}
-        row = torch.tensor([unique.setdefault(k, len(unique)) for k in keys], device=self.device)  # (B,) -> prompt
-        u_names = None if names is None else [BASE if a is None else a for a, _ in unique]
-        ids, mask = self._left_pad([p for _, p in unique])
+        and one more forward runs every row's completion on top of it. Same numbers as the one-forward path.
+        Prompts go in groups whose copied cache holds at most SHARED_KV_TOKENS tokens (bounded memory)."""
+        rows_of: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
+        for i, k in enumerate(keys):
+            rows_of.setdefault(k, []).append(i)
+        groups: list[list[tuple[str | None, tuple[int, ...]]]] = [[]]
+        size = 0
+        for k, rows in rows_of.items():
+            need = sum(len(k[1]) + len(completions[i]) for i in rows)
+            if groups[-1] and size + need > SHARED_KV_TOKENS:
+                groups.append([])
+                size = 0
+            groups[-1].append(k)
+            size += need
+        out: list[list[float]] = [[] for _ in keys]
+        for group in groups:
+            rows = [i for k in group for i in rows_of[k]]
+            local = torch.tensor([u for u, k in enumerate(group) for _ in rows_of[k]], device=self.device)  # row -> prompt
+            scored = self._score_on_cache(group, local, None if names is None else [names[i] for i in rows],
+                                          [completions[i] for i in rows])
+            for i, lp in zip(rows, scored, strict=True):
+                out[i] = lp
+        return out
+
+    def _score_on_cache(
+        self,
+        prompts: Sequence[tuple[str | None, tuple[int, ...]]],
+        row: torch.Tensor,
+        names: list[str] | None,
+        completions: Sequence[Sequence[int]],
+    ) -> list[list[float]]:
+        """One prompt forward for `prompts` (U), its cache copied to the rows (row[i] = the prompt of row i), then
+        one forward of every row's completion."""
+        u_names = None if names is None else [BASE if a is None else a for a, _ in prompts]
+        ids, mask = self._left_pad([p for _, p in prompts])
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         out = self._call(u_names, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[row]  # (B, V) predicts each completion's token 0
         cache = out.past_key_values
         cache.reorder_cache(row)  # (U, ...) -> (B, ...)
         width = max(len(c) for c in completions)
-        comp = torch.full((len(keys), width), self.pad_id, dtype=torch.long)
-        comp_mask = torch.zeros((len(keys), width), dtype=torch.long)
+        comp = torch.full((len(completions), width), self.pad_id, dtype=torch.long)
+        comp_mask = torch.zeros((len(completions), width), dtype=torch.long)
         for i, c in enumerate(completions):
             comp[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
             comp_mask[i, : len(c)] = 1
         comp, comp_mask = comp.to(self.device), comp_mask.to(self.device)
         c_pos = mask.sum(1)[row][:, None] + torch.arange(width, device=self.device)  # (B, width) after each prompt
-        logp0 = first.gather(1, comp[:, :1])  # (B, 1)
+        logp = first.gather(1, comp[:, :1])  # (B, 1)
         if width > 1:
             logits = self._call(names, input_ids=comp[:, :-1], attention_mask=torch.cat([mask[row], comp_mask[:, :-1]], 1),
                                 position_ids=c_pos[:, :-1], past_key_values=cache, use_cache=True).logits.float()
             rest = torch.log_softmax(logits, dim=-1).gather(2, comp[:, 1:, None]).squeeze(2)  # (B, width-1)
-            logp0 = torch.cat([logp0, rest], 1)
-        return [[float(x) for x in logp0[i, : len(c)].tolist()] for i, c in enumerate(completions)]
+            logp = torch.cat([logp, rest], 1)
+        return [[float(x) for x in logp[i, : len(c)].tolist()] for i, c in enumerate(completions)]
 
     def score(self, adapter: str | None, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         return self.score_batch([adapter], [prompt_ids], [completion_ids])[0]

@@ -138,6 +138,16 @@ def _allowed_mask(allowed: Sequence[Sequence[Sequence[int]] | None], b: int, wid
     return m
 
 
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
 class PolicyHost:
     """One frozen base causal LM that carries the LoRA adapters of any number of learners."""
 
@@ -473,6 +483,43 @@ class PPOLearner:
         return steps
 
     # ── weight sync ─────────────────────────────────────────────────────────────────────────────────────────────
+
+    # ── checkpoint ──────────────────────────────────────────────────────────────────────────────────────────────
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed learner needs to continue exactly: LoRA and value head, Adam, KL coefficient, score
+        moments, version, the accumulation counter and the shuffle RNG (CPU tensors and plain values; picklable)."""
+        from peft import get_peft_model_state_dict
+
+        lora = get_peft_model_state_dict(self.host.model, adapter_name=self.name)
+        return {
+            "lora": {k: v.detach().to("cpu", copy=True) for k, v in lora.items()},
+            "value_head": {k: v.detach().to("cpu", copy=True) for k, v in self.value_head.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "kl_coef": self.kl_ctl.value,
+            "running": asdict(self.running),
+            "version": self.version,
+            "accum": self._accum,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from peft import set_peft_model_state_dict
+
+        res: Any = set_peft_model_state_dict(
+            self.host.model, {k: v.to(self.device) for k, v in state["lora"].items()}, adapter_name=self.name
+        )
+        missing = [k for k in res.missing_keys if f".{self.name}." in k and "lora_" in k]
+        if res.unexpected_keys or missing:
+            raise ValueError(f"checkpoint of {self.name!r} does not fit: unexpected {res.unexpected_keys[:3]}, "
+                             f"missing {missing[:3]}")
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.running = RunningMoments(**state["running"])
+        self.version = int(state["version"])
+        self._accum = int(state["accum"])
+        self._rng.bit_generator.state = state["rng"]
 
     def export_adapter(self) -> AdapterWeights:
         """The current LoRA weights as plain CPU tensors (peft state-dict names) with this learner's version."""

@@ -83,6 +83,12 @@ class LearnerPool(Protocol):
 
     def versions(self) -> dict[str, int]: ...
 
+    def state_dicts(self) -> dict[str, dict[str, Any]]:
+        """Every learner's checkpoint state, by agent name (CPU tensors and plain values)."""
+        ...
+
+    def load_state_dicts(self, states: dict[str, dict[str, Any]]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -122,6 +128,14 @@ class LearnerGroup:
 
     def versions(self) -> dict[str, int]:
         return {name: learner.version for name, learner in self.learners.items()}
+
+    def state_dicts(self) -> dict[str, dict[str, Any]]:
+        """Every learner's checkpoint state (PPOLearner.state_dict), by agent name."""
+        return {name: learner.state_dict() for name, learner in self.learners.items()}
+
+    def load_state_dicts(self, states: dict[str, dict[str, Any]]) -> None:
+        for name, state in states.items():
+            self._learner(name).load_state_dict(state)
 
     def logprobs(self, name: str, prompt_ids: Sequence[int], completion_ids: Sequence[int],
                  allowed: Sequence[Sequence[int]] | None = None) -> list[float]:

@@ -38,7 +38,7 @@ from actors.llm.learner import PPOConfig
 from actors.llm.learners import LearnerGroup, StepJob, StepResult
 from actors.llm.resources import LLMActors, Plan, plan
 from actors.llm.weight_sync import AdapterRef
-from simulator.errors import ConfigError, StaleAdapterError
+from simulator.errors import ConfigError, StaleAdapterError, WorkerLostError
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,10 @@ class RolloutActor:
     def score_batch(self, adapters: list[str | None], prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         return self._guard(self.engine.score_batch, adapters, prompts, completions)  # type: ignore[no-any-return]
 
-    def load_adapter(self, weights: AdapterWeights) -> float:
+    def load_adapter(self, weights: AdapterWeights, restore: bool = False) -> float:
         """Serve these weights; returns the seconds the engine took (write + register)."""
         t0 = time.perf_counter()
-        self._guard(self.engine.load_adapter, weights)
+        self._guard(self.engine.load_adapter, weights, restore)
         return time.perf_counter() - t0
 
     def adapter_version(self, adapter: str) -> int:
@@ -126,6 +126,12 @@ class LearnerActor:
     def logprobs(self, name: str, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         return list(self.group.logprobs(name, prompt_ids, completion_ids))
 
+    def state_dicts(self) -> dict[str, dict[str, Any]]:
+        return dict(self.group.state_dicts())
+
+    def load_state_dicts(self, states: dict[str, dict[str, Any]]) -> None:
+        self.group.load_state_dicts(states)
+
     def placement(self) -> dict[str, Any]:
         return _placement(self.device)
 
@@ -145,20 +151,48 @@ class RemoteEngine:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
         self._versions: dict[str, int] = {}
-        self._loads: list[Any] = []  # refs of weight loads not yet confirmed (they run before later calls)
+        self._latest: dict[str, Any] = {}  # per adapter, the payload last sent (re-sent to a restarted engine)
+        self._loads: list[tuple[int, Any]] = []  # (engine, ref) of loads not yet confirmed (they run before later calls)
         self.sync_seconds: list[float] = []  # per loaded adapter version: the engine-side load time
+        self.restarts = 0  # rollout actors found restarted (and re-served) during calls
 
     def _shard(self, adapter: str | None) -> int:
         return 0 if adapter is None else self.route.get(adapter, 0)
 
-    def _gather(self, refs: list[Any]) -> list[Any]:
-        """ray.get the calls, and with them every pending load (so a failed load surfaces here, not never)."""
+    def _call(self, calls: list[tuple[int, str, tuple[Any, ...]]]) -> list[Any]:
+        """Run (engine, method, args) calls, one per engine, in parallel, and confirm every pending load with them.
+
+        A rollout actor that died (killed, or its engine dead) is restarted by Ray; its calls then wait for it, it is
+        served every adapter it holds again, and they run again. Generation is a function of the request seeds, so
+        the repeated call returns what the lost one would have, and nothing was recorded from the lost one."""
         import ray
 
         loads, self._loads = self._loads, []
-        out = ray.get(loads + refs)
-        self.sync_seconds.extend(float(s) for s in out[: len(loads)])
-        return list(out[len(loads) :])
+        refs = [r for _, r in loads] + [getattr(self.actors[e], m).remote(*a) for e, m, a in calls]
+        out: list[Any] = []
+        revived: set[int] = set()
+        for k, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                engine = loads[k][0] if k < len(loads) else calls[k - len(loads)][0]
+                if engine not in revived:
+                    self._revive(engine, e)
+                    revived.add(engine)
+                out.append(None if k < len(loads) else self._call([calls[k - len(loads)]])[0])
+        self.sync_seconds.extend(float(s) for s in out[: len(loads)] if s is not None)
+        return out[len(loads) :]
+
+    def _revive(self, engine: int, error: BaseException) -> None:
+        """Wait for Ray to restart rollout actor `engine`, then serve it every adapter it holds again."""
+        import ray
+
+        log.warning("rollout actor %d lost (%s); waiting for its restart", engine, type(error).__name__)
+        wait_until_back(self.actors[engine])
+        self.restarts += 1
+        mine = [(n, p) for n, p in self._latest.items() if self._shard(n) == engine]
+        ray.get([self.actors[engine].load_adapter.remote(p, True) for _, p in mine])
+        log.warning("rollout actor %d is back; %d adapters served again", engine, len(mine))
 
     def _split(self, adapters: Sequence[str | None]) -> dict[int, list[int]]:
         parts: dict[int, list[int]] = {}
@@ -170,9 +204,9 @@ class RemoteEngine:
         if not requests:
             return []
         parts = self._split([r.adapter for r in requests])
-        refs = [self.actors[e].generate.remote([requests[k] for k in ks]) for e, ks in parts.items()]
+        calls = [(e, "generate", ([requests[k] for k in ks],)) for e, ks in parts.items()]
         out: list[GenerationResult | None] = [None] * len(requests)
-        for ks, results in zip(parts.values(), self._gather(refs), strict=True):
+        for ks, results in zip(parts.values(), self._call(calls), strict=True):
             for k, res in zip(ks, results, strict=True):
                 out[k] = res
         return [r for r in out if r is not None]
@@ -183,13 +217,10 @@ class RemoteEngine:
         if not (len(adapters) == len(prompts) == len(completions)):
             raise ValueError("adapters, prompts and completions must have the same length")
         parts = self._split(adapters)
-        refs = [
-            self.actors[e].score_batch.remote([adapters[k] for k in ks], [list(prompts[k]) for k in ks],
-                                              [list(completions[k]) for k in ks])
-            for e, ks in parts.items()
-        ]
+        calls = [(e, "score_batch", ([adapters[k] for k in ks], [list(prompts[k]) for k in ks],
+                                      [list(completions[k]) for k in ks])) for e, ks in parts.items()]
         out: list[list[float]] = [[] for _ in adapters]
-        for ks, rows in zip(parts.values(), self._gather(refs), strict=True):
+        for ks, rows in zip(parts.values(), self._call(calls), strict=True):
             for k, row in zip(ks, rows, strict=True):
                 out[k] = row
         return out
@@ -197,17 +228,19 @@ class RemoteEngine:
     def score(self, adapter: str | None, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         return self.score_batch([adapter], [prompt_ids], [completion_ids])[0]
 
-    def load_adapter(self, weights: AdapterWeights | AdapterRef) -> None:
+    def load_adapter(self, weights: AdapterWeights | AdapterRef, restore: bool = False) -> None:
         """Queue the load on the adapter's engine; it runs before any later call to that engine (Ray keeps one
         caller's calls to one actor in order) and is confirmed with the next call's results."""
         served = self._versions.get(weights.name)
-        if served is not None and weights.version <= served:
+        if served is not None and weights.version <= served and not restore:
             raise StaleAdapterError(
                 f"adapter {weights.name!r}: expected a version newer than the served v{served}, got v{weights.version}"
             )
         payload = weights.ref if isinstance(weights, AdapterRef) else weights
-        self._loads.append(self.actors[self._shard(weights.name)].load_adapter.remote(payload))
+        engine = self._shard(weights.name)
+        self._loads.append((engine, self.actors[engine].load_adapter.remote(payload, restore)))
         self._versions[weights.name] = weights.version
+        self._latest[weights.name] = payload
 
     def adapter_version(self, adapter: str) -> int:
         """The version this proxy has sent (loads are confirmed with the next call; a failed one raises there)."""
@@ -219,7 +252,7 @@ class RemoteEngine:
 
     def flush(self) -> None:
         """Wait for every queued load."""
-        self._gather([])
+        self._call([])
 
     def close(self) -> None:
         return None  # the actors belong to the Cluster, which ends them (Cluster.close)
@@ -240,7 +273,11 @@ class RemoteStep:
     def result(self) -> StepResult:
         import ray
 
-        stats = ray.get(self.stats_ref)
+        try:
+            stats = ray.get(self.stats_ref)
+        except ray.exceptions.RayActorError as e:  # the learner's state is gone with it: back to a checkpoint
+            raise WorkerLostError(f"the learner actor of {self.name} died during its PPO step ({type(e).__name__})") \
+                from e
         version = int(stats["version"])
         return StepResult(self.name, stats, version, AdapterRef(self.name, version, self.weights_ref))
 
@@ -275,8 +312,38 @@ class RemoteLearners:
             out.update(v)
         return out
 
+    def state_dicts(self) -> dict[str, dict[str, Any]]:
+        import ray
+
+        out: dict[str, dict[str, Any]] = {}
+        for states in ray.get([a.state_dicts.remote() for a in self.actors]):
+            out.update(states)
+        return out
+
+    def load_state_dicts(self, states: dict[str, dict[str, Any]]) -> None:
+        import ray
+
+        for a in self.actors:  # a learner actor that died is being restarted by Ray: wait for it
+            wait_until_back(a)
+        ray.get([a.load_state_dicts.remote({n: st for n, st in states.items() if self.route[n] == k})
+                 for k, a in enumerate(self.actors)])
+
     def close(self) -> None:
         return None
+
+
+def wait_until_back(actor: Any, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Block until `actor` answers (Ray restarts a dead actor with max_restarts); its placement info."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.placement.remote(), timeout=timeout_s)  # type: ignore[no-any-return]
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 # ── launching ───────────────────────────────────────────────────────────────────────────────────────────────────
@@ -337,12 +404,13 @@ def launch(
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    if not ray.is_initialized():
-        from simulator.cluster import connect
-
-        connect(None)
     t0 = time.perf_counter()
     p = plan(actors_cfg, names, device)
+    if not ray.is_initialized():  # a local Ray of our own: declare enough logical CPUs for every actor's bundle
+        from simulator.cluster import connect
+
+        needed = sum(b.get("CPU", 0.0) for b in p.bundles)
+        connect(None, num_cpus=max(os.cpu_count() or 1, int(-(-needed // 1))))
     pg = _ready_placement_group(list(p.bundles), actors_cfg.placement, actors_cfg.placement_timeout_s)
     spec_of = dict(specs)
 

@@ -162,8 +162,9 @@ class VLLMEngine:
         shutil.rmtree(request.lora_path, ignore_errors=True)
         logger.debug("retired adapter %s (lora id %d)", request.lora_name, request.lora_int_id)
 
-    def load_adapter(self, weights: AdapterWeights) -> None:
-        """Serve `weights` for `weights.name` from the next call on; versions must strictly increase.
+    def load_adapter(self, weights: AdapterWeights, restore: bool = False) -> None:
+        """Serve `weights` for `weights.name` from the next call on; versions must strictly increase, unless
+        `restore` (a run rolled back to a checkpoint serves that checkpoint's version again).
 
         The replaced version is retired (unloaded, folder deleted) once no generate/score call in flight refers to it.
         If loading fails, the previous version stays served.
@@ -171,9 +172,9 @@ class VLLMEngine:
         if weights.name == ZERO_ADAPTER:
             raise ConfigError(f"adapter name {ZERO_ADAPTER!r} is reserved for the engine's base-model stand-in")
         with self._load_lock:
-            self._load_adapter(weights)
+            self._load_adapter(weights, restore)
 
-    def _load_adapter(self, weights: AdapterWeights) -> None:
+    def _load_adapter(self, weights: AdapterWeights, restore: bool) -> None:
         if self._zero is None:
             # vLLM's CPU LoRA kernels index the adapter slots with the no-LoRA index -1, i.e. the LAST slot: a base
             # request batched with adapter requests would get someone's adapter. An all-zero adapter is exactly
@@ -186,12 +187,14 @@ class VLLMEngine:
                 self._zero = zero
         with self._lock:
             old = self._served.get(weights.name)
-        if old is not None and weights.version <= old.version:
+        if old is not None and weights.version <= old.version and not restore:
             raise StaleAdapterError(
                 f"adapter {weights.name!r}: expected a version newer than the served v{old.version}, got v{weights.version}"
             )
-        path = self._root / weights.name / f"v{weights.version:08d}"
-        request = self._register(f"{weights.name}@v{weights.version}", weights, path)
+        # name and folder carry the fresh lora id too: a restored version never meets its earlier load's caches
+        uid = self._next_lora_id
+        path = self._root / weights.name / f"v{weights.version:08d}-{uid}"
+        request = self._register(f"{weights.name}@v{weights.version}.{uid}", weights, path)
         retire_now = False
         with self._lock:
             self._served[weights.name] = _Served(weights.version, request)

@@ -1,0 +1,98 @@
+"""Two Ray nodes on this machine (ray.cluster_utils.Cluster): LLM actors placed on both, one dataset from tasks on
+both, and the output check that refuses a folder the nodes do not share."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from actors.llm.agent import LLMAgentConfig, make_engine
+from actors.llm.learner import PPOConfig
+from actors.llm.remote import launch, learner_group_factory
+from actors.llm.resources import LLMActors
+from simulator.errors import ClusterError
+from tests.helpers import need, read_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_PPO = PPOConfig(batch_size=2, mini_batch_size=2, gradient_accumulation_steps=1, lora_r=8)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    ray = need("ray")
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray, cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_llm_actors_spread_over_both_nodes(two_nodes, tiny_model_path):
+    ray, _ = two_nodes
+    from transformers import AutoTokenizer
+
+    config = LLMAgentConfig(model=str(tiny_model_path), ppo=SMALL_PPO)
+    cluster = launch(LLMActors(rollout_actors=1, learner_actors=1, placement="STRICT_SPREAD"), ["n0"],
+                     [("n0", SMALL_PPO)], lambda names: partial(make_engine, config, tiny_model_path, 0, len(names)),
+                     learner_group_factory(str(tiny_model_path), "cpu"), AutoTokenizer.from_pretrained(tiny_model_path))
+    try:
+        nodes = {info["node_id"] for info in cluster.info}
+        assert len(nodes) == 2  # the rollout actor on one node, the learner on the other
+        assert nodes == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        (weights,) = cluster.learners.export(["n0"])
+        cluster.engine.load_adapter(weights)  # the adapter crosses nodes through the object store
+        prompt = [1, 2, 3, 4]
+        assert len(cluster.engine.score("n0", prompt, [5, 6])) == 2
+    finally:
+        cluster.close()
+
+
+def test_tasks_on_both_nodes_write_one_dataset(two_nodes, tmp_path):
+    _, cluster = two_nodes
+    from scenarios.factory import AgentSettings, build_groups
+    from simulator.config import RunConfig
+    from simulator.driver import run_sweep
+
+    cfg = RunConfig("1xUT_1xaUT_1xDE", num_iterations=200, num_runs=4, seed=2, output=tmp_path)
+    run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="ray", ray_address=cluster.address,
+              runs_per_batch=1, show_progress=False)
+    df = read_dataset(cfg.dataset_dir)
+    assert sorted(df["run"].unique().to_list()) == [0, 1, 2, 3] and df.height == 4 * 200 * 3
+
+
+def _probe_with_own_disk(folder: str, token: str) -> str:
+    """A node whose disk is its own: it writes its probe to a path the driver does not read (as a node with a
+    local ./results would)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if node != os.environ.get("MORALSIM_TEST_DRIVER_NODE"):
+        folder = folder + "-on-its-own-disk"
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{token}-{node}"), "w") as f:
+        f.write(node)
+    return str(node)
+
+
+def test_an_output_the_nodes_do_not_share_is_refused(two_nodes, tmp_path, monkeypatch):
+    ray, _ = two_nodes
+    from simulator.cluster import check_shared_output
+
+    assert len(check_shared_output(tmp_path)) == 2  # this machine's nodes share its disk
+    driver_node = ray.get_runtime_context().get_node_id()
+
+    def probe(folder: str, token: str) -> str:
+        os.environ["MORALSIM_TEST_DRIVER_NODE"] = driver_node
+        return _probe_with_own_disk(folder, token)
+
+    with pytest.raises(ClusterError, match="is not shared: 1 of 2 Ray nodes"):
+        check_shared_output(tmp_path, probe=probe)
