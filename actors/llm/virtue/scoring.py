@@ -1,0 +1,186 @@
+"""The numbers of the virtue-ethics RLAIF pipeline, as pure numpy (no torch, transformers or trl).
+
+From the judge's label probabilities to a preference, for one pair of answers (A, B) and one virtue:
+
+    order AB (A shown as answer 1): p_ab = P("1") / (P("1") + P("2"))      P(first shown is better)
+    order BA (B shown as answer 1): p_ba = P("1") / (P("1") + P("2"))
+    p_A = (p_ab + (1 - p_ba)) / 2            both orders averaged, so a judge that always says "1" gives p_A = 0.5
+    winner: A if p_A > 0.5 + margin, B if p_A < 0.5 - margin, else a tie (no point to anyone; margin 0 by default)
+
+The winner of each virtue gets one point; the answer with more points is `chosen`. Equal points (2-2 with one
+virtue tied, 0-0 with all tied, ...) is a tied pair: it goes into no preference dataset and is counted.
+
+Rewards (seed 004, section 3.2.2):
+
+    ensemble reward of one answer   r = mean_m s_m - lam * std_m s_m       over the M = 3 reward models, lam = 0.5
+    evaluation score of a model     S = mean(all 3n scores) - 0.5 * std(all 3n scores)
+                                    s_kj = RM_k(turn k of the model's dialogue on held-out prompt j)
+
+std is the population standard deviation (ddof = 0), the report's sigma. The bootstrap resamples prompts (rows of the
+(n, 3) score matrix), never single scores: the three scores of one dialogue are not independent. Two models
+evaluated on the same prompts are compared with a paired bootstrap (the same resampled prompts for both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.errors import ConfigError
+
+VIRTUES = ("honesty", "prudence", "compassion", "humility", "respect")
+TURNS = ("action", "motivation", "consequences")
+
+A_WINS, TIE, B_WINS = 1, 0, -1
+TIE_EPS = 1e-9  # (0.9 + 1 - 0.9) / 2 is 0.4999999999999999: float rounding must not break a tie
+
+
+def label_share(p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
+    """P("1") / (P("1") + P("2")), elementwise; 0.5 where the judge puts no mass on either label."""
+    p1, p2 = np.asarray(p1, dtype=np.float64), np.asarray(p2, dtype=np.float64)
+    total = p1 + p2
+    return np.divide(p1, total, out=np.full_like(total, 0.5), where=total > 0)
+
+
+def prob_a_better(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
+    """The order-averaged probability that A is better: (p_ab + 1 - p_ba) / 2 (module docstring)."""
+    return (np.asarray(p_ab, dtype=np.float64) + 1.0 - np.asarray(p_ba, dtype=np.float64)) / 2.0
+
+
+def virtue_winners(p_ab: np.ndarray, p_ba: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """(..., V) int8: +1 where A wins the virtue, -1 where B wins, 0 for a tie (|p_A - 0.5| <= margin + TIE_EPS)."""
+    if not 0.0 <= margin < 0.5:
+        raise ConfigError(f"tie margin must be in [0, 0.5), got {margin!r}")
+    d = prob_a_better(p_ab, p_ba) - 0.5
+    bound = margin + TIE_EPS
+    return np.where(d > bound, A_WINS, np.where(d < -bound, B_WINS, TIE)).astype(np.int8)
+
+
+def position_bias(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
+    """(..., V) bool: the judge preferred the same *position* in both orders (first both times, or second both times),
+    so its verdict for the answers themselves flips with the order."""
+    return np.sign(np.asarray(p_ab) - 0.5) * np.sign(np.asarray(p_ba) - 0.5) > 0
+
+
+@dataclass(frozen=True)
+class Majority:
+    points_a: np.ndarray  # (N,) virtues won by A
+    points_b: np.ndarray  # (N,) virtues won by B
+    outcome: np.ndarray  # (N,) int8: +1 A chosen, -1 B chosen, 0 tied pair
+
+
+def majority(winners: np.ndarray) -> Majority:
+    """One point per virtue won; more points decides. `winners` is (N, V) from `virtue_winners`."""
+    w = np.asarray(winners)
+    if w.ndim != 2:
+        raise ValueError(f"winners must be (pairs, virtues), got shape {w.shape}")
+    a, b = (w == A_WINS).sum(1), (w == B_WINS).sum(1)
+    return Majority(a, b, np.sign(a - b).astype(np.int8))
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What the judge decided over a set of pairs."""
+
+    pairs: int
+    a_chosen: int
+    b_chosen: int
+    tied_pairs: int  # equal points: in no dataset
+    virtue_verdicts: int  # pairs x virtues
+    tied_virtues: int  # |p_A - 0.5| <= margin: no point given
+    position_biased: int  # virtue verdicts where the judge picked the same position in both orders
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.__dict__.items()}
+
+
+def tally(p_ab: np.ndarray, p_ba: np.ndarray, margin: float = 0.0) -> Tally:
+    """Count outcomes, ties and position-biased verdicts for (N, V) label shares in both orders."""
+    winners = virtue_winners(p_ab, p_ba, margin)
+    m = majority(winners)
+    return Tally(
+        pairs=int(winners.shape[0]),
+        a_chosen=int((m.outcome == A_WINS).sum()),
+        b_chosen=int((m.outcome == B_WINS).sum()),
+        tied_pairs=int((m.outcome == TIE).sum()),
+        virtue_verdicts=int(winners.size),
+        tied_virtues=int((winners == TIE).sum()),
+        position_biased=int(position_bias(p_ab, p_ba).sum()),
+    )
+
+
+# ── rewards and the evaluation score ────────────────────────────────────────────────────────────────────────────
+
+
+def ensemble_reward(scores: np.ndarray, lam: float = 0.5) -> np.ndarray:
+    """(B,) mean - lam * std over the models, for (B, M) reward-model scores (population std)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] == 0:
+        raise ValueError(f"scores must be (answers, models), got shape {s.shape}")
+    if lam < 0:
+        raise ConfigError(f"lambda must be >= 0, got {lam!r}")
+    return s.mean(1) - lam * s.std(1)
+
+
+def evaluation_score(scores: np.ndarray) -> float:
+    """The report's score: mean - 0.5 * std over every entry of the (n, 3) score matrix (3n scores)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size == 0:
+        raise ValueError("no scores to evaluate")
+    return float(s.mean() - 0.5 * s.std())
+
+
+def _scores_of_rows(scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(R,) evaluation_score of each resample: idx is (R, n) row indices into the (n, M) matrix."""
+    picked = scores[idx].reshape(idx.shape[0], -1)  # (R, n * M)
+    return picked.mean(1) - 0.5 * picked.std(1)
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float  # the statistic on the data as it is
+    low: float  # percentile bootstrap interval
+    high: float
+    n: int  # prompts (rows) resampled
+    level: float
+    resamples: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+def _check(scores: np.ndarray, resamples: int, level: float) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] == 0:
+        raise ValueError(f"scores must be a non-empty (prompts, models) matrix, got shape {s.shape}")
+    if resamples < 1:
+        raise ConfigError(f"resamples must be >= 1, got {resamples!r}")
+    if not 0.0 < level < 1.0:
+        raise ConfigError(f"level must be in (0, 1), got {level!r}")
+    return s
+
+
+def _interval(estimate: float, stats: np.ndarray, n: int, level: float) -> Interval:
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [tail, 1.0 - tail])
+    return Interval(estimate, float(low), float(high), n, level, int(stats.size))
+
+
+def bootstrap_score(scores: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
+    """evaluation_score of an (n, M) matrix with a percentile bootstrap interval over prompts (rows)."""
+    s = _check(scores, resamples, level)
+    idx = np.random.default_rng(seed).integers(0, s.shape[0], size=(resamples, s.shape[0]))
+    return _interval(evaluation_score(s), _scores_of_rows(s, idx), s.shape[0], level)
+
+
+def bootstrap_difference(
+    scores_a: np.ndarray, scores_b: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> Interval:
+    """score(a) - score(b) for two models on the same n prompts (row j = prompt j in both), paired bootstrap."""
+    a, b = _check(scores_a, resamples, level), _check(scores_b, resamples, level)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same prompts: shapes {a.shape} and {b.shape}")
+    idx = np.random.default_rng(seed).integers(0, a.shape[0], size=(resamples, a.shape[0]))
+    stats = _scores_of_rows(a, idx) - _scores_of_rows(b, idx)
+    return _interval(evaluation_score(a) - evaluation_score(b), stats, a.shape[0], level)
