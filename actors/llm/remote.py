@@ -297,11 +297,7 @@ class RemoteLearners:
         return out
 
     def export(self, names: Sequence[str]) -> list[AdapterRef]:
-        import ray
-
-        versions: dict[str, int] = {}
-        for v in ray.get([a.versions.remote() for a in self.actors]):
-            versions.update(v)
+        versions = self.versions()
         return [AdapterRef(n, versions[n], self.actors[self.route[n]].export.remote(n)) for n in names]
 
     def versions(self) -> dict[str, int]:
