@@ -33,7 +33,8 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
         "Game-then-De against TFT) get the paper's figures: cooperation over legal answers and illegal-answer rate "
         "per episode, start and end rates, and the generalisation matrix of their saved adapters' evaluations.",
     )
-    p.add_argument("folders", nargs="+", type=Path, help="<output>/<destination_folder> (one or more)")
+    p.add_argument("folders", nargs="+", help="<output>/<destination_folder> (one or more; a dataset under an "
+                   "--output URI such as s3://bucket/prefix/<folder> is copied into ~/.cache/moralsim first)")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: <folder>/report for one folder, <parent>/comparison_report for several)")
     p.add_argument("--bin-size", type=_positive_int, default=None,
@@ -66,8 +67,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m analysis") ->
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
-    out = args.out or default_out(args.folders)
     try:
+        from analysis.dataset import local_copy
+
+        args.folders = [local_copy(f) for f in args.folders]
+        out = args.out or default_out(args.folders)
         if args.sweep:
             from analysis.sweep import write_sweep_report
 

@@ -87,9 +87,44 @@ def _check_part(path: Path) -> tuple[int, bool]:
     return meta.num_rows, bool(names & _LLM_NAMES)
 
 
+CACHE = Path(os.environ.get("MORALSIM_CACHE", Path.home() / ".cache" / "moralsim")) / "datasets"
+
+
+def local_copy(location: str | os.PathLike[str], cache: Path | None = None) -> Path:
+    """The dataset as a local folder: a local path as it is; a dataset on an object store (an --output URI) copied
+    into ~/.cache/moralsim/datasets/ (MORALSIM_CACHE): its manifest and every committed run (`_SUCCESS` there;
+    runs still being written are left out). Files already copied with the same size are not copied again."""
+    from simulator.storage import SUCCESS, Store, is_uri
+
+    if not is_uri(location):
+        return Path(location)
+    text = os.fspath(location)
+    base, _, _ = text.partition("?")
+    target = (cache or CACHE) / re.sub(r"[^A-Za-z0-9._=-]+", "_", base.split("://", 1)[1]).strip("_")
+    store = Store.open(text)
+    if not store.is_dir(store.root):
+        raise CorruptDataError(f"{text}: no dataset there; expected <output URI>/<destination_folder>")
+    copied = 0
+    for rel, size in store.files(store.root):
+        run = rel.split("/", 1)[0]
+        if "/" in rel and not (_RUN_DIR.match(run) and store.is_file(store.path(run, SUCCESS))):
+            continue  # staging, a run not committed yet, anything else
+        dest = target / rel
+        if dest.is_file() and dest.stat().st_size == size:
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_bytes(store.read_bytes(store.path(rel)))
+        os.replace(tmp, dest)
+        copied += 1
+    log.info("%s: %d files copied into %s", base, copied, target)
+    return target
+
+
 def open_dataset(folder: str | os.PathLike[str]) -> Dataset:
-    """Check every part's footer and the manifest; return the readable rest. Raise CorruptDataError if none is."""
-    folder = Path(folder)
+    """Check every part's footer and the manifest; return the readable rest. Raise CorruptDataError if none is.
+    A dataset on an object store is read from its local copy (local_copy)."""
+    folder = local_copy(folder)
     if not folder.is_dir():
         raise CorruptDataError(f"{folder}: not a directory; expected <output>/<destination_folder>")
     problems: list[str] = []

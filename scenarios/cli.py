@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import tomllib
 from collections.abc import Sequence
 from functools import partial
@@ -21,6 +20,7 @@ from simulator.errors import ConfigError, GameSpecError, MoralsimError, UnknownN
 from simulator.games import GAMES, Game, get_game
 from simulator.population import STATIC_CODES, parse_population
 from simulator.rewards import COMPAT_MODES, MORAL_TYPES
+from simulator.storage import is_uri, redact
 from simulator.tracking import TRACKERS
 
 log = logging.getLogger("moralsim")
@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--game", default="IPD",
                    help=f"game id ({', '.join(GAMES)}) or a .toml/.json file with id, CC, CD, DC, DD (default IPD)")
     p.add_argument("--seed", type=int, default=0, help="root seed; run k uses SeedSequence(seed, spawn_key=(k,)) (default 0)")
-    p.add_argument("--output", type=Path, default=Path("results"), help="root folder of the datasets (default results/)")
+    p.add_argument("--output", type=output_arg, default=Path("results"),
+                   help="root of the datasets: a folder (default results/; on a cluster, one every node mounts) or a "
+                        "pyarrow filesystem URI such as s3://bucket/prefix")
     p.add_argument("--random_matching", action="store_true",
                    help="partners are assigned uniformly at random instead of learned selection")
     p.add_argument("--compat", choices=COMPAT_MODES, default="none",
@@ -115,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--llm_overlap", action="store_true", default=None,
                      help="train iteration t while t+1 rolls out (needs rollout actors; one version off-policy, "
                           "with the importance ratio)")
+    llm.add_argument("--llm_virtue_reward_models", default=None,
+                     help="VR / Game+VR agents: the virtue pipeline's reward_models/ folder (or its output folder); "
+                          "default results/virtue_rlaif/reward_models, or the scenario's [llm.virtue]")
+    llm.add_argument("--llm_virtue_weight", type=float, default=None,
+                     help="VR / Game+VR: weight of the ensemble score in the moral reward (default 1)")
+    llm.add_argument("--llm_virtue_lam", type=float, default=None,
+                     help="VR / Game+VR: ensemble = mean - lam * std of the three reward models (default 0.5)")
+    llm.add_argument("--llm_virtue_reason_tokens", type=int, default=None,
+                     help="VR / Game+VR: token limit of the stated reason (default 32; a cut reason is flagged)")
     p.add_argument("--protocol", choices=("population", "pair"), default="population",
                    help="population (AIES, default): every agent selects; pair (ICLR fine-tuning): two agents, one "
                         "game per iteration, slot 0 the row player")
@@ -155,6 +166,12 @@ def _llm_options(args: argparse.Namespace, scenario: Scenario | None) -> dict[st
             actors[key] = getattr(args, flag)
     if actors:
         llm["actors"] = actors
+    virtue = dict(llm.pop("virtue", {}))  # [llm.virtue] of the scenario, then the flags
+    for key in ("reward_models", "weight", "lam", "reason_tokens"):
+        if getattr(args, f"llm_virtue_{key}") is not None:
+            virtue[key] = getattr(args, f"llm_virtue_{key}")
+    if virtue:
+        llm["virtue"] = virtue
     if args.protocol == "pair":  # two agents: the only partner is the other one, nothing to select
         llm["selection"] = "random"
     ppo = dict(scenario.ppo) if scenario else {}
@@ -178,17 +195,16 @@ def _llm_config(options: dict[str, object]):  # type: ignore[no-untyped-def]
     return LLMAgentConfig(**llm, ppo=PPOConfig(**options["ppo"]), actors=LLMActors(**actors))  # type: ignore[arg-type]
 
 
-def check_output(path: Path) -> None:
-    """Create the output folder and write a probe file in it; ConfigError naming the path and the OS reason if not."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"cannot write the output folder {str(path)!r}: it is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".moralsim-write-check-"):
-            pass
-    except OSError as e:
-        where = f" ({e.filename})" if e.filename and str(e.filename) != str(path) else ""
-        raise ConfigError(f"cannot write the output folder {str(path)!r}: {e.strerror or e}{where}") from None
+def output_arg(text: str) -> Path | str:
+    """--output: a URI stays text (Path would fold its '//'), a folder becomes a Path."""
+    return text if is_uri(text) else Path(text)
+
+
+def check_output(output: Path | str) -> None:
+    """Create the output root and write a probe in it; ConfigError naming the place and the reason if not."""
+    from simulator.storage import check_writable
+
+    check_writable(output)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulator.resources import check_run_memory
 
         check_run_memory(cfgs, args.backend, args.ray_address, args.num_cpus, args.runs_per_batch)
-        check_output(Path(args.output))
+        check_output(args.output)
         if args.backend == "ray" and args.ray_address:
             from simulator.cluster import connect
 
@@ -258,17 +274,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                               show_progress=False if args.no_progress else None, runs_per_batch=args.runs_per_batch)
         for c, runs in zip(cfgs, tables, strict=True):
             rows = sum(int(r.get("rows", 0)) for r in runs.values())
-            log.info("%d runs, %d games in %s", len(runs), rows, c.dataset_dir)
+            log.info("%d runs, %d games in %s", len(runs), rows, redact(c.dataset_location))
         if sweep is not None:  # the point of a sweep is the comparison; render it now that every run is there
+            from analysis.dataset import local_copy
             from analysis.sweep import write_sweep_report
 
-            report = write_sweep_report([c.dataset_dir for c in cfgs], Path(args.output) / sweep.report)
+            reports = Path("moralsim-reports") if is_uri(args.output) else Path(args.output)
+            report = write_sweep_report([local_copy(c.dataset_location) for c in cfgs], reports / sweep.report)
             log.info("sweep report: %s", report.out / "index.html")
     except (MoralsimError, UnknownNameError) as e:
         parser.exit(2, f"main.py: error: {e}\n")
     if has_llm and sweep is None:  # LLM runs are short and their figures (cooperation, illegal answers, KL) are the point
         from analysis.cli import main as analyze
 
-        analyze([str(cfg.dataset_dir)])
-    log.info("read them with: polars.scan_parquet('%s/**/*.parquet', hive_partitioning=True)", cfg.dataset_dir)
+        analyze([cfg.dataset_location])
+    if is_uri(cfg.output):
+        log.info("read them with: python -m analysis '%s' (copies the committed runs into ~/.cache/moralsim)",
+                 redact(cfg.dataset_location))
+    else:
+        log.info("read them with: polars.scan_parquet('%s/**/*.parquet', hive_partitioning=True)", cfg.dataset_dir)
     return 0

@@ -155,23 +155,30 @@ def connect(
 # ── one dataset on a cluster ────────────────────────────────────────────────────────────────────────────────────
 
 
-def _write_probe(folder: str, token: str) -> str:
-    """Runs on one node: write `<folder>/<token>` there; returns the node's id (a Ray task body)."""
+PROBES = ".moralsim-staging/.probes"
+
+
+def _write_probe(output: str, token: str) -> str:
+    """Runs on one node: write the probe `<output>/.moralsim-staging/.probes/<token>-<node>` through the output's
+    store (a folder or a filesystem URI) there; returns the node's id (a Ray task body)."""
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
-    path = os.path.join(folder, f"{token}-{node}")
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(node)
-    return str(node)
+    from simulator.storage import Store
+
+    node = str(ray.get_runtime_context().get_node_id())
+    store = Store.open(output)
+    folder = store.path(PROBES)
+    store.makedirs(folder)
+    store.write_bytes(f"{folder}/{token}-{node}", node.encode())
+    return node
 
 
 def check_shared_output(output: str | os.PathLike[str], timeout_s: float = 60.0,
                         probe: Any = None) -> list[str]:
-    """Check that every alive node writes where this driver reads: each node writes a probe file into `output`
-    (as an absolute path), and the driver must find every one of them. Fails fast with a ClusterError naming the
-    nodes whose writes it cannot see (their records would land on their own disks, outside the dataset).
+    """Check that every alive node writes where this driver reads: each node writes a probe into `output` (a folder,
+    as an absolute path, or a filesystem URI such as s3://bucket/prefix), and the driver must find every one of
+    them. Fails fast with a ClusterError naming the nodes whose writes it cannot see (their records would land on
+    their own disks, outside the dataset) or that cannot write there at all (no credentials, no route).
 
     Returns the node ids checked. `probe` replaces the task body (tests simulate a node with its own disk).
     """
@@ -180,25 +187,38 @@ def check_shared_output(output: str | os.PathLike[str], timeout_s: float = 60.0,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    folder = os.path.join(os.path.abspath(os.fspath(output)), ".moralsim-staging", ".probes")
+    from simulator.storage import Store, is_uri, redact
+
+    where = os.fspath(output) if is_uri(output) else os.path.abspath(os.fspath(output))
+    store = Store.open(where)
+    folder = store.path(PROBES)
     token = uuid.uuid4().hex
     body = ray.remote(num_cpus=0, max_retries=0)(probe or _write_probe)
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    refs = [body.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(folder, token)
+    refs = [body.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(where, token)
             for n in nodes]
-    try:
-        written = ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise ClusterError(f"the nodes did not answer the output check within {timeout_s:.0f} s") from None
-    missing = [n for n in written if not os.path.exists(os.path.join(folder, f"{token}-{n}"))]
+    written, failed = [], []
+    for n, ref in zip(nodes, refs, strict=True):
+        try:
+            written.append(ray.get(ref, timeout=timeout_s))
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"the nodes did not answer the output check within {timeout_s:.0f} s") from None
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            failed.append(f"node {n[:12]}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+    if failed:
+        raise ClusterError(f"--output {redact(os.fspath(output))!r}: {len(failed)} of {len(nodes)} Ray nodes cannot write "
+                           f"there ({'; '.join(failed)})")
+    missing = [n for n in written if not store.exists(f"{folder}/{token}-{n}")]
     for n in written:
         with contextlib.suppress(OSError):
-            os.remove(os.path.join(folder, f"{token}-{n}"))
+            store.delete_file(f"{folder}/{token}-{n}")
     if missing:
         raise ClusterError(
-            f"--output {os.fspath(output)!r} is not shared: {len(missing)} of {len(nodes)} Ray nodes wrote their probe "
+            f"--output {redact(os.fspath(output))!r} is not shared: {len(missing)} of {len(nodes)} Ray nodes wrote their probe "
             f"file where this driver cannot read it (nodes {', '.join(m[:12] for m in missing)}). Their records would "
-            "land on their own disks. Use a folder every node mounts at the same path (NFS, a shared volume)."
+            "land on their own disks. Use a folder every node mounts at the same path (NFS, a shared volume), or an "
+            "object store URI such as s3://bucket/prefix."
         )
-    log.info("output %s is shared by all %d nodes", output, len(nodes))
+    log.info("output %s is shared by all %d nodes", redact(os.fspath(output)), len(nodes))
     return list(written)

@@ -11,6 +11,7 @@ from simulator.games import Game
 from simulator.population import FIXED_LAST_MOVE, Population, parse_population
 from simulator.rewards import check_compat, get_moral_type
 from simulator.seeding import check_seed
+from simulator.storage import is_uri
 from simulator.tracking import check_tracker
 
 
@@ -24,7 +25,7 @@ class RunConfig:
     method: str = "dqn"  # default learner kind for moral types: dqn | tabularQ | llm
     compat: str = "none"  # "aies2024" reproduces the anchor's reward defects
     random_matching: bool = False
-    output: Path = Path("results")
+    output: Path | str = Path("results")  # a local folder, or a pyarrow filesystem URI (simulator/storage.py)
     flush_rows: int = 1 << 18  # rows per run buffered before a part file is written
     log_to: str = "none"  # live metrics: none | tensorboard | wandb (offline); see simulator/tracking.py
     checkpoint_every: int = 0  # iterations between checkpoints of a batch's whole state (0 = none); see driver.py
@@ -87,7 +88,18 @@ class RunConfig:
 
     @property
     def dataset_dir(self) -> Path:
+        """The dataset's local folder (an --output URI has none: see dataset_location)."""
+        if is_uri(self.output):
+            raise ConfigError(f"the dataset is at {self.dataset_location}, not in a local folder")
         return Path(self.output) / self.destination_folder
+
+    @property
+    def dataset_location(self) -> str:
+        """Where the dataset is, as the user would write it: a local path or <output URI>/<folder>."""
+        if is_uri(self.output):
+            base, _, query = str(self.output).partition("?")
+            return f"{base.rstrip('/')}/{self.destination_folder}" + (f"?{query}" if query else "")
+        return str(Path(self.output) / self.destination_folder)
 
     def identity(self) -> dict[str, Any]:
         """What must match for a resumed run to continue an existing dataset (everything but num_runs)."""

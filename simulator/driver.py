@@ -8,7 +8,8 @@
                                    └─ ray:    one task per batch (num_cpus=1), progress via a counter actor
     run_batch: PopulationEngine.step() x num_iterations ─► RecordBuffer ─► PartWriter (a background thread)
                ─► staging/run=<k>/part-*.parquet
-               on success each run directory is renamed into <output>/<folder>/run=<k>/ (atomic)
+               on success each run moves into <output>/<folder>/run=<k>/ with _SUCCESS written last
+               (a rename on a local folder; copies on an object store: simulator/storage.py)
                with --log_to, every run's curves also stream to simulator.tracking (TensorBoard, offline W&B)
 
 The driver is given the agent factory; it never imports actors or scenarios.
@@ -21,7 +22,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from simulator.config import RunConfig
 from simulator.contracts import AgentGroup, HoldsResources, SavesState
@@ -41,6 +40,7 @@ from simulator.population import Population
 from simulator.records import PartWriter, RecordBuffer
 from simulator.schema import SCHEMA_VERSION
 from simulator.seeding import RunStreams, initial_state, run_streams
+from simulator.storage import Store, redact
 from simulator.tracking import Tracker, iteration_metrics, open_tracker, track_every
 
 log = logging.getLogger("moralsim.driver")
@@ -63,12 +63,22 @@ class RunResult:
     setup_seconds: float = 0.0  # building the agents and engine
 
 
-def staging_dir(cfg: RunConfig, run: int) -> Path:
-    return Path(cfg.output) / STAGING / cfg.destination_folder / f"run={run}"
+def store_of(cfg: RunConfig) -> Store:
+    return Store.open(cfg.output)
 
 
-def run_dir(cfg: RunConfig, run: int) -> Path:
-    return cfg.dataset_dir / f"run={run}"
+def staging_dir(cfg: RunConfig, run: int) -> str:
+    """Where run's parts are written until it is whole (a path inside store_of(cfg))."""
+    return store_of(cfg).path(STAGING, cfg.destination_folder, f"run={run}")
+
+
+def run_dir(cfg: RunConfig, run: int) -> str:
+    """The run's folder in the dataset (a path inside store_of(cfg))."""
+    return store_of(cfg).path(cfg.destination_folder, f"run={run}")
+
+
+def dataset_path(cfg: RunConfig) -> str:
+    return store_of(cfg).path(cfg.destination_folder)
 
 
 def build_engine(
@@ -94,14 +104,15 @@ def run_batch(
     engine, streams = build_engine(cfg, runs, factory)
     setup = time.perf_counter() - t0
     pop = cfg.population.resolved(cfg.method)
+    store = store_of(cfg)
     stages = [staging_dir(cfg, r) for r in runs]
     ckpt = checkpoint_dir(cfg, runs)
     start, rows = resume_from_checkpoint(cfg, runs, engine, stages)
     if start == 0:
-        shutil.rmtree(ckpt, ignore_errors=True)
+        store.delete_dir(ckpt)
         for d in stages:
-            shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted attempt
-            d.mkdir(parents=True)
+            store.delete_dir(d)  # leftovers of an interrupted attempt
+            store.makedirs(d)
     llm = any(a.learner == "llm" for a in pop.agents)
     games = cfg.games_per_iteration
     buffer = RecordBuffer(len(runs), pop.codes, capacity=max(1, cfg.flush_rows // games), llm_columns=llm, games=games)
@@ -109,12 +120,12 @@ def run_batch(
     last_report = time.perf_counter()
     trackers: list[Tracker] = []  # stays empty for log_to="none": the loop below then skips tracking entirely
     every, last = track_every(cfg.num_iterations, llm), cfg.num_iterations - 1
-    writer = PartWriter()  # parts are written on a background thread: the loop never waits for the disk
+    writer = PartWriter(store)  # parts are written on a background thread: the loop never waits for the disk
     try:
         if cfg.log_to != "none":
             config = json.loads(json.dumps(cfg.identity(), default=_json_default))
             for r in runs:
-                trackers.append(open_tracker(cfg.log_to, cfg.dataset_dir, f"run={r}", {**config, "run": r}))
+                trackers.append(open_tracker(cfg.log_to, tracking_dir(cfg), f"run={r}", {**config, "run": r}))
         t, recoveries = start, 0
         while t < cfg.num_iterations:
             try:
@@ -148,9 +159,7 @@ def run_batch(
             t += 1
         rows += buffer.flush(stages, writer)
         writer.close()  # every part on disk (or its error raised) before the run moves into the dataset
-        for group in engine.groups:  # groups with state worth keeping (LLM adapters) save it beside the records
-            if isinstance(group, SavesState):
-                group.save(stages)
+        save_groups(store, engine.groups, stages)
     finally:  # a crashed run still flushes the curves it drew, which is when they are most wanted
         try:
             writer.close()  # after a failure: the parts already queued still land in staging
@@ -166,108 +175,133 @@ def run_batch(
     seconds = time.perf_counter() - t0
     results = []
     for r, st, d in zip(runs, streams, stages, strict=True):
-        final = run_dir(cfg, r)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(d, final)  # the run appears in the dataset whole, or not at all
+        parts = sorted(n for n in store.names(d) if n.startswith("part-"))
+        store.commit_dir(d, run_dir(cfg, r), {"run": r, "rows": rows, "parts": parts})  # whole, or not at all
         results.append(RunResult(r, rows, seconds, st.entropy, setup))
-    shutil.rmtree(ckpt, ignore_errors=True)
+    store.delete_dir(ckpt)
     return results
+
+
+def tracking_dir(cfg: RunConfig) -> Path:
+    """Where TensorBoard / W&B write: the dataset folder, or ./moralsim-tracking/<folder> for an object store
+    (both write local files)."""
+    store = store_of(cfg)
+    if store.local:
+        return Path(dataset_path(cfg))
+    return Path("moralsim-tracking") / cfg.destination_folder
+
+
+def save_groups(store: Store, groups: Sequence[AgentGroup], stages: Sequence[str]) -> None:
+    """Groups with state worth keeping (LLM adapters) save it beside the records. They write local folders; on an
+    object store they write a scratch folder that is then copied into the staging run."""
+    savers = [g for g in groups if isinstance(g, SavesState)]
+    if not savers:
+        return
+    if store.local:
+        for group in savers:
+            group.save([Path(d) for d in stages])
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="moralsim-save-") as tmp:
+        scratch = [Path(tmp) / f"{k}" for k in range(len(stages))]
+        for group in savers:
+            group.save(scratch)
+        for local, d in zip(scratch, stages, strict=True):
+            if local.exists():
+                store.upload_dir(local, d)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
 # A checkpoint is a batch's whole state between two iterations, beside its staging runs:
-#     <output>/.moralsim-staging/<folder>/checkpoint-runs=0-1/   state.pt (engine + every group), checkpoint.json
-# checkpoint.json is written last, inside a fresh folder that then replaces the previous checkpoint by rename, so a
-# crash at any moment leaves the previous checkpoint or the new one, whole. It lists the record parts written so
-# far; resuming deletes every later part and continues from the next iteration with every random stream where it
-# was, so the finished run equals one that never stopped, and no record is lost or written twice.
-CHECKPOINT_STATE, CHECKPOINT_MANIFEST = "state.pt", "checkpoint.json"
+#     <output>/.moralsim-staging/<folder>/checkpoint-runs=0-1/   state-<iteration>.pt (engine + every group),
+#                                                                 checkpoint.json (names it; written last)
+# The state file gets a new name each time and checkpoint.json is replaced in one write after it, so a crash at any
+# moment leaves the previous checkpoint or the new one, whole, with no rename (object stores have none); older
+# state files are deleted after the commit. checkpoint.json lists the record parts written so far; resuming deletes
+# every later part and continues from the next iteration with every random stream where it was, so the finished run
+# equals one that never stopped, and no record is lost or written twice.
+CHECKPOINT_MANIFEST = "checkpoint.json"
 
 
-def checkpoint_dir(cfg: RunConfig, runs: Sequence[int]) -> Path:
-    return Path(cfg.output) / STAGING / cfg.destination_folder / f"checkpoint-runs={'-'.join(map(str, runs))}"
+def checkpoint_dir(cfg: RunConfig, runs: Sequence[int]) -> str:
+    return store_of(cfg).path(STAGING, cfg.destination_folder, f"checkpoint-runs={'-'.join(map(str, runs))}")
 
 
-def write_checkpoint(cfg: RunConfig, runs: Sequence[int], engine: PopulationEngine, stages: Sequence[Path],
-                     rows: int) -> Path:
+def _parts(store: Store, stage: str) -> list[str]:
+    return [n for n in store.names(stage) if n.startswith("part-") and n.endswith(".parquet")]
+
+
+def write_checkpoint(cfg: RunConfig, runs: Sequence[int], engine: PopulationEngine,
+                     stages: Sequence[str | os.PathLike[str]], rows: int) -> str:
     """Commit the batch's state after iteration engine.iteration - 1 (see the comment above)."""
-    import torch  # preserves tensors that share storage (DQN parameter views), unlike plain pickle
-
     from simulator.contracts import Checkpointable
 
     t0 = time.perf_counter()
-    final = checkpoint_dir(cfg, runs)
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    store, d = store_of(cfg), checkpoint_dir(cfg, runs)
+    store.makedirs(d)
+    state_name = f"state-{engine.iteration:08d}.pt"
     groups = [g.state_dict() if isinstance(g, Checkpointable) else g for g in engine.groups]
-    with open(tmp / CHECKPOINT_STATE, "wb") as f:
-        torch.save({"engine": engine.state_dict(), "groups": groups}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    # torch.save keeps tensors that share storage (DQN parameter views) shared, unlike plain pickle
+    size = store.save_torch({"engine": engine.state_dict(), "groups": groups}, f"{d}/{state_name}")
     manifest = {
         "iteration": engine.iteration,
         "runs": list(runs),
         "rows": rows,
-        "parts": {str(r): sorted(p.name for p in d.glob("part-*.parquet")) for r, d in zip(runs, stages, strict=True)},
+        "state": state_name,
+        "parts": {str(r): _parts(store, os.fspath(stage)) for r, stage in zip(runs, stages, strict=True)},
         "config": json.loads(json.dumps(cfg.identity(), default=_json_default)),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    size = sum(p.stat().st_size for p in final.iterdir())
+    store.write_json(f"{d}/{CHECKPOINT_MANIFEST}", manifest, indent=1)  # the commit
+    for name in store.names(d):
+        if name.startswith("state-") and name != state_name:
+            store.delete_file(f"{d}/{name}")
     log.info("checkpoint at iteration %d: %.1f MB in %.2f s (%s)", engine.iteration, size / 2**20,
-             time.perf_counter() - t0, final)
-    return final
+             time.perf_counter() - t0, store.display(d))
+    return d
 
 
-def read_checkpoint(cfg: RunConfig, runs: Sequence[int]) -> tuple[Path, dict[str, Any]] | None:
+def read_checkpoint(cfg: RunConfig, runs: Sequence[int]) -> tuple[str, dict[str, Any]] | None:
     """The batch's last committed checkpoint, or None (none, another batch layout, or another configuration)."""
-    final = checkpoint_dir(cfg, runs)
-    for d in (final, final.with_name(final.name + ".old")):  # .old: a crash between the two renames
-        path = d / CHECKPOINT_MANIFEST
-        if not path.is_file():
-            continue
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable checkpoint %s: %s", path, e)
-            continue
-        mine = json.loads(json.dumps(cfg.identity(), default=_json_default))
-        if manifest.get("config") != mine or manifest.get("runs") != list(runs):
-            log.warning("ignoring checkpoint %s: it was written for another configuration or batch", d)
-            return None
-        return d, manifest
-    return None
+    store, d = store_of(cfg), checkpoint_dir(cfg, runs)
+    path = f"{d}/{CHECKPOINT_MANIFEST}"
+    if not store.is_file(path):
+        return None
+    try:
+        manifest = store.read_json(path)
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable checkpoint %s: %s", store.display(path), e)
+        return None
+    mine = json.loads(json.dumps(cfg.identity(), default=_json_default))
+    if manifest.get("config") != mine or manifest.get("runs") != list(runs):
+        log.warning("ignoring checkpoint %s: it was written for another configuration or batch", store.display(d))
+        return None
+    return d, manifest
 
 
 def resume_from_checkpoint(cfg: RunConfig, runs: Sequence[int], engine: PopulationEngine,
-                           stages: Sequence[Path]) -> tuple[int, int]:
+                           stages: Sequence[str | os.PathLike[str]]) -> tuple[int, int]:
     """Continue the batch from its last checkpoint: (first iteration to run, rows already written per run).
     (0, 0) when there is none. Parts written after the checkpoint are deleted; the ones it lists stay untouched."""
-    import torch
-
     from simulator.contracts import Checkpointable
 
     found = read_checkpoint(cfg, runs)
     if found is None:
         return 0, 0
     d, manifest = found
-    for r, stage in zip(runs, stages, strict=True):
+    store = store_of(cfg)
+    for r, stage in zip(runs, [os.fspath(s) for s in stages], strict=True):
         listed = set(manifest["parts"].get(str(r), []))
-        missing = sorted(listed - {p.name for p in stage.glob("part-*.parquet")})
+        missing = sorted(listed - set(_parts(store, stage)))
         if missing:
-            raise CorruptDataError(f"checkpoint {d} lists record parts that are gone from {stage}: {missing[:3]}; "
-                                   f"delete {d.parent} to start the batch over")
-        for p in stage.iterdir():
-            if p.name not in listed and (p.name.startswith("part-") or p.name.endswith(".tmp")):
-                p.unlink()  # written after the checkpoint: they will be written again, identically
-    with open(d / CHECKPOINT_STATE, "rb") as f:
-        state = torch.load(f, weights_only=False)
+            raise CorruptDataError(f"checkpoint {store.display(d)} lists record parts that are gone from "
+                                   f"{store.display(stage)}: {missing[:3]}; delete {store.display(d)} to start the "
+                                   "batch over")
+        for name in store.names(stage):
+            if name not in listed and (name.startswith("part-") or name.endswith(".tmp")):
+                store.delete_file(f"{stage}/{name}")  # written after the checkpoint: written again, identically
+    state = store.load_torch(f"{d}/{manifest['state']}")
     engine.load_state_dict(state["engine"])
     for k, (group, saved) in enumerate(zip(engine.groups, state["groups"], strict=True)):
         if isinstance(group, Checkpointable):
@@ -290,12 +324,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path | str, store: Store | None = None) -> dict[str, Any]:
+    store = store or Store.open("/")
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
+        data: dict[str, Any] = store.read_json(str(path))
         return data
     except (OSError, json.JSONDecodeError) as e:
-        raise CorruptDataError(f"cannot read manifest {path}: {e}") from e
+        raise CorruptDataError(f"cannot read manifest {store.display(str(path))}: {e}") from e
 
 
 def _json_default(o: object) -> object:
@@ -307,7 +342,7 @@ def _json_default(o: object) -> object:
 
 
 def write_manifest(cfg: RunConfig, runs: dict[int, dict[str, Any]]) -> None:
-    path = cfg.dataset_dir / MANIFEST
+    store = store_of(cfg)
     pop = cfg.population
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -320,38 +355,36 @@ def write_manifest(cfg: RunConfig, runs: dict[int, dict[str, Any]]) -> None:
         "seeding": "SeedSequence(seed, spawn_key=(run,)).spawn(1 + N): [protocol, agent 0..N-1]",
         "config": cfg.identity(),
         "versions": _versions(),
-        "command": sys.argv,
+        "command": [redact(a) for a in sys.argv],
         "runs": {str(k): v for k, v in sorted(runs.items())},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    store.makedirs(dataset_path(cfg))
+    store.write_json(f"{dataset_path(cfg)}/{MANIFEST}", doc, indent=2, default=_json_default)
 
 
 def _completed_runs(cfg: RunConfig) -> dict[int, dict[str, Any]]:
     """Runs already in the dataset (their directory exists, so they completed) with their row counts."""
     done: dict[int, dict[str, Any]] = {}
-    manifest_path = cfg.dataset_dir / MANIFEST
+    store = store_of(cfg)
+    manifest_path = f"{dataset_path(cfg)}/{MANIFEST}"
     old: dict[str, Any] = {}
-    if manifest_path.exists():
-        doc = read_manifest(manifest_path)
+    if store.exists(manifest_path):
+        doc = read_manifest(manifest_path, store)
         mine = json.loads(json.dumps(cfg.identity(), default=_json_default))
         theirs = doc.get("config", {})
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             raise ConfigError(
-                f"{cfg.dataset_dir} already holds runs made with a different configuration "
+                f"{store.display(dataset_path(cfg))} already holds runs made with a different configuration "
                 f"(differs in: {', '.join(diff)}). Use another --output, or delete that folder."
             )
         old = doc.get("runs", {})
     for k in range(cfg.num_runs):
         d = run_dir(cfg, k)
-        if d.is_dir():
+        if store.committed(d):
             info = old.get(str(k))
             if info is None:  # finished but the manifest was not updated before a crash
-                rows = sum(pq.read_metadata(p).num_rows for p in d.glob("*.parquet"))
-                info = {"rows": rows}
+                info = {"rows": sum(store.num_rows(f"{d}/{p}") for p in _parts(store, d))}
             done[k] = info
     return done
 
@@ -397,7 +430,7 @@ def run_datasets(
         raise ConfigError(f"unknown backend {backend!r}; valid: ray, inline")
     if runs_per_batch is not None and runs_per_batch < 1:
         raise ConfigError(f"runs_per_batch must be at least 1, got {runs_per_batch}")
-    dirs = [cfg.dataset_dir.resolve() for cfg in cfgs]
+    dirs = [store_of(cfg).display(dataset_path(cfg)) for cfg in cfgs]
     repeated = sorted({str(d) for d in dirs if dirs.count(d) > 1})
     if repeated:
         raise ConfigError(f"each dataset may appear once in a sweep; repeated: {', '.join(repeated)}")
@@ -410,7 +443,7 @@ def run_datasets(
         pending = [k for k in range(cfg.num_runs) if k not in done[i]]
         write_manifest(cfg, done[i])
         if not pending:
-            log.info("all %d runs of %s are complete; nothing to do", cfg.num_runs, cfg.dataset_dir)
+            log.info("all %d runs of %s are complete; nothing to do", cfg.num_runs, store_of(cfg).display(dataset_path(cfg)))
             continue
         if done[i]:
             log.info("%s: resuming, %d runs complete, %d to run", cfg.destination_folder, len(done[i]), len(pending))

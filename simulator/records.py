@@ -1,33 +1,32 @@
 """Writing interaction records: column buffers per run, flushed to atomic Parquet parts.
 
-A part is written to `<name>.tmp` and renamed into place, so a crash never leaves a half file with a
-`.parquet` name. Runs are written into a staging directory and moved into the dataset only when complete
-(simulator/driver.py), so the dataset folder only ever holds whole runs.
+A part is written whole or not at all (simulator/storage.py: locally to `<name>.tmp`, then renamed; on an object
+store in one upload), so a crash never leaves a half file with a `.parquet` name. Runs are written into a staging
+directory and moved into the dataset only when complete (simulator/driver.py), so the dataset only ever holds
+whole runs.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from simulator.contracts import REASON_NAMES
 from simulator.engine import IterationRecords
 from simulator.schema import LLM_RECORD_SCHEMA, RECORD_SCHEMA
+from simulator.storage import Store
 
 _REASON_DICT = pa.array(REASON_NAMES, pa.string())
 _DIRECT = [f.name for f in RECORD_SCHEMA if f.name not in ("iteration", "order", "selector_type", "selected_type")]
 COMPRESSION = "zstd"
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression=COMPRESSION)
-    os.replace(tmp, path)
+def write_table_atomic(table: pa.Table, path: str | os.PathLike[str], store: Store | None = None) -> None:
+    """One part, whole or not at all; path is local unless a store is given."""
+    (store or Store.open("/")).write_table(table, os.fspath(path), COMPRESSION)
 
 
 class RecordBuffer:
@@ -111,14 +110,15 @@ class RecordBuffer:
                 arrays.append(pa.array(col, f.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
-    def flush(self, run_dirs: Sequence[Path], writer: PartWriter | None = None) -> int:
+    def flush(self, run_dirs: Sequence[str | os.PathLike[str]], writer: PartWriter | None = None) -> int:
         """Write one part per run, named by its first iteration; returns rows written per run.
 
         With a writer the parts are written on its thread: the tables keep the current column buffers (Arrow may
         share their memory), and the buffer continues in fresh ones."""
         if self.filled == 0:
             return 0
-        parts = [(self.table(r), d / f"part-{self.first_iteration:08d}.parquet") for r, d in enumerate(run_dirs)]
+        parts = [(self.table(r), f"{os.fspath(d)}/part-{self.first_iteration:08d}.parquet")
+                 for r, d in enumerate(run_dirs)]
         if writer is None:
             for table, path in parts:
                 write_table_atomic(table, path)
@@ -137,16 +137,17 @@ class PartWriter:
     At most `max_pending` parts wait (memory stays bounded: a full queue makes submit wait for the oldest). A write
     error is raised by the next submit() or by close(); close() returns when every part is on disk."""
 
-    def __init__(self, max_pending: int = 8) -> None:
+    def __init__(self, store: Store | None = None, max_pending: int = 8) -> None:
         from concurrent.futures import Future, ThreadPoolExecutor
 
+        self.store = store or Store.open("/")  # paths given to submit are inside it (default: local paths)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moralsim-parts")
         self._pending: list[Future[None]] = []
         self.max_pending = max(1, max_pending)
 
-    def submit(self, table: pa.Table, path: Path) -> None:
+    def submit(self, table: pa.Table, path: str | os.PathLike[str]) -> None:
         self._reap(block=len(self._pending) >= self.max_pending)
-        self._pending.append(self._pool.submit(write_table_atomic, table, path))
+        self._pending.append(self._pool.submit(write_table_atomic, table, os.fspath(path), self.store))
 
     def _reap(self, block: bool) -> None:
         while self._pending and (block or self._pending[0].done()):

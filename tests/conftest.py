@@ -6,4 +6,5 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from tests.llm_fixtures import tiny_model_path, vllm_engine  # noqa: F401  (session fixtures)
+from tests.s3_fixtures import s3_uri  # noqa: F401  (a local S3 endpoint)
 

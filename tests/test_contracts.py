@@ -75,4 +75,4 @@ def test_call_order_and_save_after_the_last_iteration(tmp_path: Path) -> None:
     name, run_dirs = learner_log[-1]
     assert name == "save" and len(run_dirs) == 2
     for r in (0, 1):  # saved into the staging directories, which then became the runs' directories
-        assert (run_dir(cfg, r) / "group-state.txt").read_text() == "saved"
+        assert (Path(run_dir(cfg, r)) / "group-state.txt").read_text() == "saved"

@@ -88,7 +88,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_with_the_records_of_a_clean
     assert_frame_equal(resumed, read_dataset(clean / POP))  # nothing lost, nothing different
     after = _digest([killed / POP / "run=0" / name for name in ckpt["parts"]["0"]])
     assert after == before  # the records written before the checkpoint were not touched
-    assert not checkpoint_dir(RunConfig(POP, output=killed), [0]).exists()  # a finished batch leaves no checkpoint
+    assert not Path(checkpoint_dir(RunConfig(POP, output=killed), [0])).exists()  # a finished batch leaves no checkpoint
 
 
 # ── killed actors ───────────────────────────────────────────────────────────────────────────────────────────────
