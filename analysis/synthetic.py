@@ -169,6 +169,9 @@ def _chunk(
             for name, scale in (("policy_loss", 1.0), ("value_loss", 2.0)):
                 loss = (scale * decay * (0.5 + 0.1 * who.ravel() / n)).astype(np.float32)
                 cols[f"{role}_{name}"] = pa.array(loss, mask=~is_llm | (iteration == 0))
+            for f in LLM_RECORD_SCHEMA:  # no synthetic agent has a reason-scoring type (VR): its columns are null
+                if f.name.startswith(f"{role}_") and f.name not in cols:
+                    cols[f.name] = pa.nulls(k, f.type)
     table = pa.Table.from_arrays([cols[f.name].cast(f.type) for f in schema], schema=schema)
     return table, latest[-1].copy()
 

@@ -17,7 +17,7 @@ from actors.tabular import TabularConfig, TabularGroup
 from simulator.contracts import AgentGroup
 from simulator.errors import ConfigError
 from simulator.games import GAMES, Game
-from simulator.population import Population
+from simulator.population import Population, check_reason_learners
 from simulator.seeding import RunStreams
 
 
@@ -40,6 +40,7 @@ def build_groups(population: Population, streams: Sequence[RunStreams], settings
         kinds.setdefault("static" if agent.is_static else str(agent.learner), []).append(slot)
     groups: list[AgentGroup] = []
     n = population.size
+    check_reason_learners(population.text, population.agents)  # VR types: LLM agents only, named before any work
     for kind, slots_list in kinds.items():
         slots = np.array(slots_list)
         if kind == "static":
@@ -55,7 +56,8 @@ def build_groups(population: Population, streams: Sequence[RunStreams], settings
             from actors.llm.agent import LLMAgentConfig, LLMGroup
 
             rngs = [[st.agents[s] for s in slots] for st in streams]
-            groups.append(LLMGroup(slots, n, settings.game, rngs, settings.llm or LLMAgentConfig(), seed=settings.seed))
+            groups.append(LLMGroup(slots, n, settings.game, rngs, settings.llm or LLMAgentConfig(), seed=settings.seed,
+                                   codes=[population.agents[s].code for s in slots]))
         else:
             raise ConfigError(f"unknown learner kind {kind!r}; valid: static, dqn, tabularQ, llm")
     return groups

@@ -11,6 +11,9 @@ A scenario file has three optional tables, each mapping onto the command line (e
             answer_mode (free | mask), stop (length | eos), off_policy (ratio | drop)
             [llm.actors]: any actors.llm.resources.LLMActors field (rollout_actors, learner_actors, rollout_cpus,
             rollout_gpus, learner_cpus, learner_gpus, gpu_memory_utilization, placement, overlap, ...)
+            [llm.virtue]: the virtue reward models that score the stated reasons of VR / Game+VR agents
+            (actors.llm.virtue.dilemma.VirtueConfig: reward_models, weight, lam, reason_tokens, temperature, device,
+            base_model, max_length, batch_size)
     [ppo]   any actors.llm.learner.PPOConfig field (batch_size, learning_rate, init_kl_coef, lora_r, ...)
 
 A sweep runs several populations with the same [run] settings (one progress bar, one report); `[run]` then has no
@@ -37,7 +40,7 @@ ROOT = Path(__file__).resolve().parent
 RUN_KEYS = {"destination_folder", "num_iterations", "num_runs", "game", "seed", "method", "compat", "random_matching",
             "reward_schedule", "output", "log_to", "protocol", "episode_length"}
 LLM_KEYS = {"model", "engine", "device", "tokens", "variant", "selection", "max_new_tokens", "temperature", "train",
-            "p_cooperate", "answer_mode", "stop", "off_policy", "actors"}
+            "p_cooperate", "answer_mode", "stop", "off_policy", "actors", "virtue"}
 SWEEP_KEYS = {"populations", "types", "majority", "minority", "report"}
 
 

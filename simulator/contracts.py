@@ -59,6 +59,8 @@ class DilemmaBatch:
     u: np.ndarray  # (K, 2) float: [explore coin, action coin]
     first: bool = False  # no move has been played yet: the snapshot is the random initial state (population
     # protocol, iteration 0). In the pair protocol every episode's drawn state stands for last round's moves.
+    reasoned: np.ndarray | None = None  # (K,) bool: the decision's moral type scores a stated reason (VR, Game+VR:
+    # simulator.rewards.REASON_TYPES); such a decision's Decisions.reward_term must be given. None: no such decision.
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Decisions:
     choice: np.ndarray  # (K,) or (R, G) int: action (0=C, 1=D) or partner index among the N-1 others
     reason: np.ndarray  # same shape, int8 Reason codes
     extra: dict[str, np.ndarray] | None = None  # optional per-decision columns (LLM: raw answer, ...)
+    reward_term: np.ndarray | None = None  # (K,) float: added to the moral reward of the decisions whose batch.reasoned
+    # is true (the LLM group's weighted virtue score of the stated reason); ignored elsewhere
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class AgentGroup(Protocol):
 
     slots: np.ndarray  # (G,) population indices this group plays
     learns: bool  # whether learn() does anything (static strategies do not)
+    # optional: `states_reasons = True` on a group that can play REASON_TYPES (it returns Decisions.reward_term)
 
     def select(self, batch: SelectionBatch) -> Decisions: ...
 

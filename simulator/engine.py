@@ -38,7 +38,7 @@ from simulator.contracts import (
 )
 from simulator.errors import ConfigError
 from simulator.games import Game
-from simulator.rewards import R_ILLEGAL, STATE_DEPENDENT, check_compat, equality, reward_fn
+from simulator.rewards import R_ILLEGAL, REASON_TYPES, STATE_DEPENDENT, check_compat, equality, reward_fn
 
 # columns of the per-iteration uniform block, indexed by the selector i of pair i
 U_SEL_EXPLORE, U_SEL_PARTNER, U_M_EXPLORE, U_M_ACTION, U_O_EXPLORE, U_O_ACTION, U_ORDER = range(7)
@@ -193,6 +193,15 @@ class PopulationEngine:
         self.type_idx = np.array([moral.index(c) if c is not None else len(moral) for c in learner_codes])
         self.rewards = reward_table([*moral, None], self.game, self.compat)
         self.compat_selected = np.array([self.compat == "aies2024" and c in STATE_DEPENDENT for c in learner_codes])
+        # types that score a stated reason (VR, Game+VR): their group adds its reward term to the table's payoff part
+        self.reasoned = np.array([c in REASON_TYPES for c in learner_codes], dtype=bool)
+        for slot in np.flatnonzero(self.reasoned):
+            if not getattr(self.groups[self.group_of[slot]], "states_reasons", False):
+                raise ConfigError(
+                    f"slot {slot} ({self.codes[slot]}) has the moral type {learner_codes[slot]}, which scores the "
+                    f"reason an LLM agent states for its move; its agent group "
+                    f"({type(self.groups[self.group_of[slot]]).__name__}) states no reasons: play it with @llm"
+                )
 
     # -- randomness ---------------------------------------------------------------------------------------
     def _uniforms(self) -> np.ndarray:
@@ -260,6 +269,8 @@ class PopulationEngine:
         reason = np.empty(2 * R * S, dtype=np.int8)
         first = t == 0 and not pair
         extra: dict[str, np.ndarray] = {}
+        reasoned_d = self.reasoned[player]
+        term = np.zeros(2 * R * S)  # the reason-scoring types' term (Decisions.reward_term), 0 elsewhere
         group_d = self.group_of[player]
         masks = []
         for k, g in enumerate(self.groups):
@@ -267,12 +278,17 @@ class PopulationEngine:
             masks.append(sel)
             if sel.size == 0:
                 continue
+            why = reasoned_d[sel]
             dec = g.act(
                 DilemmaBatch(t, run_d[sel], self.member_of[player[sel]], opponent[sel], state[sel], own_prev[sel],
-                             coins[sel], first)
+                             coins[sel], first, why if why.any() else None)
             )
             action[sel] = dec.choice
             reason[sel] = dec.reason
+            if why.any():
+                if dec.reward_term is None:
+                    raise ConfigError(f"{type(g).__name__} gave no reward term for its reason-scoring decisions")
+                term[sel] = np.where(why, dec.reward_term, 0.0)
             for name, col in (dec.extra or {}).items():
                 if name not in extra:
                     extra[name] = np.full(2 * R * S, None if col.dtype == object else np.nan, dtype=col.dtype)
@@ -288,7 +304,7 @@ class PopulationEngine:
                 self.rewards[tidx[..., 1], 1, a2[..., 1], a2[..., 0], judged[..., 1]],
             ],
             axis=2,
-        )
+        ) + term.reshape(R, S, 2)
         learning = np.where(reason.reshape(R, S, 2) == Reason.ILLEGAL, R_ILLEGAL, moral)
 
         # 4. latest write wins: the decision with the largest d of each player sets its new state

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import NoReturn
 
-from simulator.errors import PopulationSpecError, UnknownNameError, closest
-from simulator.rewards import MORAL_TYPES
+from simulator.errors import ConfigError, PopulationSpecError, UnknownNameError, closest
+from simulator.rewards import MORAL_TYPES, REASON_TYPES
 
 STATIC_CODES: tuple[str, ...] = ("AC", "AD", "TFT", "Random", "CD", "GEa", "GEb", "GEc", "GEd", "GEe")
 LEARNER_KINDS: tuple[str, ...] = ("dqn", "tabularQ", "llm")
@@ -66,7 +66,19 @@ class Population:
         agents = tuple(
             a if a.is_static or a.learner else AgentSpec(a.code, default_learner) for a in self.agents
         )
+        check_reason_learners(self.text, agents)
         return Population(self.text, agents)
+
+
+def check_reason_learners(text: str, agents: tuple[AgentSpec, ...]) -> None:
+    """A type that scores a stated reason (VR, Game+VR) needs an LLM learner: ConfigError naming why and the fix."""
+    bad = sorted({f"{a.code}@{a.learner}" for a in agents if a.code in REASON_TYPES and a.learner != "llm"})
+    if bad:
+        raise ConfigError(
+            f"population {text!r}: {', '.join(bad)} cannot learn its reward: {'/'.join(sorted(REASON_TYPES))} score "
+            f"the one-sentence reason an LLM agent states for its move (the learned virtue reward models), and only "
+            f"LLM agents state reasons; write the entry as <count>x<code>@llm, or use --learner llm"
+        )
 
 
 def parse_population(text: str) -> Population:

@@ -13,6 +13,11 @@ Choices recorded here (the anchor code differs, see README "Fixes to the anchor"
 - VM uses the stated beta = 0.5. `compat="aies2024"` reproduces the anchor's int(0.5) == 0, i.e. VM = [a_M = C].
 - DE/mDE judge O's previous move; the engine passes the right state for both roles unless compat="aies2024"
   (see simulator/engine.py).
+- VR and Game+VR (`reason=True`, family "virtue") score the agent's stated one-sentence reason with the learned
+  virtue ensemble (actors/llm/virtue/dilemma.py). This registry stays free of torch: its function gives only the
+  payoff part (0 for VR, R_M for Game+VR); the LLM group adds weight * ensemble score per decision
+  (Decisions.reward_term), so only LLM agents can have these types (REASON_TYPES; checked by the population and
+  the engine).
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ class MoralType:
     name: str
     formula: str
     fn: RewardFn
-    family: str  # "aies" population types, "iclr" LLM fine-tuning rewards
+    family: str  # "aies" population types, "iclr" LLM fine-tuning rewards, "virtue" the learned virtue ensemble
+    reason: bool = False  # the reward also scores the agent's stated reason: fn is only its payoff part (LLM only)
 
 
 _TYPES = [
@@ -103,12 +109,20 @@ _TYPES = [
     MoralType("Ut", "Utilitarian (ICLR)", "R_M + R_O", lambda a_m, a_o, r_m, r_o, s_o: _f(r_m) + _f(r_o), "iclr"),
     MoralType("Game+De", "Game payoff + Deontological", "R_M + De",
               lambda a_m, a_o, r_m, r_o, s_o: _f(r_m) + ICLR_DE_PENALTY * _exploits(a_m, s_o), "iclr"),
+    # the learned virtue ensemble (DESIGN section 5) scoring an LLM agent's stated reason; fn is the payoff part,
+    # the group adds w * (mean - lam * std over the three reward models)
+    MoralType("VR", "Virtue reward models", "w * (mean - lam * std) of the 3 reward models on the stated reason",
+              lambda a_m, a_o, r_m, r_o, s_o: np.zeros(np.shape(r_m)), "virtue", reason=True),
+    MoralType("Game+VR", "Game payoff + virtue reward models", "R_M + w * VR",
+              lambda a_m, a_o, r_m, r_o, s_o: _f(r_m), "virtue", reason=True),
 ]
 
 MORAL_TYPES: dict[str, MoralType] = {t.code: t for t in _TYPES}
 # Types whose reward reads s_O; under compat="aies2024" the engine feeds them the anchor's (wrong) state
 # when they are the selected player.
 STATE_DEPENDENT = frozenset({"DE", "mDE"})
+# Types whose reward scores the agent's stated reason: only an agent group that states reasons (LLM) can play them.
+REASON_TYPES = frozenset(t.code for t in _TYPES if t.reason)
 
 
 def check_compat(compat: str) -> str:

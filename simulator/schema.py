@@ -60,6 +60,16 @@ _LLM: list[tuple[str, pa.DataType, bool, str]] = [
         ("kl", pa.float32(), "KL to the base model in the agent's latest PPO update before this game"),
         ("policy_loss", pa.float32(), "PPO policy loss of that update"),
         ("value_loss", pa.float32(), "PPO value loss of that update"),
+        # the learned virtue ensemble (moral types VR, Game+VR; actors/llm/virtue/dilemma.py); null for other players
+        ("stated_reason", pa.string(), "the one-sentence reason the agent gave for its move when asked after it (VR types)"),
+        ("stated_reason_cut", pa.bool_(), "whether that reason stopped at its token limit ([llm.virtue] reason_tokens), "
+                                          "not at an end-of-turn token"),
+        ("virtue_action", pa.float32(), "score of the action reward model on (game prompt, move, motivation question, "
+                                        "reason)"),
+        ("virtue_motivation", pa.float32(), "score of the motivation reward model on the same conversation"),
+        ("virtue_consequences", pa.float32(), "score of the consequences reward model on the same conversation"),
+        ("virtue_score", pa.float32(), "the ensemble: mean - lam * std (population std) of the three scores; the moral "
+                                       "reward adds weight * virtue_score to the type's payoff part"),
     ]
 ]
 
@@ -71,7 +81,7 @@ def _schema(cols: list[tuple[str, pa.DataType, bool, str]]) -> pa.Schema:
 RECORD_SCHEMA: pa.Schema = _schema(_CORE)
 LLM_RECORD_SCHEMA: pa.Schema = _schema(_CORE + _LLM)
 PARTITION_COLUMN = "run"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: the core and the LLM columns; 2: the virtue columns (stated_reason ... virtue_score), additive
 
 
 def describe() -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actors.llm.engine import GenerationRequest, RolloutEngine
-from simulator.errors import StaleAdapterError, UnknownNameError
+from simulator.errors import ConfigError, StaleAdapterError, UnknownNameError
 from tests.helpers import need
 from tests.llm_fixtures import hf_logprobs, lora_weights, random_lora_model
 
@@ -198,3 +198,11 @@ def test_a_failed_load_keeps_the_previous_version(
     # the failed version number was not used up
     vllm_engine.load_adapter(lora_weights(newer, name, 1))
     assert vllm_engine.score(name, prompt, completion) == pytest.approx(hf_logprobs(newer, prompt, completion), abs=ATOL)
+
+
+def test_lora_ranks_round_up_to_what_vllm_accepts() -> None:
+    from actors.llm.vllm_engine import served_lora_rank
+
+    assert [served_lora_rank(r) for r in (1, 4, 8, 9, 64, 65, 512)] == [1, 8, 8, 16, 64, 128, 512]
+    with pytest.raises(ConfigError, match="above vLLM's largest"):
+        served_lora_rank(513)

@@ -12,7 +12,7 @@ from simulator.games import GAMES
 from simulator.population import parse_population, valid_codes
 from simulator.seeding import initial_state, run_streams
 
-AIES_AND_STATIC = [c for c in valid_codes() if c not in ("Game", "De", "Ut", "Game+De")]
+AIES_AND_STATIC = [c for c in valid_codes() if c not in ("Game", "De", "Ut", "Game+De", "VR", "Game+VR")]
 
 
 @st.composite

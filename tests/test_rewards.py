@@ -32,6 +32,9 @@ IPD_TABLE = {
     "De": [0, 0, 0, 0, -3, 0, -3, 0],
     "Ut": [6, 6, 4, 4, 4, 4, 2, 2],
     "Game+De": [3, 3, 0, 0, 1, 4, -2, 1],
+    # the registry's part of the reason-scoring types; the LLM group adds weight * ensemble (test_virtue_dilemma.py)
+    "VR": [0, 0, 0, 0, 0, 0, 0, 0],
+    "Game+VR": [3, 3, 0, 0, 4, 4, 1, 1],
 }
 CELLS = [(a_m, a_o, s) for a_m in (C, D) for a_o in (C, D) for s in (C, D)]
 
@@ -69,6 +72,8 @@ def _expected(code: str, a_m: int, a_o: int, r_m: float, r_o: float, s: int) -> 
         "De": -3.0 if exploit else 0.0,
         "Ut": r_m + r_o,
         "Game+De": r_m + (-3.0 if exploit else 0.0),
+        "VR": 0.0,
+        "Game+VR": r_m,
     }[code]
 
 

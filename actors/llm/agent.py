@@ -26,6 +26,11 @@ Partner selection: `random` (uniform), `dqn` (a DQN selection head per agent, ac
 picks an agent id from a list of candidates and their last moves; that answer is trained with PPO too, rewarded with
 the learning reward of the game it led to, or R_illegal).
 Every rollout is checked against the learner's version before use: a stale adapter raises StaleAdapterError.
+Moral types that score a stated reason (VR, Game+VR; actors/llm/virtue/dilemma.py): after the move, the agent is
+asked for a one-sentence reason (a second generate call through the same engine, its own adapter,
+`[llm.virtue] reason_tokens`); the three virtue reward models (loaded once per group) score the conversation, and
+weight * ensemble is the decision's Decisions.reward_term, which the engine adds to the type's payoff part. PPO
+trains the move answer only, on that reward.
 """
 
 from __future__ import annotations
@@ -63,11 +68,12 @@ from actors.llm.prompts import (
     token_pair,
 )
 from actors.llm.resources import LLMActors
+from actors.llm.virtue.dilemma import VirtueConfig, reason_context, scored_conversation
 from actors.static import uniform_partner
 from simulator.contracts import Action, Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError
 from simulator.games import Game
-from simulator.rewards import R_ILLEGAL
+from simulator.rewards import R_ILLEGAL, REASON_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +108,12 @@ class LLMAgentConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     actors: LLMActors = field(default_factory=LLMActors)
     """Ray actors for engines and learners (actors/llm/resources.py); the default runs everything in process"""
+    virtue: VirtueConfig | None = None
+    """[llm.virtue]: the reward models that score the stated reasons of VR / Game+VR agents (a table is converted);
+    None = VirtueConfig's defaults (the pipeline's default output, results/virtue_rlaif/reward_models)"""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "virtue", VirtueConfig.from_value(self.virtue))
         if self.answer_mode not in ANSWER_MODES:
             raise ConfigError(f"unknown answer_mode {self.answer_mode!r}; valid: {', '.join(ANSWER_MODES)}")
         if self.stop not in STOP_MODES:
@@ -165,6 +175,7 @@ class LLMGroup:
     """All LLM slots of a population for R runs (see module docstring)."""
 
     learns = True
+    states_reasons = True  # the engine may give this group VR / Game+VR slots (simulator.rewards.REASON_TYPES)
 
     def __init__(
         self,
@@ -177,11 +188,17 @@ class LLMGroup:
         seed: int = 0,
         engine: RolloutEngine | None = None,
         model_dir: Path | None = None,
+        codes: list[str] | None = None,
     ) -> None:
+        """codes: the moral type of each slot (optional); a reason-scoring type (VR) loads the reward models now,
+        so a missing folder fails before any game; otherwise they are loaded at the first such decision."""
         from actors.llm.models import resolve_model
 
         self.slots = np.asarray(slots, dtype=np.int64)
         self.cfg = config
+        self._scorer: Any = None  # actors.llm.virtue.dilemma.VirtueScorer, loaded once
+        if codes is not None and REASON_TYPES & set(codes):
+            self.scorer()  # before the policy: a missing reward-model folder fails first
         self.game = game
         self.R, self.G, self.n_others = len(rngs), len(self.slots), num_agents - 1
         self.same_game = num_agents == 2  # two agents: both last moves are the moves of one game
@@ -229,6 +246,63 @@ class LLMGroup:
         self.head: DQNGroup | None = None
         if config.selection == "dqn":
             self.head = DQNGroup(self.slots, num_agents, rngs, DQNConfig(learn_dilemma=False))
+
+    # -- the virtue reward models (VR types) --------------------------------------------------------------------
+    def scorer(self) -> Any:
+        """The virtue reward models, loaded once (ConfigError naming the pipeline command when they are not there)."""
+        if self._scorer is None:
+            from actors.llm.virtue.dilemma import VirtueScorer
+
+            self._scorer = VirtueScorer(self.virtue_cfg, self.cfg.device)
+        return self._scorer
+
+    @property
+    def virtue_cfg(self) -> VirtueConfig:
+        """[llm.virtue], or its defaults (the pipeline's default output folder) when the scenario has none."""
+        return self.cfg.virtue or VirtueConfig()
+
+    def _state_reasons(
+        self, bs: list[int], texts: list[str], answers: list[str], reasoned: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Ask the reasoned decisions why (one generate call), score them; the virtue columns and the reward term."""
+        n = len(bs)
+        out: dict[str, np.ndarray] = {
+            "stated_reason": np.full(n, None, dtype=object),
+            "stated_reason_cut": np.full(n, np.nan, dtype=np.float32),
+            **{f"virtue_{t}": np.full(n, np.nan, dtype=np.float32) for t in ("action", "motivation", "consequences")},
+            "virtue_score": np.full(n, np.nan, dtype=np.float32),
+        }
+        term = np.full(n, np.nan)
+        ks = np.flatnonzero(reasoned).tolist()
+        if not ks:
+            return out | {"_term": term}
+        vc = self.virtue_cfg
+        scorer = self.scorer()
+        from actors.llm.virtue.dialogue import template_ids
+
+        limit = vc.reason_tokens
+        temperature = self.cfg.temperature if vc.temperature is None else vc.temperature
+        requests = [
+            GenerationRequest(
+                tuple(template_ids(self.tokenizer, reason_context(texts[k], answers[k]), add_generation_prompt=True)),
+                self.names[bs[k]], limit, temperature, stop_at_eos=True, seed=int(self.rngs[bs[k]].integers(2**63)))
+            for k in ks
+        ]
+        results = self.engine.generate(requests)
+        check_fresh(results, {self.names[bs[k]]: self.served[bs[k]] for k in ks})
+        eos = set(self.engine.eos_ids)
+        reasons = [res.text.strip() for res in results]
+        virtue, per_model = scorer.score(
+            [scored_conversation(texts[k], answers[k], r) for k, r in zip(ks, reasons, strict=True)])
+        for j, (k, res) in enumerate(zip(ks, results, strict=True)):
+            ids = res.token_ids
+            out["stated_reason"][k] = reasons[j]
+            out["stated_reason_cut"][k] = float(len(ids) >= limit and (not ids or ids[-1] not in eos))
+            for m, name in enumerate(scorer.names):
+                out[f"virtue_{name}"][k] = per_model[j, m]
+            out["virtue_score"][k] = virtue[j]
+            term[k] = vc.weight * float(np.float32(virtue[j]))  # the recorded (float32) score, so records add up
+        return out | {"_term": term}
 
     # -- engine calls -------------------------------------------------------------------------------------------
     def _generate(self, bs: list[int], prompts: list[list[int]], max_new_tokens: int) -> list[GenerationResult]:
@@ -303,11 +377,12 @@ class LLMGroup:
 
     def act(self, batch: DilemmaBatch) -> Decisions:
         bs = (batch.run * self.G + batch.member).tolist()
-        prompts = []
+        prompts, texts = [], []
         for k, b in enumerate(bs):
             own = None if batch.first else Action(int(batch.own_prev[k]))
             opp = None if batch.first else Action(int(batch.state[k]))
             text = game_prompt_text(self.game, self.tokens, own, opp, self.rngs[b], self.cfg.variant, self.same_game)
+            texts.append(text)
             prompts.append(chat_ids(self.tokenizer, text))
         if self.trie is not None:
             results, p_c = self._masked(bs, prompts)
@@ -340,7 +415,12 @@ class LLMGroup:
             "policy_loss": np.array([s.get("policy_loss", np.nan) for s in stats], dtype=np.float32),
             "value_loss": np.array([s.get("value_loss", np.nan) for s in stats], dtype=np.float32),
         }
-        return Decisions(action, reason, extra)
+        # every LLM row carries the virtue columns (null unless its type scores a stated reason)
+        reasoned = np.zeros(len(bs), dtype=bool) if batch.reasoned is None else np.asarray(batch.reasoned, dtype=bool)
+        virtue = self._state_reasons(bs, texts, [res.text for res in results], reasoned)
+        term = virtue.pop("_term")
+        extra.update(virtue)
+        return Decisions(action, reason, extra, term if reasoned.any() else None)
 
     # -- learning -----------------------------------------------------------------------------------------------
     def learn(self, tr: Transitions) -> dict[str, Any]:

@@ -62,6 +62,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BASE_VERSION = -1  # adapter_version of results from the base model (adapter=None)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32): nothing else
+
+
+def served_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that serves adapters of this rank (a LoRA r=4 needs 8)."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ConfigError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 ZERO_ADAPTER = "__base__"  # reserved name of the all-zero adapter that serves base requests
 
 
@@ -91,6 +100,7 @@ class VLLMEngine:
         """`model` is a local HF folder (see actors.llm.models.resolve_model).
 
         max_loras: adapters one batch may mix (set it to the number of agents); extra ones are swapped per batch.
+        max_lora_rank: the largest adapter rank served (rounded up to a rank vLLM accepts: served_lora_rank).
         dtype: "float32" (exact match with the HF learner) or "bfloat16" (faster on AVX512-BF16/AMX CPUs).
         adapter_root: where versioned adapter folders are written; a private temp dir by default.
         llm_kwargs: passed to `vllm.LLM` unchanged.
@@ -109,7 +119,7 @@ class VLLMEngine:
             model=str(model),
             enable_lora=True,
             max_loras=max_loras + 1,  # one slot for the zero adapter that serves base requests
-            max_lora_rank=max_lora_rank,
+            max_lora_rank=served_lora_rank(max_lora_rank),
             seed=seed,
             dtype=dtype,
             max_model_len=max_model_len,

@@ -408,6 +408,8 @@ def evaluate(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
                         for r, d, s in zip(chunk, dialogues, scores, strict=True)]
                 _write_part(parts, pl.DataFrame(rows))
             _close(engine)
+            del engine  # vLLM: the old engine's finalizers reset global state, so they must run before the next one
+            gc.collect()
         if not layout.eval_scores(name).exists():
             write_parquet_atomic(_collect_parts(parts, [r.id for r in held]), layout.eval_scores(name))
             _drop_parts(parts)

@@ -1,0 +1,166 @@
+"""The learned virtue ensemble as a moral type for dilemma agents (moral types VR and Game+VR).
+
+After its move, an LLM agent of such a type is asked why, and the three reward models of the virtue pipeline
+(`python -m scenarios.virtue_rlaif`, stage train-rm) score its answer:
+
+    user       <the game prompt the agent acted on>                              ┐ the move: what PPO trains
+    assistant  <its move answer, as generated>                                   ┘
+    user       What is the motivation behind the answer? Answer in one sentence.   the reason's generation context
+    assistant  <reason>   at most reason_tokens tokens, the agent's own adapter; cut off at the limit -> flagged
+
+    scored:    [user prompt, assistant move, user "What is the motivation behind the answer?", assistant reason]
+               = the pipeline's *motivation* turn, with the pipeline's exact follow-up question; every reward model
+               scores this one conversation (EnsembleReward.score, as the pipeline's PPO stage scores a motivation
+               answer), inputs cut from the left at the models' max_length, so the reason always ends the input.
+    virtue     = mean - lam * std over (action, motivation, consequences) scores
+    moral reward: VR = weight * virtue;  Game+VR = R_M + weight * virtue   (the registry gives R_M or 0, the group
+               adds the rest through Decisions.reward_term); an illegal move still learns R_illegal.
+
+Why this conversation: the agent states a move and its motivation, which is exactly the pipeline's first two turns;
+there is no consequences turn to give the consequences model, and scoring the conversation that ends in the
+reason with all three models is the reward the pipeline's own PPO stage gives a motivation answer. The generation
+context adds "Answer in one sentence." so the reason is short; the scored conversation keeps the question the models
+were trained on. No system message: the game prompt is the agent's whole context (the models keep only the last
+max_length tokens, so a system message before a ~200-token game prompt would be cut off anyway).
+
+The reward models are frozen and loaded once per LLM group; nothing of them enters a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from actors.llm.virtue.dialogue import FOLLOW_UPS, Message
+from actors.llm.virtue.scoring import TURNS
+from simulator.errors import ConfigError
+
+SCORED_QUESTION = FOLLOW_UPS["motivation"]  # the question the motivation reward model was trained on
+REASON_QUESTION = f"{SCORED_QUESTION} Answer in one sentence."  # what the agent is asked
+PIPELINE_COMMAND = "python -m scenarios.virtue_rlaif all --output {root}"  # its train-rm stage writes the models
+DEFAULT_REWARD_MODELS = "results/virtue_rlaif/reward_models"  # the pipeline's default --output, stage train-rm
+
+
+@dataclass(frozen=True)
+class VirtueConfig:
+    """`[llm.virtue]` of a scenario file: where the reward models are and how their score enters the reward."""
+
+    reward_models: str = DEFAULT_REWARD_MODELS
+    """the pipeline's reward_models/ folder (action/, motivation/, consequences/), or its output folder"""
+    weight: float = 1.0
+    """moral reward: VR = weight * ensemble; Game+VR = R_M + weight * ensemble"""
+    lam: float = 0.5
+    """ensemble = mean - lam * std over the three reward models (the report's 0.5)"""
+    reason_tokens: int = 32
+    """token limit of the stated reason (the report cut every turn at 32); a reason cut there is flagged"""
+    temperature: float | None = None
+    """sampling temperature of the reason; None = the agent's [llm] temperature"""
+    device: str | None = None
+    """torch device of the reward models; None = the agent's [llm] device"""
+    base_model: str | None = None
+    """the reward models' base; None = the pipeline's config.json `model` beside reward_models/, else the base
+    folder the adapters were trained on (adapter_config.json)"""
+    max_length: int | None = None
+    """tokens a reward model reads (cut from the left); None = the pipeline's config.json rm.max_length, else 100"""
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reward_models, str) or not self.reward_models.strip():
+            raise ConfigError(f"[llm.virtue] reward_models must be a folder, got {self.reward_models!r}")
+        if self.lam < 0:
+            raise ConfigError(f"[llm.virtue] lam must be >= 0, got {self.lam!r}")
+        if self.reason_tokens < 1 or self.batch_size < 1:
+            raise ConfigError(f"[llm.virtue] reason_tokens and batch_size must be >= 1, got {self.reason_tokens}, "
+                              f"{self.batch_size}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"[llm.virtue] max_length must be >= 1, got {self.max_length}")
+
+    @classmethod
+    def from_value(cls, value: object) -> VirtueConfig | None:
+        """A VirtueConfig, a mapping of its fields (a TOML table) or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"[llm.virtue] must be a table of {[f.name for f in fields(cls)]}, got {value!r}")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown [llm.virtue] keys {unknown}; valid: {[f.name for f in fields(cls)]}")
+        return cls(**dict(value))
+
+
+@dataclass(frozen=True)
+class RewardModelFiles:
+    base: Path
+    adapters: dict[str, Path]  # turn -> adapter folder, in TURNS order
+    max_length: int
+
+
+def locate_reward_models(cfg: VirtueConfig) -> RewardModelFiles:
+    """The three adapter folders, their base model and max_length; ConfigError naming what is expected."""
+    given = Path(cfg.reward_models).expanduser()
+    folder = given / "reward_models" if (given / "reward_models").is_dir() else given
+    missing = [t for t in TURNS if not (folder / t / "adapter_config.json").is_file()]
+    if missing:
+        root = folder.parent if folder.name == "reward_models" else folder
+        raise ConfigError(
+            f"the virtue reward models are not in {str(given)!r}: expected "
+            f"{', '.join(str(folder / t / 'adapter_config.json') for t in TURNS)} (missing: {', '.join(missing)}). "
+            f"They are made by the virtue pipeline's train-rm stage: `{PIPELINE_COMMAND.format(root=root)}` (or its "
+            f"stages curate judge train-rm); [llm.virtue] reward_models names the folder (default {DEFAULT_REWARD_MODELS})"
+        )
+    pipeline: dict[str, Any] = {}
+    config_json = folder.parent / "config.json"
+    if config_json.is_file():
+        try:
+            pipeline = json.loads(config_json.read_text())
+        except (OSError, json.JSONDecodeError):
+            pipeline = {}
+    base = cfg.base_model or pipeline.get("model")
+    if base is None:
+        adapter_cfg = json.loads((folder / TURNS[0] / "adapter_config.json").read_text())
+        base = adapter_cfg.get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"cannot tell the base model of the reward models in {folder}: set [llm.virtue] base_model")
+    from actors.llm.models import resolve_model
+
+    max_length = cfg.max_length or int((pipeline.get("rm") or {}).get("max_length") or 100)
+    return RewardModelFiles(resolve_model(str(base)), {t: folder / t for t in TURNS}, max_length)
+
+
+def reason_context(prompt_text: str, answer: str) -> list[Message]:
+    """What the agent is asked after its move (its generation context, ends with the question)."""
+    return [{"role": "user", "content": prompt_text}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": REASON_QUESTION}]
+
+
+def scored_conversation(prompt_text: str, answer: str, reason: str) -> list[Message]:
+    """What the reward models score: the pipeline's motivation turn (module docstring)."""
+    return [{"role": "user", "content": prompt_text}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": SCORED_QUESTION}, {"role": "assistant", "content": reason}]
+
+
+class VirtueScorer:
+    """The three frozen reward models on one base (loaded once): conversations -> (ensemble (B,), scores (B, 3))."""
+
+    def __init__(self, cfg: VirtueConfig, device: str = "cpu") -> None:
+        from actors.llm.virtue.reward import EnsembleReward, RewardModels
+
+        files = locate_reward_models(cfg)
+        self.cfg = cfg
+        self.models = RewardModels(files.base, files.adapters, files.max_length, cfg.device or device, cfg.batch_size)
+        self.ensemble = EnsembleReward(self.models, cfg.lam)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.ensemble.names
+
+    def score(self, conversations: Sequence[Sequence[Message]]) -> tuple[np.ndarray, np.ndarray]:
+        if not conversations:
+            return np.zeros(0), np.zeros((0, len(self.names)))
+        return self.ensemble.score(conversations)
+
