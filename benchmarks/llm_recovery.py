@@ -60,13 +60,13 @@ def main() -> None:
         t0 = time.perf_counter()
         jobs = [StepJob(n, [prompt] * 5, [answer] * 5, [1.0, 0.0, 1.0, 0.0, 1.0]) for n in group.names]
         for handle in group.learners.submit(jobs):
-            group._land(group.names.index(handle.name), handle.result())
+            group.land(group.names.index(handle.name), handle.result())
         print(f"{args.agents} PPO steps (Adam moments now exist): {time.perf_counter() - t0:.1f} s", flush=True)
         t0 = time.perf_counter()
         for handle in group.learners.submit(jobs):  # a second round, to time the sync alone
             result = handle.result()
             t1 = time.perf_counter()
-            group._land(group.names.index(handle.name), result)
+            group.land(group.names.index(handle.name), result)
             group.engine.flush()  # the engine serves the new version now
             sync.append(time.perf_counter() - t1)
         print(f"weight sync per adapter version (learner actor -> object store -> vLLM actor, registered): "
@@ -77,7 +77,7 @@ def main() -> None:
         t0 = time.perf_counter()
         ckpt = write_checkpoint(cfg, [0], engine, [stage], rows=0)
         write_s = time.perf_counter() - t0
-        mb = sum(f.stat().st_size for f in ckpt.iterdir()) / 2**20
+        mb = sum(f.stat().st_size for f in Path(ckpt).iterdir()) / 2**20
         t0 = time.perf_counter()
         resume_from_checkpoint(cfg, [0], engine, [stage])
         read_s = time.perf_counter() - t0

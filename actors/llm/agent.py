@@ -458,19 +458,20 @@ class LLMGroup:
             for job in jobs:  # at most one update in flight per agent: rollouts are at most one version behind
                 b = index[job.name]
                 if b in self.pending:
-                    updated += self._land(b, self.pending.pop(b).result())
+                    updated += self.land(b, self.pending.pop(b).result())
                 (self.pending[b],) = self.learners.submit([job])
         elif jobs:
             for job, handle in zip(jobs, self.learners.submit(jobs), strict=True):  # learner actors run in parallel
-                updated += self._land(index[job.name], handle.result())
+                updated += self.land(index[job.name], handle.result())
         out: dict[str, float] = {"ppo_updates": float(len(updated)), "stale_dropped": float(self.dropped)}
         if updated:  # the mean over this iteration's updates, for live tracking (Parquet keeps per-agent values)
             for key in ("kl", "kl_coef", "policy_loss", "value_loss", "entropy", "mean_score", "stale_samples"):
                 out[key] = float(np.mean([st[key] for st in updated]))
         return out
 
-    def _land(self, b: int, result: StepResult) -> list[dict[str, float]]:
-        """An update finished: keep its statistics and sync its adapter to the engine (the next rollout uses it)."""
+    def land(self, b: int, result: StepResult) -> list[dict[str, float]]:
+        """Agent b's update finished: keep its statistics and sync its adapter to the engine (the next rollout uses
+        it). Called by learn() and the checkpoint; public for tools that drive the learners directly (benchmarks)."""
         self.last_stats[b] = result.stats
         self.engine.load_adapter(result.weights)
         self.served[b] = result.version
@@ -481,7 +482,7 @@ class LLMGroup:
         out: list[dict[str, float]] = []
         for b in sorted(self.pending):
             if block or self.pending[b].done():
-                out += self._land(b, self.pending.pop(b).result())
+                out += self.land(b, self.pending.pop(b).result())
         return out
 
     def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:
