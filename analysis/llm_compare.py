@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from analysis.dataset import scan_eval
 from analysis.metrics import LLM_ANSWER_RATES, ROLES, across_runs, agent_games, episode_bin, generalisation_matrix
-from analysis.plots import _band, _heatmap, _rate_axis, colour_map
+from analysis.plots import band, colour_map, heatmap, rate_axis
 from simulator.errors import CorruptDataError, MoralsimError
 from simulator.population import parse_population
 
@@ -373,13 +373,13 @@ def plot_llm_comparison(rates: pl.DataFrame, switches: pl.DataFrame | None = Non
         for name in names:
             p = part.filter(pl.col("name") == name).drop_nulls("mean")
             if p.height:
-                _band(ax, p.rename({"episode": "iteration"}), name, colours[name])
+                band(ax, p.rename({"episode": "iteration"}), name, colours[name])
         if marks is not None:
             for name, episode, reward in marks.select("name", "episode", "reward").iter_rows():
                 ax.axvline(episode, color=colours[name], linestyle="--", linewidth=1.0, alpha=0.8)
                 ax.annotate(f"→{reward}", (episode, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
                             textcoords="offset points", fontsize=8, color=colours[name])
-        _rate_axis(ax, ylabel)
+        rate_axis(ax, ylabel)
         ax.set_xlabel(_episode_label(bin_sizes))
         ax.set_title(ylabel[0].upper() + ylabel[1:])
     if axes[0].lines:
@@ -408,7 +408,7 @@ def plot_llm_generalisation(gen: pl.DataFrame, title: str = "") -> Figure:
         m = np.full((len(rows), len(cols)), np.nan)
         for name, axis, cell, mean in named.filter(pl.col("metric") == metric).select("name", "axis", "cell", "mean").rows():
             m[rows.index(name), col_index[(axis, cell)]] = np.nan if mean is None else mean
-        _heatmap(ax, rows, cols, m, cmap, label)
+        heatmap(ax, rows, cols, m, cmap, label)
         ax.set_xlabel("evaluation cell (game · token pair · prompt variant)")
         ax.set_title(label[0].upper() + label[1:])
     fig.suptitle(title or "Test-time generalisation of the fine-tuned adapters")

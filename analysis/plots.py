@@ -72,7 +72,7 @@ def save(fig: Figure, path: Path, dpi: int = 150) -> Path:
     return path
 
 
-def _band(ax: Axes, df: pl.DataFrame, label: str, colour: str | None = None, linestyle: str = "-") -> None:
+def band(ax: Axes, df: pl.DataFrame, label: str, colour: str | None = None, linestyle: str = "-") -> None:
     df = df.sort("iteration")
     x = df["iteration"].to_numpy()
     (line,) = ax.plot(x, df["mean"].to_numpy(), label=label, color=colour, linewidth=1.4, linestyle=linestyle)
@@ -95,7 +95,7 @@ def _xlabel(bin_size: int) -> str:
     return "iteration" if bin_size <= 1 else f"iteration (bins of {bin_size})"
 
 
-def _rate_axis(ax: Axes, ylabel: str) -> None:
+def rate_axis(ax: Axes, ylabel: str) -> None:
     ax.set_ylim(-0.03, 1.03)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -111,8 +111,8 @@ def plot_cooperation(
     keys = ["agent", "type"] if by == "agent" else ["type"]
     for key, part in sorted(df.group_by(keys, maintain_order=True), key=lambda kv: tuple(str(k) for k in kv[0])):
         label = f"{key[0]} ({key[1]})" if by == "agent" else str(key[0])
-        _band(ax, part, label, None if by == "agent" else colours.get(str(key[-1])))
-    _rate_axis(ax, "cooperation rate")
+        band(ax, part, label, None if by == "agent" else colours.get(str(key[-1])))
+    rate_axis(ax, "cooperation rate")
     ax.set_xlabel(_xlabel(bin_size))
     ax.set_title(title or ("Cooperation per agent" if by == "agent" else "Cooperation per moral type"))
     ax.legend(title="agent (type)" if by == "agent" else "type", fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5),
@@ -126,7 +126,7 @@ def plot_social_outcomes(df: pl.DataFrame, title: str = "", bin_size: int = 1) -
     fig = Figure(figsize=(13, 3.6), layout="constrained")
     axes = fig.subplots(1, 3)
     for ax, metric in zip(axes, metrics, strict=True):
-        _band(ax, df.filter(pl.col("metric") == metric), "mean over runs", "#333333")
+        band(ax, df.filter(pl.col("metric") == metric), "mean over runs", "#333333")
         ax.set_title(METRIC_LABELS[metric])
         ax.set_xlabel(_xlabel(bin_size))
         ax.set_ylabel("per game")
@@ -146,7 +146,7 @@ def _matrix(df: pl.DataFrame, rows: str, cols: str, value: str) -> tuple[list[st
     return r, c, m
 
 
-def _heatmap(ax: Axes, r: list[str], c: list[str], m: np.ndarray, cmap: str, label: str) -> None:
+def heatmap(ax: Axes, r: list[str], c: list[str], m: np.ndarray, cmap: str, label: str) -> None:
     im = ax.imshow(m, vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(c)), c, rotation=45 if max(map(len, c), default=0) > 4 else 0, ha="right")
     ax.set_yticks(range(len(r)), r)
@@ -164,7 +164,7 @@ def plot_selection_matrix(df: pl.DataFrame, title: str = "") -> Figure:
     r, c, m = _matrix(df, "selector_type", "selected_type", "fraction")
     fig = Figure(figsize=(1.2 * len(c) + 3, 0.8 * len(r) + 2), layout="constrained")
     ax = fig.add_subplot()
-    _heatmap(ax, r, c, m, "Blues", "share of selections")
+    heatmap(ax, r, c, m, "Blues", "share of selections")
     ax.set_xlabel("selected type")
     ax.set_ylabel("selector type")
     ax.set_title(title or "Partner selection")
@@ -182,7 +182,7 @@ def plot_selection_over_time(df: pl.DataFrame, title: str = "", bin_size: int = 
         for (target,), p in sorted(part.group_by(["selected_type"]), key=lambda kv: str(kv[0][0])):
             p = p.sort("iteration")
             ax.plot(p["iteration"], p["fraction"], label=str(target), color=colours.get(str(target)))
-        _rate_axis(ax, "share of selections")
+        rate_axis(ax, "share of selections")
         ax.set_xlabel(_xlabel(bin_size))
         ax.set_title(f"{sel} selects")
         ax.legend(title="selected type", fontsize=7)
@@ -198,8 +198,8 @@ def plot_cooperator_choice(df: pl.DataFrame, title: str = "", bin_size: int = 1,
     for ax, metric in zip(axes, ["cooperator_available", "cooperator_chosen"], strict=True):
         part = df.filter(pl.col("metric") == metric)
         for (sel,), p in sorted(part.group_by(["selector_type"]), key=lambda kv: str(kv[0][0])):
-            _band(ax, p, str(sel), colours.get(str(sel)))
-        _rate_axis(ax, "probability")
+            band(ax, p, str(sel), colours.get(str(sel)))
+        rate_axis(ax, "probability")
         ax.set_xlabel(_xlabel(bin_size))
         ax.set_title(METRIC_LABELS[metric])
     axes[0].legend(title="selector type", fontsize=8)
@@ -240,7 +240,7 @@ def _per_agent_panels(df: pl.DataFrame, metrics: Sequence[str], title: str, bin_
         for metric, style in zip(metrics, ["-", "--", ":", "-."], strict=False):
             p = part.filter(pl.col("metric") == metric).drop_nulls("mean")
             if p.height:
-                _band(ax, p, METRIC_LABELS.get(metric, metric), linestyle=style)
+                band(ax, p, METRIC_LABELS.get(metric, metric), linestyle=style)
         ax.set_title(f"agent {agent} ({typ})")
         ax.set_xlabel(_xlabel(bin_size))
         ax.grid(alpha=0.3)
@@ -268,8 +268,8 @@ def plot_llm_episodes(df: pl.DataFrame, title: str = "", bin_size: int = 1) -> F
         for agent, _ in agents:
             p = part.filter(pl.col("agent") == agent).drop_nulls("mean")
             if p.height:
-                _band(ax, p, labels[agent], colours[labels[agent]])
-        _rate_axis(ax, METRIC_LABELS[metric])
+                band(ax, p, labels[agent], colours[labels[agent]])
+        rate_axis(ax, METRIC_LABELS[metric])
         ax.set_xlabel(_xlabel(bin_size).replace("iteration", "episode"))
         ax.set_title(METRIC_LABELS[metric] + (" (legal answers)" if metric == "cooperation_rate" else ""))
     if axes[0].lines:
@@ -286,7 +286,7 @@ def plot_llm_training(df: pl.DataFrame, title: str = "", bin_size: int = 1) -> F
     for ax, metric in zip(axes, metrics, strict=False):
         part = df.filter(pl.col("metric") == metric)
         for (agent, typ), p in sorted(part.group_by(["agent", "type"]), key=lambda kv: kv[0][0]):
-            _band(ax, p, f"{agent} ({typ})")
+            band(ax, p, f"{agent} ({typ})")
         ax.set_title(METRIC_LABELS[metric])
         ax.set_xlabel(_xlabel(bin_size))  # iterations: under the pair protocol an update spans an episode
         ax.grid(alpha=0.3)
@@ -318,8 +318,8 @@ def plot_generalisation(df: pl.DataFrame, title: str = "") -> Figure:
     _, _, illegal = _matrix(cell, "_row", "_col", "illegal_rate")
     fig = Figure(figsize=(2 * (1.0 * len(c) + 2.5), 0.6 * len(r) + 2.2), layout="constrained")
     a1, a2 = fig.subplots(1, 2)
-    _heatmap(a1, r, c, coop, "Greens", "cooperation rate")
-    _heatmap(a2, r, c, illegal, "Reds", "illegal-answer rate")
+    heatmap(a1, r, c, coop, "Greens", "cooperation rate")
+    heatmap(a2, r, c, illegal, "Reds", "illegal-answer rate")
     for ax, t in ((a1, "cooperation rate"), (a2, "illegal-answer rate")):
         ax.set_xlabel(" / ".join(other))
         ax.set_ylabel(" / ".join(row_keys))
@@ -337,8 +337,8 @@ def plot_cooperation_grid(frames: Mapping[str, pl.DataFrame], bin_size: int = 1,
     fig, axes = _grid(len(frames))
     for ax, (label, df) in zip(axes, frames.items(), strict=True):
         for (typ,), part in sorted(df.group_by(["type"]), key=lambda kv: str(kv[0][0])):
-            _band(ax, part, str(typ), colours[str(typ)])
-        _rate_axis(ax, "cooperation rate")
+            band(ax, part, str(typ), colours[str(typ)])
+        rate_axis(ax, "cooperation rate")
         ax.set_xlabel(_xlabel(bin_size))
         ax.set_title(label, fontsize=10)
         ax.legend(fontsize=7, title="type", title_fontsize=7)
@@ -356,8 +356,8 @@ def plot_learner_comparison(frames: Mapping[str, pl.DataFrame], bin_size: int = 
         types = sorted(learners["type"].unique().to_list())
         for typ in types:
             name = label if len(types) == 1 else f"{label}: {typ}"
-            _band(ax, learners.filter(pl.col("type") == typ), name)
-    _rate_axis(ax, "cooperation rate")
+            band(ax, learners.filter(pl.col("type") == typ), name)
+    rate_axis(ax, "cooperation rate")
     ax.set_xlabel(_xlabel(bin_size))
     ax.set_title(title or "Cooperation of the learning agents, by run folder")
     ax.legend(fontsize=8, title="folder (type)")
@@ -370,7 +370,7 @@ def plot_social_comparison(frames: Mapping[str, pl.DataFrame], bin_size: int = 1
     axes = fig.subplots(1, 3)
     for ax, metric in zip(axes, ["collective_payoff", "equality", "min_payoff"], strict=True):
         for label, df in frames.items():
-            _band(ax, df.filter(pl.col("metric") == metric), label)
+            band(ax, df.filter(pl.col("metric") == metric), label)
         ax.set_title(METRIC_LABELS[metric])
         ax.set_xlabel(_xlabel(bin_size))
         ax.set_ylabel("per game")

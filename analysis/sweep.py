@@ -103,10 +103,10 @@ def plot_cooperation_across_populations(
             if not part.height:
                 continue
             lead = majority.get(label)
-            plots._band(ax, part, label, colours.get(lead) if lead else None)
+            plots.band(ax, part, label, colours.get(lead) if lead else None)
             if lead == typ:
                 ax.lines[-1].set_linewidth(2.6)
-        plots._rate_axis(ax, "cooperation rate")
+        plots.rate_axis(ax, "cooperation rate")
         ax.set_xlabel(plots._xlabel(bin_size))
         ax.set_title(f"{typ} agents", fontsize=10)
     if axes:
@@ -122,7 +122,7 @@ def plot_popularity(df: pl.DataFrame, labels: Sequence[str], types: Sequence[str
     grid = np.array([[np.nan if lookup.get((p, t)) is None else lookup[(p, t)] for p in labels] for t in types])
     fig = Figure(figsize=(1.0 * len(labels) + 3.5, 0.55 * len(types) + 2.4), layout="constrained")
     ax = fig.add_subplot()
-    plots._heatmap(ax, list(types), list(labels), grid, "Greys", "share of all selections")
+    plots.heatmap(ax, list(types), list(labels), grid, "Greys", "share of all selections")
     ax.set_xlabel("population")
     ax.set_ylabel("selected type")
     ax.set_title(f"Popularity: share of partner selections going to each type, last {window} iterations "
@@ -138,7 +138,7 @@ def plot_selection_matrices(frames: Mapping[str, pl.DataFrame], types: Sequence[
         r, c, mat = plots._matrix(df, "selector_type", "selected_type", "fraction")
         rows = [r.index(t) for t in types if t in r]
         cols = [c.index(t) for t in types if t in c]
-        plots._heatmap(ax, [r[i] for i in rows], [c[j] for j in cols], mat[np.ix_(rows, cols)], "Blues",
+        plots.heatmap(ax, [r[i] for i in rows], [c[j] for j in cols], mat[np.ix_(rows, cols)], "Blues",
                        "share of selections")
         ax.set_xlabel("selected type")
         ax.set_ylabel("selector type")
