@@ -104,10 +104,13 @@ def local_copy(location: str | os.PathLike[str], cache: Path | None = None) -> P
     store = Store.open(text)
     if not store.is_dir(store.root):
         raise CorruptDataError(f"{text}: no dataset there; expected <output URI>/<destination_folder>")
+    files = dict(store.files(store.root))
+    # a run is committed when its _SUCCESS is there (Store.committed), read off the one listing
+    committed = {rel.split("/", 1)[0] for rel in files if _RUN_DIR.match(rel.split("/", 1)[0])
+                 and rel.split("/", 1)[1:] == [SUCCESS]}
     copied = 0
-    for rel, size in store.files(store.root):
-        run = rel.split("/", 1)[0]
-        if "/" in rel and not (_RUN_DIR.match(run) and store.is_file(store.path(run, SUCCESS))):
+    for rel, size in files.items():
+        if "/" in rel and rel.split("/", 1)[0] not in committed:
             continue  # staging, a run not committed yet, anything else
         dest = target / rel
         if dest.is_file() and dest.stat().st_size == size:

@@ -175,8 +175,7 @@ def run_batch(
     seconds = time.perf_counter() - t0
     results = []
     for r, st, d in zip(runs, streams, stages, strict=True):
-        parts = sorted(n for n in store.names(d) if n.startswith("part-"))
-        store.commit_dir(d, run_dir(cfg, r), {"run": r, "rows": rows, "parts": parts})  # whole, or not at all
+        store.commit_dir(d, run_dir(cfg, r), {"run": r, "rows": rows, "parts": _parts(store, d)})  # whole, or not
         results.append(RunResult(r, rows, seconds, st.entropy, setup))
     store.delete_dir(ckpt)
     return results

@@ -196,10 +196,7 @@ class Store:
 
     def upload_dir(self, local: Path, path: str) -> None:
         """Copy a local folder's files below path (LLM adapters saved by peft into a scratch folder)."""
-        for f in sorted(p for p in local.rglob("*") if p.is_file()):
-            target = f"{path}/{f.relative_to(local).as_posix()}"
-            self.makedirs(target.rsplit("/", 1)[0])
-            self.write_bytes(target, f.read_bytes())
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
     def commit_dir(self, src: str, dst: str, success: dict[str, Any]) -> None:
         """Move the finished folder src to dst with `_SUCCESS` (the commit) written last; see the module doc."""
@@ -255,8 +252,10 @@ def check_writable(output: str | os.PathLike[str]) -> Store:
         store.write_bytes(probe, b"probe")
         store.delete_file(probe)
     except OSError as e:
-        detail = (f"{e.strerror}" + (f" ({e.filename})" if e.filename and str(e.filename) != store.root else "")) \
-            if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        if e.strerror:
+            detail = e.strerror + (f" ({e.filename})" if e.filename and str(e.filename) != store.root else "")
+        else:  # pyarrow's errors carry their text only
+            detail = str(e).splitlines()[0]
         kind = "folder" if store.local else "location"
         raise ConfigError(f"cannot write the output {kind} {where!r}: {detail}") from None
     return store
