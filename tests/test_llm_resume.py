@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -29,7 +28,7 @@ from actors.llm.resources import LLMActors
 from scenarios.factory import AgentSettings, build_groups
 from simulator.config import RunConfig
 from simulator.driver import STAGING, checkpoint_dir, run_sweep
-from tests.helpers import need, read_dataset
+from tests.helpers import llm_main_argv, need, read_dataset, sigkill_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 POP = "1xUT@llm_1xDE@llm_1xTFT"
@@ -50,28 +49,14 @@ def _digest(paths: list[Path]) -> dict[str, str]:
 
 
 def _main(out: Path, model: Path, iterations: int) -> list[str]:
-    return [sys.executable, "main.py", "--destination_folder", POP, "--num_iterations", str(iterations),
-            "--num_runs", "1", "--seed", "4", "--llm_model", str(model), "--ppo_batch_size", "2",
-            "--checkpoint_every", "3", "--flush_rows", "6", "--backend", "inline", "--no_progress",
-            "--output", str(out)]
+    return llm_main_argv(POP, out, model, iterations)
 
 
 def test_a_killed_driver_resumes_from_its_checkpoint_with_the_records_of_a_clean_run(tmp_path, tiny_model_path):
     iterations = 30
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_main(killed, tiny_model_path, iterations), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    ckpt = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        ckpt = _checkpoint(killed)
-        if ckpt is not None and ckpt["iteration"] >= 6:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and ckpt is not None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    ckpt = sigkill_after_checkpoint(_main(killed, tiny_model_path, iterations), env, POP, killed, iteration=6)
     stage = killed / STAGING / POP / "run=0"
     assert not (killed / POP / "run=0").exists()  # killed mid-run
     before = _digest([stage / name for name in ckpt["parts"]["0"]])

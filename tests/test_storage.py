@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from simulator.config import RunConfig
 from simulator.driver import STAGING, checkpoint_dir, run_dir, run_sweep
 from simulator.errors import ConfigError
 from simulator.storage import SUCCESS, Store, check_writable, is_uri, redact
-from tests.helpers import read_dataset
+from tests.helpers import llm_main_argv, read_dataset, sigkill_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 POP = "1xUT_1xaUT_1xDE_1xTFT"
@@ -115,14 +114,6 @@ def test_cli_refuses_an_unreachable_s3_output_before_any_work(tmp_path):
     assert "cannot write the output location 's3://***@bucket/out" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _checkpoint(store: Store, cfg: RunConfig) -> dict | None:
-    path = f"{checkpoint_dir(cfg, [0])}/checkpoint.json"
-    try:
-        return store.read_json(path) if store.is_file(path) else None  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return None
-
-
 def test_a_killed_driver_resumes_from_its_checkpoint_in_the_bucket(tmp_path, tiny_model_path, s3_uri, monkeypatch):
     """SIGKILL the driver of an LLM run writing to S3 after a checkpoint; the same command finishes it with the
     records of a clean local run, and the parts written before the checkpoint are untouched."""
@@ -130,25 +121,12 @@ def test_a_killed_driver_resumes_from_its_checkpoint_in_the_bucket(tmp_path, tin
     monkeypatch.setenv("MORALSIM_CACHE", str(tmp_path / "cache"))
 
     def main(out: str | Path) -> list[str]:
-        return [sys.executable, "main.py", "--destination_folder", pop, "--num_iterations", str(iterations),
-                "--num_runs", "1", "--seed", "4", "--llm_model", str(tiny_model_path), "--ppo_batch_size", "2",
-                "--checkpoint_every", "3", "--flush_rows", "6", "--backend", "inline", "--no_progress",
-                "--output", str(out)]
+        return llm_main_argv(pop, out, tiny_model_path, iterations)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MORALSIM_CACHE": str(tmp_path / "cache")}
     uri = s3_uri("killed")
     store, cfg = Store.open(uri), RunConfig(pop, num_iterations=iterations, num_runs=1, seed=4, output=uri)
-    proc = subprocess.Popen(main(uri), cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline, ckpt = time.monotonic() + 300, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        ckpt = _checkpoint(store, cfg)
-        if ckpt is not None and ckpt["iteration"] >= 6:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and ckpt is not None, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    ckpt = sigkill_after_checkpoint(main(uri), env, pop, uri, iteration=6)
     assert not store.committed(run_dir(cfg, 0))  # killed mid-run
     stage = store.path(STAGING, pop, "run=0")
     before = {name: store.read_bytes(f"{stage}/{name}") for name in ckpt["parts"]["0"]}
