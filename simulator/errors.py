@@ -59,6 +59,14 @@ class ConfigError(MoralsimError, ValueError):
     """A run configuration value out of its allowed range."""
 
 
+def check_positive(owner: str, config: object, names: Iterable[str]) -> None:
+    """ConfigError `<owner>.<name> must be > 0` for the first of config's fields (in names) that is not > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ConfigError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
 class ClusterError(MoralsimError, ConnectionError):
     """A Ray cluster that cannot be reached or joined (simulator/cluster.py)."""
 

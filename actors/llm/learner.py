@@ -64,7 +64,7 @@ from actors.llm.ppo import (
     policy_loss,
     value_loss,
 )
-from simulator.errors import ConfigError
+from simulator.errors import ConfigError, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,7 @@ class PPOConfig:
     def __post_init__(self) -> None:
         positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
                     "target", "horizon", "lora_r", "lora_alpha")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        check_positive("PPOConfig", self, positive)
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from simulator.errors import ConfigError
+from simulator.errors import ConfigError, check_positive
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -50,9 +50,7 @@ class LLMActors:
             raise ConfigError(
                 f"rollout_actors must be >= 0 and learner_actors >= 1, got {self.rollout_actors} and {self.learner_actors}"
             )
-        for name in ("rollout_cpus", "learner_cpus"):  # every bundle needs some resource, and torch a thread
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"llm.actors.{name} must be > 0, got {getattr(self, name)}")
+        check_positive("llm.actors", self, ("rollout_cpus", "learner_cpus"))  # every bundle needs a resource, torch a thread
         for name in ("rollout_gpus", "learner_gpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"llm.actors.{name} must be >= 0, got {getattr(self, name)}")

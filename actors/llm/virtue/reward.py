@@ -31,7 +31,7 @@ import torch
 
 from actors.llm.virtue.dialogue import Message, template_ids
 from actors.llm.virtue.scoring import ensemble_reward
-from simulator.errors import ConfigError
+from simulator.errors import ConfigError, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,8 @@ class RewardModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_length", "epochs", "learning_rate", "gradient_accumulation_steps", "batch_size", "lora_r",
-                     "lora_alpha"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"RewardModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        check_positive("RewardModelConfig", self, ("max_length", "epochs", "learning_rate",
+                                                    "gradient_accumulation_steps", "batch_size", "lora_r", "lora_alpha"))
 
 
 def rm_input_ids(tokenizer: Any, messages: Sequence[Message], max_length: int) -> list[int]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import ConfigError
+from simulator.errors import ConfigError, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,8 @@ class SFTStageConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
-                     "lora_alpha"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"SFTStageConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        check_positive("SFTStageConfig", self, ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps",
+                                                 "max_length", "lora_r", "lora_alpha"))
 
 
 def sft_examples(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
