@@ -323,13 +323,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def read_manifest(path: Path | str, store: Store | None = None) -> dict[str, Any]:
-    store = store or Store.open("/")
+def read_manifest(path: str, store: Store) -> dict[str, Any]:
     try:
-        data: dict[str, Any] = store.read_json(str(path))
+        data: dict[str, Any] = store.read_json(path)
         return data
     except (OSError, json.JSONDecodeError) as e:
-        raise CorruptDataError(f"cannot read manifest {store.display(str(path))}: {e}") from e
+        raise CorruptDataError(f"cannot read manifest {store.display(path)}: {e}") from e
 
 
 def _json_default(o: object) -> object:
