@@ -31,6 +31,7 @@ import torch
 
 from actors.llm.virtue.dialogue import Message, template_ids
 from actors.llm.virtue.scoring import ensemble_reward
+from actors.llm.virtue.trl_args import lora_config, trainer_kwargs
 from simulator.errors import ConfigError, check_positive
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,6 @@ def train_reward_model(
 ) -> Path:
     """Train one reward model on preference rows (prompt / chosen / rejected messages); save its adapter to out_dir."""
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import RewardConfig, RewardTrainer
 
     cfg = config or RewardModelConfig()
@@ -94,27 +94,8 @@ def train_reward_model(
         for r in rows
     ])
     out = Path(out_dir)
-    args = RewardConfig(
-        output_dir=str(out / "trainer"),
-        max_length=cfg.max_length,
-        num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        optim="adamw_torch",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=device == "cpu",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,  # the default recomputes every forward; the model is small
-        save_strategy="no",
-        report_to="none",
-        logging_strategy="epoch",
-        dataloader_num_workers=0,
-    )
-    lora = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules="all-linear")
+    args = RewardConfig(**trainer_kwargs(cfg, out, device), optim="adamw_torch")
+    lora = lora_config(cfg, "SEQ_CLS")
     trainer = RewardTrainer(model=str(model_dir), args=args, train_dataset=data, processing_class=tok, peft_config=lora)
     result = trainer.train()
     trainer.save_model(str(out))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.llm.virtue.trl_args import lora_config, trainer_kwargs
 from simulator.errors import ConfigError, check_positive
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ def train_sft(
     """Train a LoRA with SFTTrainer, merge it, save the merged model (and tokenizer) to `out_dir/merged`."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -71,26 +71,8 @@ def train_sft(
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    args = SFTConfig(
-        output_dir=str(out / "trainer"),
-        num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=device == "cpu",
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        report_to="none",
-        logging_strategy="epoch",
-        dataloader_num_workers=0,
-    )
-    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules="all-linear")
+    args = SFTConfig(**trainer_kwargs(cfg, out, device))
+    lora = lora_config(cfg, "CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(list(examples)), processing_class=tok,
                          peft_config=lora)
     result = trainer.train()
