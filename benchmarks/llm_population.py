@@ -44,9 +44,7 @@ def main() -> None:
 
     import ray
 
-    from actors.llm.agent import LLMAgentConfig
-    from actors.llm.learner import PPOConfig
-    from actors.llm.resources import LLMActors
+    from actors.llm.config import LLMActors, LLMAgentConfig, PPOConfig
     from scenarios.factory import AgentSettings, build_groups
     from simulator.config import RunConfig
     from simulator.driver import run_batch

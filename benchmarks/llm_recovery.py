@@ -32,12 +32,11 @@ def main() -> None:
 
     import ray
 
-    from actors.llm.agent import LLMAgentConfig
+    from actors.llm.config import LLMActors, LLMAgentConfig
     from actors.llm.learners import StepJob
     from actors.llm.models import resolve_model
     from actors.llm.prompts import chat_ids
     from actors.llm.remote import wait_until_back
-    from actors.llm.resources import LLMActors
     from scenarios.factory import AgentSettings, build_groups
     from simulator.config import RunConfig
     from simulator.driver import build_engine, resume_from_checkpoint, write_checkpoint

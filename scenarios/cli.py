@@ -181,9 +181,7 @@ def _llm_options(args: argparse.Namespace, scenario: Scenario | None) -> dict[st
 
 
 def _llm_config(options: dict[str, object]):  # type: ignore[no-untyped-def]
-    from actors.llm.agent import LLMAgentConfig
-    from actors.llm.learner import PPOConfig
-    from actors.llm.resources import LLMActors
+    from actors.llm.config import LLMActors, LLMAgentConfig, PPOConfig
 
     llm = dict(options["llm"])  # type: ignore[call-overload]
     actors = llm.pop("actors", {})

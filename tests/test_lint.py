@@ -35,3 +35,15 @@ def test_pure_core_imports_no_heavy_framework():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_llm_configuration_imports_no_framework():
+    """Every LLM setting (actors/llm/config.py) reads without torch, so the entrance can parse and check an LLM run
+    before any framework loads."""
+    code = (
+        "import sys, actors.llm.config\n"
+        "bad = [m for m in ('ray', 'vllm', 'trl', 'transformers', 'torch', 'peft') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

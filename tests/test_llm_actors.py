@@ -17,7 +17,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from actors.llm.agent import LLMAgentConfig, make_engine
-from actors.llm.learner import PPOConfig
+from actors.llm.config import PPOConfig
 from actors.llm.learners import LearnerGroup, StepJob
 from actors.llm.remote import launch, learner_group_factory
 from actors.llm.resources import LLMActors, plan

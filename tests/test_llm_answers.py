@@ -15,9 +15,9 @@ import pytest
 from actors.llm import prompts as P
 from actors.llm.agent import LLMAgentConfig, LLMGroup
 from actors.llm.answers import AnswerTrie, answer_length, eos_token_ids, sample_masked
+from actors.llm.config import PPOConfig
 from actors.llm.engine import GenerationRequest, action_probs
 from actors.llm.hf_engine import HFEngine
-from actors.llm.learner import PPOConfig
 from scenarios.factory import AgentSettings, build_groups
 from simulator.config import RunConfig
 from simulator.contracts import Action

@@ -81,7 +81,7 @@ def test_ppo_raises_probability_of_the_rewarded_action_from_its_own_samples(tmp_
 
     import polars as pl
 
-    from actors.llm.agent import LLMAgentConfig
+    from actors.llm.config import LLMAgentConfig
     from scenarios.factory import AgentSettings, build_groups
     from simulator.config import RunConfig
     from simulator.driver import run_sweep

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from actors.llm.agent import LLMAgentConfig, LLMGroup
-from actors.llm.learner import PPOConfig
+from actors.llm.config import PPOConfig
 from actors.llm.learners import StepJob
 from scenarios.factory import AgentSettings, build_groups
 from simulator.config import RunConfig

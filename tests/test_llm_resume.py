@@ -22,9 +22,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from actors.llm.agent import LLMAgentConfig
-from actors.llm.learner import PPOConfig
-from actors.llm.resources import LLMActors
+from actors.llm.config import LLMActors, LLMAgentConfig, PPOConfig
 from scenarios.factory import AgentSettings, build_groups
 from simulator.config import RunConfig
 from simulator.driver import STAGING, checkpoint_dir, run_sweep

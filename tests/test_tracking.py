@@ -181,8 +181,7 @@ def test_cheap_runs_log_about_a_thousand_points_llm_runs_every_iteration():
 
 def test_llm_runs_track_their_answers_and_ppo(tmp_path, tiny_model_path):
     need("peft")
-    from actors.llm.agent import LLMAgentConfig
-    from actors.llm.learner import PPOConfig
+    from actors.llm.config import LLMAgentConfig, PPOConfig
 
     cfg = RunConfig("1xDe@llm_1xTFT", num_iterations=3, num_runs=1, seed=3, output=tmp_path, log_to="tensorboard")
     ppo = PPOConfig(batch_size=2, mini_batch_size=2, gradient_accumulation_steps=1)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from actors.llm.agent import LLMAgentConfig, make_engine
-from actors.llm.learner import PPOConfig
+from actors.llm.config import LLMActors, PPOConfig
 from actors.llm.remote import launch, learner_group_factory
-from actors.llm.resources import LLMActors
 from simulator.errors import ClusterError
 from tests.helpers import need, read_dataset
 

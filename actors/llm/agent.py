@@ -36,7 +36,7 @@ trains the move answer only, on that reward.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from actors.dqn import DQNConfig, DQNGroup
-from actors.llm.answers import ANSWER_MODES, STOP_MODES, AnswerTrie, answer_length, sample_masked
+from actors.llm.answers import AnswerTrie, answer_length, sample_masked
+from actors.llm.config import LLMAgentConfig, VirtueConfig
 from actors.llm.engine import (
     GenerationRequest,
     GenerationResult,
@@ -53,13 +54,10 @@ from actors.llm.engine import (
     check_fresh,
     legal_share,
 )
-from actors.llm.learner import PPOConfig
 from actors.llm.learners import LearnerGroup, LearnerPool, StepHandle, StepJob, StepResult
 from actors.llm.prompts import (
-    STRUCTURED,
     TokenPair,
     chat_ids,
-    check_variant,
     game_prompt_text,
     parse_answer,
     parse_partner,
@@ -67,8 +65,7 @@ from actors.llm.prompts import (
     random_token_pair,
     token_pair,
 )
-from actors.llm.resources import LLMActors
-from actors.llm.virtue.dilemma import VirtueConfig, reason_context, scored_conversation
+from actors.llm.virtue.dilemma import reason_context, scored_conversation
 from actors.static import uniform_partner
 from simulator.contracts import Action, Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError
@@ -77,56 +74,8 @@ from simulator.rewards import R_ILLEGAL, REASON_TYPES
 
 log = logging.getLogger(__name__)
 
-SELECTION_MODES = ("random", "dqn", "prompt")
-ENGINES = ("hf", "vllm")
 
 
-@dataclass(frozen=True)
-class LLMAgentConfig:
-    model: str = "smollm2-135m-instruct"
-    """a local Hugging Face folder, a hub id, or the embedded smollm2-135m-instruct"""
-    engine: str = "hf"
-    """rollout engine: hf (transformers, CPU or GPU) or vllm"""
-    device: str = "cpu"
-    tokens: str = "action12"
-    """action-token pair (actors.llm.prompts.TOKEN_PAIRS) or random:<length>"""
-    variant: str = STRUCTURED
-    selection: str = "random"
-    """partner selection: random, dqn or prompt"""
-    max_new_tokens: int | None = None
-    """tokens generated per answer; None = the longest action token's length (the paper's gen_len)"""
-    stop: str = "length"
-    """length: exactly max_new_tokens (the paper); eos: stop at an end-of-turn token (actors/llm/answers.py)"""
-    answer_mode: str = "free"
-    """free: sample freely (the paper); mask: only the two legal answers (a logit mask, for tiny models)"""
-    off_policy: str = "ratio"
-    """a sample from an older adapter version: ratio (importance ratio in PPO) or drop (discard and count)"""
-    temperature: float = 1.0
-    train: bool = True
-    p_cooperate: bool = True
-    """record P(C token) / (P(C) + P(D)) per decision (one extra scoring pass; free in mask mode)"""
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    actors: LLMActors = field(default_factory=LLMActors)
-    """Ray actors for engines and learners (actors/llm/resources.py); the default runs everything in process"""
-    virtue: VirtueConfig | None = None
-    """[llm.virtue]: the reward models that score the stated reasons of VR / Game+VR agents (a table is converted);
-    None = VirtueConfig's defaults (the pipeline's default output, results/virtue_rlaif/reward_models)"""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "virtue", VirtueConfig.from_value(self.virtue))
-        if self.answer_mode not in ANSWER_MODES:
-            raise ConfigError(f"unknown answer_mode {self.answer_mode!r}; valid: {', '.join(ANSWER_MODES)}")
-        if self.stop not in STOP_MODES:
-            raise ConfigError(f"unknown stop {self.stop!r}; valid: {', '.join(STOP_MODES)}")
-        if self.off_policy not in ("ratio", "drop"):
-            raise ConfigError(f"unknown off_policy {self.off_policy!r}; valid: ratio, drop")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"unknown LLM engine {self.engine!r}; valid: {', '.join(ENGINES)}")
-        if self.selection not in SELECTION_MODES:
-            raise ConfigError(f"unknown LLM partner selection {self.selection!r}; valid: {', '.join(SELECTION_MODES)}")
-        check_variant(self.variant)
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def resolve_tokens(spec: str, rng: np.random.Generator) -> TokenPair:

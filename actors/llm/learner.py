@@ -44,12 +44,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
+from actors.llm.config import PPOConfig
 from actors.llm.engine import AdapterWeights
 from actors.llm.ppo import (
     AdaptiveKLController,
@@ -64,63 +65,11 @@ from actors.llm.ppo import (
     policy_loss,
     value_loss,
 )
-from simulator.errors import ConfigError, check_positive
+from simulator.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PPOConfig:
-    """Defaults are the ICLR 2025 paper's (DESIGN section 4): its explicit settings, else TRL 0.x PPOConfig's."""
-
-    learning_rate: float = 1.41e-5
-    """Adam learning rate (TRL default, kept by the paper)."""
-    batch_size: int = 5
-    """samples per PPO step (paper: 5 vs static opponents, 3 vs TFT)."""
-    mini_batch_size: int = 5
-    """samples per forward/backward; the paper's script set it equal to batch_size."""
-    gradient_accumulation_steps: int = 4
-    """mini-batches accumulated per Adam step (paper: 4)."""
-    ppo_epochs: int = 4
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    adap_kl_ctrl: bool = True
-    init_kl_coef: float = 0.2
-    target: float = 6.0
-    horizon: float = 10000.0
-    use_score_scaling: bool = True
-    use_score_norm: bool = True
-    score_clip: float | None = None
-    """the paper's script meant 0.5 but wrote `configscore_clip=0.5`, which set nothing; None reproduces the run."""
-    whiten_rewards: bool = False
-    ratio_threshold: float = 10.0
-    """skip a mini-batch whose mean ratio exceeds this (TRL's guard against a diverged policy)."""
-    max_grad_norm: float | None = None
-    lora_r: int = 64
-    lora_alpha: int = 32
-    """the paper's script default (its jobs never override it); scaling alpha / r = 0.5."""
-    lora_dropout: float = 0.0
-    """the paper's script used 0.05; 0 keeps the first PPO epoch's ratio exactly 1 and the learner deterministic."""
-    lora_target_modules: str = "all-linear"
-    seed: int = 0
-    """LoRA A and value-head init, and the mini-batch shuffle."""
-    merge_identical_passes: bool = True
-    """compute passes that see the same weights and samples once (see the module docstring); False = every pass"""
-
-    def __post_init__(self) -> None:
-        positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                    "target", "horizon", "lora_r", "lora_alpha")
-        check_positive("PPOConfig", self, positive)
-        for name in ("gamma", "lam"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.mini_batch_size > self.batch_size:
-            raise ConfigError(f"mini_batch_size {self.mini_batch_size} exceeds batch_size {self.batch_size}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
 
 MASKED_LOGIT = -1e9  # logit of a token an answer mask forbids: exp() is exactly 0, and 0 * it stays finite

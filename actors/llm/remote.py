@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from actors.llm.config import PPOConfig
 from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
-from actors.llm.learner import PPOConfig
 from actors.llm.learners import LearnerGroup, StepJob, StepResult
 from actors.llm.resources import LLMActors, Plan, plan
 from actors.llm.weight_sync import AdapterRef

@@ -29,68 +29,22 @@ The reward models are frozen and loaded once per LLM group; nothing of them ente
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from actors.llm.config import DEFAULT_REWARD_MODELS, PIPELINE_COMMAND, VirtueConfig
 from actors.llm.virtue.dialogue import FOLLOW_UPS, Message
 from actors.llm.virtue.scoring import TURNS
 from simulator.errors import ConfigError
 
 SCORED_QUESTION = FOLLOW_UPS["motivation"]  # the question the motivation reward model was trained on
 REASON_QUESTION = f"{SCORED_QUESTION} Answer in one sentence."  # what the agent is asked
-PIPELINE_COMMAND = "python -m scenarios.virtue_rlaif all --output {root}"  # its train-rm stage writes the models
-DEFAULT_REWARD_MODELS = "results/virtue_rlaif/reward_models"  # the pipeline's default --output, stage train-rm
 
 
-@dataclass(frozen=True)
-class VirtueConfig:
-    """`[llm.virtue]` of a scenario file: where the reward models are and how their score enters the reward."""
-
-    reward_models: str = DEFAULT_REWARD_MODELS
-    """the pipeline's reward_models/ folder (action/, motivation/, consequences/), or its output folder"""
-    weight: float = 1.0
-    """moral reward: VR = weight * ensemble; Game+VR = R_M + weight * ensemble"""
-    lam: float = 0.5
-    """ensemble = mean - lam * std over the three reward models (the report's 0.5)"""
-    reason_tokens: int = 32
-    """token limit of the stated reason (the report cut every turn at 32); a reason cut there is flagged"""
-    temperature: float | None = None
-    """sampling temperature of the reason; None = the agent's [llm] temperature"""
-    device: str | None = None
-    """torch device of the reward models; None = the agent's [llm] device"""
-    base_model: str | None = None
-    """the reward models' base; None = the pipeline's config.json `model` beside reward_models/, else the base
-    folder the adapters were trained on (adapter_config.json)"""
-    max_length: int | None = None
-    """tokens a reward model reads (cut from the left); None = the pipeline's config.json rm.max_length, else 100"""
-    batch_size: int = 16
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.reward_models, str) or not self.reward_models.strip():
-            raise ConfigError(f"[llm.virtue] reward_models must be a folder, got {self.reward_models!r}")
-        if self.lam < 0:
-            raise ConfigError(f"[llm.virtue] lam must be >= 0, got {self.lam!r}")
-        if self.reason_tokens < 1 or self.batch_size < 1:
-            raise ConfigError(f"[llm.virtue] reason_tokens and batch_size must be >= 1, got {self.reason_tokens}, "
-                              f"{self.batch_size}")
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"[llm.virtue] max_length must be >= 1, got {self.max_length}")
-
-    @classmethod
-    def from_value(cls, value: object) -> VirtueConfig | None:
-        """A VirtueConfig, a mapping of its fields (a TOML table) or None."""
-        if value is None or isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"[llm.virtue] must be a table of {[f.name for f in fields(cls)]}, got {value!r}")
-        unknown = sorted(set(value) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown [llm.virtue] keys {unknown}; valid: {[f.name for f in fields(cls)]}")
-        return cls(**dict(value))
 
 
 @dataclass(frozen=True)
