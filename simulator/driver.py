@@ -36,7 +36,6 @@ from simulator.config import RunConfig
 from simulator.contracts import AgentGroup, HoldsResources, SavesState
 from simulator.engine import PopulationEngine
 from simulator.errors import ConfigError, CorruptDataError, WorkerLostError
-from simulator.population import Population
 from simulator.records import PartWriter, RecordBuffer
 from simulator.schema import SCHEMA_VERSION
 from simulator.seeding import RunStreams, initial_state, run_streams
@@ -45,7 +44,7 @@ from simulator.tracking import Tracker, iteration_metrics, open_tracker, track_e
 
 log = logging.getLogger("moralsim.driver")
 
-GroupFactory = Callable[[Population, Sequence[RunStreams]], list[AgentGroup]]
+GroupFactory = Callable[[RunConfig, Sequence[RunStreams]], list[AgentGroup]]  # scenarios.factory.build_groups
 Progress = Callable[[int], None]
 STAGING = ".moralsim-staging"
 MANIFEST = "manifest.json"
@@ -85,11 +84,11 @@ def build_engine(
     cfg: RunConfig, runs: Sequence[int], factory: GroupFactory
 ) -> tuple[PopulationEngine, list[RunStreams]]:
     """The engine for these runs of cfg, with each run's seeded streams and initial state."""
-    pop = cfg.population.resolved(cfg.method)
+    pop = cfg.population
     streams = [run_streams(cfg.seed, r, pop.size) for r in runs]
     init = np.stack([initial_state(s.protocol, pop.size) for s in streams])
     engine = PopulationEngine(
-        pop.codes, pop.moral_codes, factory(pop, streams), cfg.game, [s.protocol for s in streams], init,
+        pop.codes, pop.moral_codes, factory(cfg, streams), cfg.game, [s.protocol for s in streams], init,
         compat=cfg.compat, random_matching=cfg.random_matching, reward_phases=cfg.reward_phases(),
         protocol=cfg.protocol, episode_length=cfg.episode_length, episode_moves=cfg.episode_moves(),
     )
@@ -103,7 +102,7 @@ def run_batch(
     t0 = time.perf_counter()
     engine, streams = build_engine(cfg, runs, factory)
     setup = time.perf_counter() - t0
-    pop = cfg.population.resolved(cfg.method)
+    pop = cfg.population
     store = store_of(cfg)
     stages = [staging_dir(cfg, r) for r in runs]
     ckpt = checkpoint_dir(cfg, runs)

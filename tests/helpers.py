@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pytest
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.contracts import REASON_NAMES
 from simulator.driver import checkpoint_dir, run_batch
@@ -31,9 +30,8 @@ def read_dataset(path: Path) -> pl.DataFrame:
     return df.with_columns([pl.col(c).cast(pl.String) for c in cats]).sort(SORT)
 
 
-def engine_records(cfg: RunConfig, runs: list[int], settings: AgentSettings | None = None) -> pl.DataFrame:
-    factory = partial(build_groups, settings=settings or AgentSettings(random_matching=cfg.random_matching))
-    run_batch(cfg, runs, factory)
+def engine_records(cfg: RunConfig, runs: list[int]) -> pl.DataFrame:
+    run_batch(cfg, runs, build_groups)
     return read_dataset(cfg.dataset_dir).filter(pl.col("run").is_in(runs))
 
 

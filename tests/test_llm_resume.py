@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -23,7 +22,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from actors.llm.config import LLMActors, LLMAgentConfig, PPOConfig
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from scenarios.run import with_agents
 from simulator.config import RunConfig
 from simulator.driver import STAGING, checkpoint_dir, run_sweep
 from tests.helpers import llm_main_argv, need, read_dataset, sigkill_after_checkpoint
@@ -115,8 +115,8 @@ def _run_on_actors(out: Path, model: Path, kill: str | None, engine: str,
     thread = threading.Thread(target=killer, daemon=True) if kill else None
     if thread:
         thread.start()
-    settings = AgentSettings(llm=llm, game=cfg.game, seed=cfg.seed)
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    cfg = with_agents(cfg, llm=llm)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     end = time.monotonic()
     if thread:
         thread.join(1)
@@ -144,10 +144,10 @@ def test_checkpoint_of_another_configuration_is_not_used(tmp_path, tiny_model_pa
 
     cfg = RunConfig(POP, num_iterations=4, num_runs=1, seed=4, output=tmp_path, checkpoint_every=2)
     llm = LLMAgentConfig(model=str(tiny_model_path), ppo=SMALL_PPO)
-    settings = AgentSettings(llm=llm, game=cfg.game, seed=cfg.seed)
+    cfg = with_agents(cfg, llm=llm)
     from simulator.driver import build_engine
 
-    engine, _ = build_engine(cfg, [0], partial(build_groups, settings=settings))
+    engine, _ = build_engine(cfg, [0], build_groups)
     stage = tmp_path / STAGING / POP / "run=0"
     stage.mkdir(parents=True)
     engine.step()

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.driver import STAGING, run_sweep
 from simulator.errors import ConfigError
@@ -34,7 +33,7 @@ def sweep(out: Path, backend: str = "inline", **kw) -> pl.DataFrame:
         output=out,
         flush_rows=kw.pop("flush_rows", 64),
     )
-    run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend=backend, show_progress=False, **kw)
+    run_sweep(cfg, build_groups, backend=backend, show_progress=False, **kw)
     return read_dataset(cfg.dataset_dir)
 
 
@@ -142,7 +141,7 @@ def test_compat_switch_changes_only_the_documented_defects(tmp_path):
             compat=compat,
             method="tabularQ",
         )
-        run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="inline", show_progress=False)
+        run_sweep(cfg, build_groups, backend="inline", show_progress=False)
         return read_dataset(cfg.dataset_dir)
 
     fixed, compat = run("none"), run("aies2024")
@@ -172,7 +171,7 @@ def test_phased_reward_schedule_switches_at_the_stated_iteration(tmp_path):
     cfg = RunConfig(
         "1xGame@tabularQ_1xAD", num_iterations=40, num_runs=1, seed=1, output=tmp_path, reward_schedule=(("Game", 0.5, "De"),)
     )
-    run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="inline", show_progress=False)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     df = read_dataset(cfg.dataset_dir)
     for role in ("selector", "selected"):
         me = df.filter(pl.col(f"{role}_type") == "Game")

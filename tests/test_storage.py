@@ -9,14 +9,13 @@ import os
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.driver import STAGING, checkpoint_dir, run_dir, run_sweep
 from simulator.errors import ConfigError
@@ -71,7 +70,7 @@ def test_a_dataset_on_s3_equals_the_same_runs_on_a_local_disk(tmp_path, s3_uri, 
     from analysis.dataset import local_copy, open_dataset
 
     monkeypatch.setenv("MORALSIM_CACHE", str(tmp_path / "cache"))
-    factory = partial(build_groups, settings=AgentSettings())
+    factory = build_groups
     frames = []
     for output in (tmp_path / "local", s3_uri("sweep")):
         cfg = RunConfig(POP, num_iterations=300, num_runs=2, seed=3, output=output, flush_rows=400,
