@@ -169,7 +169,8 @@ class DatasetLock:
                 return gens[-1], store.read_json(self._path(gens[-1]))
             except (OSError, ValueError):
                 time.sleep(0.05)
-        raise DatasetLockedError(f"{self.where}: cannot read its lock {store.display(self._path(gens[-1]))}")
+        raise DatasetLockedError(f"{self.where}: its lock {store.display(self._path(gens[-1]))} cannot be read; if no "
+                                 "driver is writing this dataset, delete that file")
 
     def _held(self, generation: int, taken_from: tuple[dict[str, Any], str | None] | None) -> DatasetLock:
         self.generation = generation

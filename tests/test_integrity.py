@@ -28,6 +28,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from analysis.cli import main as analyze
 from scenarios.factory import AgentSettings, build_groups
 from simulator.config import RunConfig
 from simulator.driver import DAMAGED, STAGING, Eta, run_datasets
@@ -87,6 +88,7 @@ def test_two_drivers_started_together_one_writes_and_the_other_exits_2(where, tm
     assert match[1].endswith(POP) and int(match[2]) == winner.pid and match[3] == socket.gethostname()
     assert_frame_equal(_records(out, tmp_path), read_dataset(clean / POP))
     assert writer_staging(out, POP) is None  # the winner's staging is gone, the loser never made one
+    assert analyze(["--verify", RunConfig(POP, output=out).dataset_location]) == 0  # in place, also on S3
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
