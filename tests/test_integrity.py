@@ -72,6 +72,7 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_drivers_started_together_one_writes_and_the_other_exits_2(where, tmp_path, clean, s3_uri):
     out = str(tmp_path / "out") if where == "local" else s3_uri("two-drivers")
@@ -91,6 +92,7 @@ def test_two_drivers_started_together_one_writes_and_the_other_exits_2(where, tm
     assert analyze(["--verify", RunConfig(POP, output=out).dataset_location]) == 0  # in place, also on S3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_driver_killed_holding_the_lock_is_taken_over_and_the_next_resumes(where, tmp_path, clean, s3_uri):
     out = str(tmp_path / "out") if where == "local" else s3_uri("killed")
@@ -122,6 +124,7 @@ def test_a_driver_killed_holding_the_lock_is_taken_over_and_the_next_resumes(whe
     assert store.read_json(store.path(LOCKS, POP, lock_name))["released"]
 
 
+@pytest.mark.slow
 def test_a_driver_frozen_past_its_lease_is_taken_over_and_stops_without_writing(tmp_path, clean):
     """A holder that stops renewing (SIGSTOP: a paused job, a hung node) loses the lock when its lease runs out.
     Its successor writes the dataset; the frozen driver, woken, finds the lock gone and stops before any commit."""
@@ -156,6 +159,7 @@ def _verify(folder: str | Path) -> subprocess.CompletedProcess[str]:
     return _run([sys.executable, "-m", "analysis", "--verify", str(folder)])
 
 
+@pytest.mark.slow
 def test_a_corrupted_part_is_moved_aside_and_its_run_runs_again_from_its_seed(tmp_path, clean):
     out = tmp_path / "out"
     shutil.copytree(clean, out)
@@ -192,6 +196,7 @@ def test_a_missing_or_unlisted_part_does_not_pass_verification(tmp_path, clean):
     assert "run=2: DOES NOT MATCH: part-99999999.parquet: not listed in _SUCCESS" in check.stdout
 
 
+@pytest.mark.slow
 def test_datasets_written_before_the_hashes_still_count_as_done(tmp_path, clean):
     out = tmp_path / "out"
     shutil.copytree(clean, out)
@@ -250,6 +255,7 @@ def test_a_live_holder_refuses_and_an_expired_lease_is_taken_over(where, tmp_pat
     assert caplog.text.count("taking over") == 1
 
 
+@pytest.mark.slow
 def test_an_llm_run_with_a_bad_part_is_refused_naming_it(tmp_path, tiny_model_path):
     pop, out = "1xUT@llm_1xTFT", tmp_path / "out"
     argv = llm_main_argv(pop, out, tiny_model_path, 6)
