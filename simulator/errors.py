@@ -98,3 +98,11 @@ class StaleAdapterError(MoralsimError, RuntimeError):
 class WorkerLostError(MoralsimError, RuntimeError):
     """A process that held part of a batch's state died (a learner actor). The batch continues from its last
     checkpoint once the process is back (simulator/driver.py); without a checkpoint the batch fails."""
+
+
+class DatasetLockedError(MoralsimError, RuntimeError):
+    """A dataset that another live driver is writing (simulator/lock.py)."""
+
+
+class LockLostError(MoralsimError, RuntimeError):
+    """This driver's dataset lock was taken over by another driver (its lease had run out): it must stop writing."""

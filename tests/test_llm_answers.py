@@ -141,7 +141,7 @@ def test_after_an_illegal_answer_tft_copies_the_last_legal_move(tmp_path, tiny_m
                     episode_length=6)
     config = LLMAgentConfig(model=str(tiny_model_path), ppo=SMALL_PPO, p_cooperate=False)
 
-    def factory(pop, streams):  # type: ignore[no-untyped-def]
+    def factory(run_cfg, streams):  # type: ignore[no-untyped-def]
         from actors.static import StaticGroup
 
         rngs = [[st.agents[0]] for st in streams]

@@ -52,7 +52,7 @@ def _engine(opponent: str, moves: list[int], episode_length: int, seed: int = 0)
                     episode_length=episode_length)
     scripted = Scripted(moves)
 
-    def factory(pop, streams):  # type: ignore[no-untyped-def]
+    def factory(run_cfg, streams):  # type: ignore[no-untyped-def]
         from actors.static import StaticGroup
 
         return [scripted, StaticGroup(np.array([1]), [opponent], len(streams))]

@@ -99,8 +99,10 @@ def test_resume_after_kill_leaves_no_partial_or_duplicate_rows(tmp_path):
     )
     # kill while run 1 is half written: run 0 is complete, run 1 has parts in staging
     deadline = time.time() + 240
-    staged = out / STAGING / POP / "run=1"
-    while time.time() < deadline and not (staged.exists() and len(list(staged.glob("*.parquet"))) >= 3):
+    def staged() -> list[Path]:
+        return list((out / STAGING / POP).glob("writer-*/run=1/*.parquet"))
+
+    while time.time() < deadline and len(staged()) < 3:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -113,7 +115,7 @@ def test_resume_after_kill_leaves_no_partial_or_duplicate_rows(tmp_path):
     resumed = read_dataset(out / POP)
     assert resumed.height == 3 * 3000 * 5
     assert resumed.select("run", "iteration", "order").is_duplicated().sum() == 0
-    assert not list((out / STAGING / POP).glob("run=*"))
+    assert not list((out / STAGING / POP).glob("*/run=*"))
 
     clean = tmp_path / "clean"
     subprocess.run(_main(clean), cwd=ROOT, check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
