@@ -18,7 +18,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.environ.get("MORALSIM_SRC") or str(Path(__file__).resolve().parents[1]))  # see interleaved.py
 
 from actors.dqn import DQNConfig
 from scenarios.factory import AgentSettings, build_groups
