@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actors.egreedy import epsilon_choice, epsilon_reasons, greedy
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 
@@ -58,17 +59,19 @@ def init_params(rng: np.random.Generator, n_others: int, hidden: int) -> dict[st
     return dict(zip(PARAM_NAMES, (sw1, sb1, sw2, sb2, dw1, db1, dw2, db2), strict=True))
 
 
-def greedy(q: np.ndarray) -> np.ndarray:
-    """argmax over the last axis; ties go to the lowest index."""
-    return np.argmax(q, axis=-1)
-
-
 class FlatAdam:
     """Adam over a few flat parameter buffers, one fused kernel call per step.
 
     Elementwise, so one call over the stacked weights of B agents equals B separate torch.optim.Adam steps.
     Calls the fused kernel directly: torch.optim.Adam.step's own bookkeeping costs more than the maths for
     buffers this small (about 300 us against 120 us for a 16-agent population).
+
+    Denormals are flushed to zero during the step. A weight that gets no gradient for a while (a partner never
+    chosen, a dead ReLU unit, an input that stays 0) keeps a first moment decaying by beta1 = 0.9 a step, which
+    after about 800 steps is a denormal float; x86 cores take a slow path for every operation on one, and the step
+    of a 16-agent population grows from about 1 ms to 5 to 9 ms. The update such a moment would make is some 1e-30
+    of the weight, far below the weight's last bit, so the weights are the same bits either way (checked over 3,000
+    iterations of the AIES population, benchmarks/README: "denormals"); only the moment itself reads 0 instead.
     """
 
     def __init__(self, buffers: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -80,8 +83,16 @@ class FlatAdam:
         self._fused = hasattr(torch, "_fused_adam_")
 
     def step(self, grads: list[torch.Tensor]) -> None:
-        b1, b2 = self.betas
         torch._foreach_add_(self.steps, 1)
+        flushed = torch.set_flush_denormal(True)  # this thread only (the kernel runs on it with 1 torch thread)
+        try:
+            self._step(grads)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)
+
+    def _step(self, grads: list[torch.Tensor]) -> None:
+        b1, b2 = self.betas
         if self._fused:
             torch._fused_adam_(self.buffers, grads, self.exp_avg, self.exp_avg_sq, [], self.steps, amsgrad=False,
                                lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps, maximize=False)
@@ -137,7 +148,11 @@ class DQNGroup:
                 self.params[k][b] = torch.from_numpy(v)
         trained = [net for net, on in (("dil", config.learn_dilemma), ("sel", config.learn_selection)) if on]
         self._trained = trained
+        self._grad_buffers = [self._flat[n][1] for n in trained]
         self.opt = FlatAdam([self._flat[n][0] for n in trained], lr=config.lr)
+        self._rows = np.arange(B)
+        self._t_rows = torch.from_numpy(self._rows)
+        self._sel_dq = np.zeros((B, n), dtype=self.np_dtype)  # dL/dQ_s: one nonzero per agent, reset after use
         self._sel_cache: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None
         self._qd: tuple[torch.Tensor, np.ndarray] | None = None
 
@@ -146,54 +161,42 @@ class DQNGroup:
         """x (B, 1, N-1), h (B, 1, H), q (B, N-1) as numpy."""
         p = self.params
         x = torch.from_numpy(state.reshape(self.R * self.G, 1, self.n_others).astype(self.np_dtype))
-        h = torch.relu(torch.baddbmm(p["sel_b1"], x, p["sel_w1"]))
+        h = torch.baddbmm(p["sel_b1"], x, p["sel_w1"]).relu_()
         q = torch.baddbmm(p["sel_b2"], h, p["sel_w2"])
         return x, h, q.numpy().reshape(self.R * self.G, self.n_others)
 
     def _dilemma_q(self) -> tuple[torch.Tensor, np.ndarray]:
         """Q_d on both states at once: h (B, 2, H), q (B, 2, 2) = [state, action] as numpy."""
         p = self.params
-        pre = p["dil_b1"] + torch.cat([0.0 * p["dil_w1"], p["dil_w1"]], dim=1)  # s * w1 + b1 for s = 0, 1
-        h = torch.relu(pre)
+        b1 = p["dil_b1"]
+        h = torch.cat([b1, b1 + p["dil_w1"]], dim=1).relu_()  # s * w1 + b1 for s = 0, 1
         return h, torch.baddbmm(p["dil_b2"], h, p["dil_w2"]).numpy()
 
     # -- decisions ----------------------------------------------------------------------------------------
     def select(self, batch: SelectionBatch) -> Decisions:
-        explore_coin, partner_coin = batch.u[..., 0], batch.u[..., 1]
-        random_choice = uniform_partner(partner_coin, self.n_others)
+        random_choice = uniform_partner(batch.u[..., 1], self.n_others)
         if not self.cfg.learn_selection:
             return Decisions(random_choice, np.full(random_choice.shape, Reason.STATIC, dtype=np.int8))
-        with torch.no_grad():
-            self._sel_cache = self._sel_forward(batch.state)
+        self._sel_cache = self._sel_forward(batch.state)
         q = self._sel_cache[2].reshape(self.R, self.G, self.n_others)
-        if batch.iteration == 0:
-            reason = np.full(random_choice.shape, Reason.FIRST, dtype=np.int8)
-        else:
-            reason = np.where(explore_coin < self.cfg.eps_selection, Reason.EXPLORE, Reason.GREEDY).astype(np.int8)
-        choice = np.where(reason == Reason.GREEDY, greedy(q), random_choice)
-        return Decisions(choice, reason)
+        reason = epsilon_reasons(batch.iteration, batch.u[..., 0], self.cfg.eps_selection)
+        return Decisions(epsilon_choice(reason, greedy(q), random_choice), reason)
 
     def act(self, batch: DilemmaBatch) -> Decisions:
-        with torch.no_grad():
-            self._qd = self._dilemma_q()
+        self._qd = self._dilemma_q()
         qtab = self._qd[1]  # (B, 2, 2)
         b = batch.run * self.G + batch.member
-        random_action = uniform_action(batch.u[:, 1])
-        if batch.iteration == 0:
-            reason = np.full(b.shape, Reason.FIRST, dtype=np.int8)
-        else:
-            reason = np.where(batch.u[:, 0] < self.cfg.eps_dilemma, Reason.EXPLORE, Reason.GREEDY).astype(np.int8)
-        action = np.where(reason == Reason.GREEDY, greedy(qtab[b, batch.state]), random_action)
-        return Decisions(action, reason)
+        reason = epsilon_reasons(batch.iteration, batch.u[:, 0], self.cfg.eps_dilemma)
+        return Decisions(epsilon_choice(reason, greedy(qtab[b, batch.state]), uniform_action(batch.u[:, 1])), reason)
 
     # -- learning -----------------------------------------------------------------------------------------
     def _dilemma_grads(self, tr: Transitions) -> dict[str, float]:
-        assert self._qd is not None, "learn() before act() in this iteration"
-        p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
         """Dilemma net: mean squared TD error over each agent's k_b transitions of this iteration.
 
         The TD errors are tiny (B, 2, 2) lookups, cheaper in numpy than as torch ops.
         """
+        assert self._qd is not None, "learn() before act() in this iteration"
+        p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
         h, q = self._qd
         b = tr.run * self.G + tr.member
         s, a = tr.state.astype(np.int64), tr.action.astype(np.int64)
@@ -209,33 +212,36 @@ class DQNGroup:
         torch.sum(dpre, dim=1, keepdim=True, out=g["dil_b1"])
         return {"dilemma_td2": float(np.mean(td * td))}
 
+    def _selection_grads(self, tr: Transitions) -> dict[str, float]:
+        """Selection net: one transition per agent (the partner it chose), so dL/dQ is one-hot, 2 * td at the chosen
+        partner. The products with it are an outer product and a gather, cheaper than matmuls over (B, H, N-1)."""
+        assert self._sel_cache is not None, "learn() before select() in this iteration"
+        p, g, B = self.params, self.grads, self.R * self.G
+        x, h_s, q_s = self._sel_cache
+        q_next = self._sel_forward(tr.sel_next_state)[2]
+        rows, choice = self._rows, tr.sel_choice.reshape(B)
+        td_s = q_s[rows, choice] - (tr.sel_reward.reshape(B) + self.cfg.gamma * q_next.max(axis=-1))
+        dq_row = (2.0 * td_s).astype(self.np_dtype)  # (B,)
+        dq_np = self._sel_dq
+        dq_np[rows, choice] = dq_row
+        dq = torch.from_numpy(dq_np)  # (B, N-1)
+        h_row = h_s[:, 0, :]  # (B, H)
+        torch.bmm(h_row[:, :, None], dq[:, None, :], out=g["sel_w2"])  # outer product: h * dq at the chosen column
+        g["sel_b2"].copy_(dq[:, None, :])
+        t_choice = torch.from_numpy(choice.astype(np.int64))
+        dpre_s = p["sel_w2"][self._t_rows, :, t_choice].mul_(torch.from_numpy(dq_row)[:, None]).mul_(h_row > 0)
+        torch.mul(x.transpose(1, 2), dpre_s[:, None, :], out=g["sel_w1"])
+        g["sel_b1"].copy_(dpre_s[:, None, :])
+        dq_np[rows, choice] = 0
+        return {"selection_td2": float(np.mean(td_s * td_s))}
+
     def learn(self, tr: Transitions) -> dict[str, float]:
-        p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
         stats: dict[str, float] = {}
-        with torch.no_grad():
-            if self.cfg.learn_dilemma:
-                stats.update(self._dilemma_grads(tr))
-            if self.cfg.learn_selection:  # one transition per agent: the partner it chose
-                assert self._sel_cache is not None
-                x, h_s, q_s = self._sel_cache
-                q_next = self._sel_forward(tr.sel_next_state)[2]
-                rows = np.arange(B)
-                choice = tr.sel_choice.reshape(B)
-                td_s = q_s[rows, choice] - (tr.sel_reward.reshape(B) + gamma * q_next.max(axis=-1))
-                # one transition per agent, so dL/dQ is one-hot: 2 * td at the chosen partner. The products with
-                # it are gathers and outer products, cheaper than batched matmuls over (B, H, N-1)
-                dq = torch.from_numpy((2.0 * td_s).astype(self.np_dtype))  # (B,)
-                t_rows, t_choice = torch.from_numpy(rows), torch.from_numpy(choice.astype(np.int64))
-                h_row = h_s[:, 0, :]  # (B, H)
-                g["sel_w2"].zero_()
-                g["sel_w2"][t_rows, :, t_choice] = h_row * dq[:, None]
-                g["sel_b2"].zero_()
-                g["sel_b2"][t_rows, 0, t_choice] = dq
-                dpre_s = p["sel_w2"][t_rows, :, t_choice].mul_(dq[:, None]).mul_(h_row > 0)  # (B, H)
-                torch.mul(x.transpose(1, 2), dpre_s[:, None, :], out=g["sel_w1"])
-                g["sel_b1"].copy_(dpre_s[:, None, :])
-                stats["selection_td2"] = float(np.mean(td_s * td_s))
-        self.opt.step([self._flat[n][1] for n in self._trained])
+        if self.cfg.learn_dilemma:
+            stats.update(self._dilemma_grads(tr))
+        if self.cfg.learn_selection:
+            stats.update(self._selection_grads(tr))
+        self.opt.step(self._grad_buffers)
         self._qd = None
         self._sel_cache = None
         return stats
