@@ -16,6 +16,8 @@ tests/test_equivalence.py checks all of this against per-agent torch.nn modules 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,14 @@ class DQNConfig:
 
 
 PARAM_NAMES = ("sel_w1", "sel_b1", "sel_w2", "sel_b2", "dil_w1", "dil_b1", "dil_w2", "dil_b2")
+SEL_NAMES = PARAM_NAMES[:4]
+# Above this size the selection gradients of all B agents are not held at once: agents are taken in chunks, each
+# chunk's gradients written to one scratch buffer and its Adam step made, before the next (Adam is elementwise).
+# A 1,024-agent population's selection gradients alone would be 2 GiB, a quarter of its memory.
+GRAD_CHUNK_BYTES = 64 << 20
+# chunks are a multiple of this many agents, so every chunk of every parameter is a whole number of SIMD vectors and
+# the fused Adam kernel computes each element exactly as in one call over the whole buffer
+CHUNK_AGENTS = 16
 
 
 def init_params(rng: np.random.Generator, n_others: int, hidden: int) -> dict[str, np.ndarray]:
@@ -83,21 +93,31 @@ class FlatAdam:
         self._fused = hasattr(torch, "_fused_adam_")
 
     def step(self, grads: list[torch.Tensor]) -> None:
+        """One step of every buffer with its gradient."""
+        with self.stepping():
+            self.update(self.buffers, grads, self.exp_avg, self.exp_avg_sq, self.steps)
+
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Count one step for every buffer; the updates made inside run with denormals flushed (this thread only,
+        the kernel runs on it with 1 torch thread)."""
         torch._foreach_add_(self.steps, 1)
-        flushed = torch.set_flush_denormal(True)  # this thread only (the kernel runs on it with 1 torch thread)
+        flushed = torch.set_flush_denormal(True)
         try:
-            self._step(grads)
+            yield
         finally:
             if flushed:
                 torch.set_flush_denormal(False)
 
-    def _step(self, grads: list[torch.Tensor]) -> None:
+    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
+               exp_avg_sq: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
+        """Adam on these tensors (the buffers, or views of them and of their moments), steps already counted."""
         b1, b2 = self.betas
         if self._fused:
-            torch._fused_adam_(self.buffers, grads, self.exp_avg, self.exp_avg_sq, [], self.steps, amsgrad=False,
-                               lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps, maximize=False)
+            torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], steps, amsgrad=False, lr=self.lr, beta1=b1,
+                               beta2=b2, weight_decay=0.0, eps=self.eps, maximize=False)
             return
-        for p, g, m, v, t in zip(self.buffers, grads, self.exp_avg, self.exp_avg_sq, self.steps, strict=True):
+        for p, g, m, v, t in zip(params, grads, exp_avg, exp_avg_sq, steps, strict=True):
             n = float(t)  # same formula as torch.optim.Adam's single-tensor path
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -109,7 +129,8 @@ class DQNGroup:
     """G DQN agents of a population, in R runs: B = R * G stacked networks, index b = run * G + member.
 
     Weights live in two flat buffers (selection, dilemma), laid out parameter by parameter so every
-    parameter is a contiguous (B, fan_in, fan_out) view; gradients are written into a twin buffer.
+    parameter is a contiguous (B, fan_in, fan_out) view; gradients are written into a twin buffer. In large
+    populations the selection gradients' twin holds one chunk of agents (GRAD_CHUNK_BYTES).
     """
 
     learns = True
@@ -128,19 +149,26 @@ class DQNGroup:
         B, n, hid = self.R * self.G, self.n_others, config.hidden
         shapes = {"sel_w1": (n, hid), "sel_b1": (1, hid), "sel_w2": (hid, n), "sel_b2": (1, n),
                   "dil_w1": (1, hid), "dil_b1": (1, hid), "dil_w2": (hid, 2), "dil_b2": (1, 2)}
+        per_agent = sum(int(np.prod(shapes[k])) for k in SEL_NAMES) * torch.finfo(self.dtype).bits // 8
+        self.chunk = B  # agents whose selection gradients are held at once
+        if B * per_agent > GRAD_CHUNK_BYTES and B % CHUNK_AGENTS == 0:
+            self.chunk = max(CHUNK_AGENTS, GRAD_CHUNK_BYTES // per_agent // CHUNK_AGENTS * CHUNK_AGENTS)
         self.params: dict[str, torch.Tensor] = {}
-        self.grads: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}  # (B, ...), or (chunk, ...) for the selection net
         self._flat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[str, tuple[int, int, tuple[int, ...]]] = {}  # offset, size, shape in the net's buffer
         for net in ("sel", "dil"):
             names = [k for k in PARAM_NAMES if k.startswith(net)]
-            total = sum(B * int(np.prod(shapes[k])) for k in names)
-            flat, gflat = torch.empty(total, dtype=self.dtype), torch.zeros(total, dtype=self.dtype)
-            offset = 0
+            rows = self.chunk if net == "sel" else B
+            flat = torch.empty(sum(B * int(np.prod(shapes[k])) for k in names), dtype=self.dtype)
+            gflat = torch.zeros(sum(rows * int(np.prod(shapes[k])) for k in names), dtype=self.dtype)
+            offset = goffset = 0
             for k in names:
-                size = B * int(np.prod(shapes[k]))
+                size, gsize = B * int(np.prod(shapes[k])), rows * int(np.prod(shapes[k]))
+                self._views[k] = (offset, size, (B, *shapes[k]))
                 self.params[k] = flat[offset : offset + size].view(B, *shapes[k])
-                self.grads[k] = gflat[offset : offset + size].view(B, *shapes[k])
-                offset += size
+                self.grads[k] = gflat[goffset : goffset + gsize].view(rows, *shapes[k])
+                offset, goffset = offset + size, goffset + gsize
             self._flat[net] = (flat, gflat)
         # one agent at a time, so a 1,024-agent population never holds a float64 copy of all weights
         for b, rng in enumerate(rng for run in rngs for rng in run):
@@ -152,7 +180,7 @@ class DQNGroup:
         self.opt = FlatAdam([self._flat[n][0] for n in trained], lr=config.lr)
         self._rows = np.arange(B)
         self._t_rows = torch.from_numpy(self._rows)
-        self._sel_dq = np.zeros((B, n), dtype=self.np_dtype)  # dL/dQ_s: one nonzero per agent, reset after use
+        self._sel_dq = np.zeros((self.chunk, n), dtype=self.np_dtype)  # dL/dQ_s: one nonzero a row, reset after use
         self._sel_cache: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None
         self._qd: tuple[torch.Tensor, np.ndarray] | None = None
 
@@ -212,36 +240,69 @@ class DQNGroup:
         torch.sum(dpre, dim=1, keepdim=True, out=g["dil_b1"])
         return {"dilemma_td2": float(np.mean(td * td))}
 
-    def _selection_grads(self, tr: Transitions) -> dict[str, float]:
-        """Selection net: one transition per agent (the partner it chose), so dL/dQ is one-hot, 2 * td at the chosen
-        partner. The products with it are an outer product and a gather, cheaper than matmuls over (B, H, N-1)."""
+    def _selection_targets(self, tr: Transitions) -> tuple[np.ndarray, np.ndarray, float]:
+        """Selection net: one transition per agent (the partner it chose), so dL/dQ is one-hot: (B,) 2 * td at the
+        chosen partner, (B,) that partner, and the mean squared TD error."""
         assert self._sel_cache is not None, "learn() before select() in this iteration"
-        p, g, B = self.params, self.grads, self.R * self.G
-        x, h_s, q_s = self._sel_cache
+        q_s = self._sel_cache[2]
         q_next = self._sel_forward(tr.sel_next_state)[2]
-        rows, choice = self._rows, tr.sel_choice.reshape(B)
-        td_s = q_s[rows, choice] - (tr.sel_reward.reshape(B) + self.cfg.gamma * q_next.max(axis=-1))
-        dq_row = (2.0 * td_s).astype(self.np_dtype)  # (B,)
-        dq_np = self._sel_dq
-        dq_np[rows, choice] = dq_row
-        dq = torch.from_numpy(dq_np)  # (B, N-1)
-        h_row = h_s[:, 0, :]  # (B, H)
+        rows, choice = self._rows, tr.sel_choice.reshape(-1).astype(np.int64)
+        td_s = q_s[rows, choice] - (tr.sel_reward.reshape(-1) + self.cfg.gamma * q_next.max(axis=-1))
+        return (2.0 * td_s).astype(self.np_dtype), choice, float(np.mean(td_s * td_s))
+
+    def _selection_grads(self, dq_row: np.ndarray, choice: np.ndarray, b0: int, b1: int) -> None:
+        """The selection gradients of agents b0..b1 into self.grads[...][: b1 - b0]. The products with the one-hot
+        dL/dQ are an outer product and a gather, cheaper than matmuls over (B, H, N-1)."""
+        assert self._sel_cache is not None
+        p, k = self.params, b1 - b0
+        g = {name: self.grads[name][:k] for name in SEL_NAMES}
+        x, h_s = self._sel_cache[0][b0:b1], self._sel_cache[1][b0:b1]
+        dq_np = self._sel_dq[:k]
+        rows = self._rows[:k]
+        dq_np[rows, choice[b0:b1]] = dq_row[b0:b1]
+        dq = torch.from_numpy(dq_np)  # (k, N-1)
+        h_row = h_s[:, 0, :]  # (k, H)
         torch.bmm(h_row[:, :, None], dq[:, None, :], out=g["sel_w2"])  # outer product: h * dq at the chosen column
         g["sel_b2"].copy_(dq[:, None, :])
-        t_choice = torch.from_numpy(choice.astype(np.int64))
-        dpre_s = p["sel_w2"][self._t_rows, :, t_choice].mul_(torch.from_numpy(dq_row)[:, None]).mul_(h_row > 0)
+        t_choice = torch.from_numpy(choice[b0:b1])
+        w2_chosen = p["sel_w2"][b0:b1][self._t_rows[:k], :, t_choice]  # (k, H)
+        dpre_s = w2_chosen.mul_(torch.from_numpy(dq_row[b0:b1])[:, None]).mul_(h_row > 0)
         torch.mul(x.transpose(1, 2), dpre_s[:, None, :], out=g["sel_w1"])
         g["sel_b1"].copy_(dpre_s[:, None, :])
-        dq_np[rows, choice] = 0
-        return {"selection_td2": float(np.mean(td_s * td_s))}
+        dq_np[rows, choice[b0:b1]] = 0
+
+    def _chunked_step(self, dq_row: np.ndarray, choice: np.ndarray) -> None:
+        """Adam for a population too large for all selection gradients at once: the dilemma net in one call, then
+        chunk by chunk the selection gradients and their Adam step (before the next chunk overwrites them)."""
+        opt, B = self.opt, self.R * self.G
+        sel = self._trained.index("sel")
+        m, v, step = opt.exp_avg[sel], opt.exp_avg_sq[sel], opt.steps[sel]
+        with opt.stepping():
+            if "dil" in self._trained:
+                d = self._trained.index("dil")
+                opt.update([opt.buffers[d]], [self._flat["dil"][1]], [opt.exp_avg[d]], [opt.exp_avg_sq[d]],
+                           [opt.steps[d]])
+            for b0 in range(0, B, self.chunk):
+                b1 = min(B, b0 + self.chunk)
+                self._selection_grads(dq_row, choice, b0, b1)
+                views = [self._views[k] for k in SEL_NAMES]
+                opt.update([self.params[k][b0:b1] for k in SEL_NAMES], [self.grads[k][: b1 - b0] for k in SEL_NAMES],
+                           [m[o : o + n].view(shape)[b0:b1] for o, n, shape in views],
+                           [v[o : o + n].view(shape)[b0:b1] for o, n, shape in views], [step] * len(SEL_NAMES))
 
     def learn(self, tr: Transitions) -> dict[str, float]:
         stats: dict[str, float] = {}
         if self.cfg.learn_dilemma:
             stats.update(self._dilemma_grads(tr))
-        if self.cfg.learn_selection:
-            stats.update(self._selection_grads(tr))
-        self.opt.step(self._grad_buffers)
+        if not self.cfg.learn_selection:
+            self.opt.step(self._grad_buffers)
+        else:
+            dq_row, choice, stats["selection_td2"] = self._selection_targets(tr)
+            if self.chunk >= self.R * self.G:
+                self._selection_grads(dq_row, choice, 0, self.R * self.G)
+                self.opt.step(self._grad_buffers)
+            else:
+                self._chunked_step(dq_row, choice)
         self._qd = None
         self._sel_cache = None
         return stats

@@ -41,11 +41,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--figure", default=None, help="which name=value line to compare (default: the last one)")
     p.add_argument("trees", nargs="+", type=Path, help="checkouts to compare; the first is the baseline")
-    p.add_argument("script", nargs=argparse.REMAINDER, help="-- then the benchmark script and its arguments")
-    args = p.parse_args()
-    script = args.script[1:] if args.script[:1] == ["--"] else args.script
-    if not script:
-        raise SystemExit("give the benchmark after --, e.g. -- benchmarks/population_throughput.py")
+    argv = sys.argv[1:]
+    if "--" not in argv or argv.index("--") == len(argv) - 1:
+        p.error("give the benchmark after --, e.g. -- benchmarks/population_throughput.py")
+    cut = argv.index("--")
+    args, script = p.parse_args(argv[:cut]), argv[cut + 1 :]
     script[0] = str(Path(script[0]).resolve())
     trees = [t.resolve() for t in args.trees]
     values: dict[Path, list[float]] = {t: [] for t in trees}

@@ -85,7 +85,7 @@ def main() -> None:
                 clock.wrap(g, "select", "selection forward")
                 clock.wrap(g, "act", "dilemma forward")
                 clock.wrap(g, "learn", "gradients")
-                clock.wrap(g.opt, "step", "Adam")
+                clock.wrap(g.opt, "update" if hasattr(g.opt, "update") else "step", "Adam")  # the kernel calls
             elif not g.learns:
                 for name in ("select", "act", "end_iteration"):
                     clock.wrap(g, name, "static strategies")
