@@ -22,18 +22,18 @@ from pathlib import Path
 FIGURE = re.compile(r"^([a-z_]+)=([0-9.]+)$", re.M)
 
 
-def run_once(tree: Path, script: list[str], figure: str | None) -> tuple[str, float]:
+def run_once(tree: Path, script: list[str], figure: str | None) -> tuple[str, float, str]:
     env = {**os.environ, "MORALSIM_SRC": str(tree), "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, *script], env=env, cwd=tree, capture_output=True, text=True, check=False)
     if out.returncode:
-        raise SystemExit(f"{tree}: {' '.join(script)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{tree}: {' '.join(script)} failed ({out.returncode}):\n{out.stderr[-1500:]}")
     found = FIGURE.findall(out.stdout)
     if figure:
         found = [f for f in found if f[0] == figure]
     if not found:
         raise SystemExit(f"{tree}: no name=value figure in the output:\n{out.stdout[-2000:]}")
     name, value = found[-1]
-    return name, float(value)
+    return name, float(value), " ".join(f"{k}={v}" for k, v in FIGURE.findall(out.stdout))
 
 
 def main() -> None:
@@ -53,9 +53,15 @@ def main() -> None:
     for k in range(args.rounds):
         order = trees if k % 2 == 0 else trees[::-1]  # alternate who goes first
         for tree in order:
-            name, v = run_once(tree, script, args.figure)
+            try:
+                name, v, everything = run_once(tree, script, args.figure)
+            except RuntimeError as e:  # a shared machine: one failed run is reported, the comparison goes on
+                print(f"round {k + 1}: {e}", flush=True)
+                continue
             values[tree].append(v)
-            print(f"round {k + 1}: {tree}: {name}={v:g}", flush=True)
+            print(f"round {k + 1}: {tree}: {everything}", flush=True)
+    if not all(values.values()):
+        raise SystemExit("no successful run for some checkout")
     base = statistics.median(values[trees[0]])
     print(f"| checkout | {name} (median of {args.rounds}) | all | ratio to {trees[0].name} |")
     print("|---|---|---|---|")

@@ -41,6 +41,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(POPULATION, num_iterations=args.iterations, num_runs=args.runs, seed=0, output=Path(tmp))
         t0 = time.perf_counter()
+        if args.backend == "ray":  # a Ray of its own: ray.init() would join any other local Ray on this machine
+            import ray
+
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
         done = run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend=args.backend,
                          num_cpus=args.num_cpus, show_progress=False)
         dt = time.perf_counter() - t0
