@@ -295,9 +295,8 @@ class PopulationEngine:
         return [np.flatnonzero(group_d == k) for k in range(len(self.groups))]
 
     def _play(self, t: int, snap: np.ndarray, games: _Games) -> _Play:
-        """3. games: every group decides its members' moves from the snapshot; payoffs and moral rewards are table
-        lookups (plus the reason-scoring types' term), the learning reward is R_illegal for an illegal answer."""
-        R, S, D = self.R, self.S, 2 * self.R * self.S
+        """3. games: every group decides its members' moves from the snapshot, then the rewards."""
+        D = 2 * self.R * self.S
         player, run_d = games.player, self._run_d
         own_prev = snap[run_d, player]
         action = np.empty(D, dtype=np.int64)
@@ -323,13 +322,20 @@ class PopulationEngine:
                 if name not in extra:
                     extra[name] = np.full(D, None if col.dtype == object else np.nan, dtype=col.dtype)
                 extra[name][d] = col
+        return _Play(action, reason, *self._rewards(snap, games, action, reason, term), extra)
+
+    def _rewards(self, snap: np.ndarray, games: _Games, action: np.ndarray, reason: np.ndarray,
+                 term: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(R, S, 2) payoffs, moral rewards (table lookups plus the reason-scoring types' term) and learning rewards
+        (R_illegal for an illegal answer), each as [selector, selected]."""
+        R, S = self.R, self.S
         a2 = action.reshape(R, S, 2)
         pay = self.game.payoffs[a2[..., 0], a2[..., 1]]  # (R, S, 2) [R_M, R_O]
         # the opponent's previous move each player's reward judges; compat reproduces the anchor's DE/mDE bug
         runs, m, o = self._runs, games.m, games.o
         s_m, s_o = snap[runs, o], snap[runs, m]
         judged = np.stack([s_m, np.where(self.compat_selected[o], s_m, s_o)], axis=2)
-        tidx = self.type_idx[player].reshape(R, S, 2)
+        tidx = self.type_idx[games.player].reshape(R, S, 2)
         moral = np.stack(
             [
                 self.rewards[tidx[..., 0], 0, a2[..., 0], a2[..., 1], judged[..., 0]],
@@ -338,7 +344,7 @@ class PopulationEngine:
             axis=2,
         ) + term.reshape(R, S, 2)
         learning = np.where(reason.reshape(R, S, 2) == Reason.ILLEGAL, R_ILLEGAL, moral)
-        return _Play(action, reason, pay, moral, learning, extra)
+        return pay, moral, learning
 
     def _latest_moves(self, games: _Games, action: np.ndarray) -> np.ndarray:
         """4. state: the decision with the largest d of each player sets its new state (every agent plays at least
