@@ -235,7 +235,7 @@ class DQNGroup:
         dq = torch.from_numpy(dq_np)
         torch.bmm(h.transpose(1, 2), dq, out=g["dil_w2"])
         torch.sum(dq, dim=1, keepdim=True, out=g["dil_b2"])
-        dpre = torch.bmm(dq, p["dil_w2"].transpose(1, 2)).mul_(h > 0)  # (B, 2, H)
+        dpre = torch.bmm(dq, p["dil_w2"].transpose(1, 2)).mul_(h.sign())  # (B, 2, H); sign(h) = 1.0 where h > 0, else 0.0
         g["dil_w1"].copy_(dpre[:, 1:2, :])  # the input is s: 0 for row 0, 1 for row 1
         torch.sum(dpre, dim=1, keepdim=True, out=g["dil_b1"])
         return {"dilemma_td2": float(np.mean(td * td))}
@@ -254,9 +254,9 @@ class DQNGroup:
         """The selection gradients of agents b0..b1 into self.grads[...][: b1 - b0]. The products with the one-hot
         dL/dQ are an outer product and a gather, cheaper than matmuls over (B, H, N-1)."""
         assert self._sel_cache is not None
-        p, k = self.params, b1 - b0
-        g = {name: self.grads[name][:k] for name in SEL_NAMES}
-        x, h_s = self._sel_cache[0][b0:b1], self._sel_cache[1][b0:b1]
+        p, k, whole = self.params, b1 - b0, b1 - b0 == self.R * self.G  # whole: no slicing (torch calls cost)
+        g = self.grads if whole else {name: self.grads[name][:k] for name in SEL_NAMES}
+        x, h_s = self._sel_cache[:2] if whole else (self._sel_cache[0][b0:b1], self._sel_cache[1][b0:b1])
         dq_np = self._sel_dq[:k]
         rows = self._rows[:k]
         dq_np[rows, choice[b0:b1]] = dq_row[b0:b1]
@@ -265,8 +265,8 @@ class DQNGroup:
         torch.bmm(h_row[:, :, None], dq[:, None, :], out=g["sel_w2"])  # outer product: h * dq at the chosen column
         g["sel_b2"].copy_(dq[:, None, :])
         t_choice = torch.from_numpy(choice[b0:b1])
-        w2_chosen = p["sel_w2"][b0:b1][self._t_rows[:k], :, t_choice]  # (k, H)
-        dpre_s = w2_chosen.mul_(torch.from_numpy(dq_row[b0:b1])[:, None]).mul_(h_row > 0)
+        w2_chosen = (p["sel_w2"] if whole else p["sel_w2"][b0:b1])[self._t_rows[:k], :, t_choice]  # (k, H)
+        dpre_s = w2_chosen.mul_(torch.from_numpy(dq_row[b0:b1])[:, None]).mul_(h_row.sign())  # the ReLU mask
         torch.mul(x.transpose(1, 2), dpre_s[:, None, :], out=g["sel_w1"])
         g["sel_b1"].copy_(dpre_s[:, None, :])
         dq_np[rows, choice[b0:b1]] = 0

@@ -47,6 +47,9 @@ PHASES = ("selection forward", "dilemma forward", "gradients", "Adam", "static s
           "records", "Arrow tables", "Parquet")
 
 
+now = time.perf_counter  # --clock cpu: this thread's CPU time, which a loaded machine disturbs far less
+
+
 class Clock:
     def __init__(self) -> None:
         self.total: dict[str, float] = defaultdict(float)
@@ -57,11 +60,11 @@ class Clock:
         total = self.total
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                total[phase] += time.perf_counter() - t0
+                total[phase] += now() - t0
 
         setattr(obj, name, timed)
 
@@ -72,14 +75,18 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--population", default=POPULATION)
     p.add_argument("--threads", type=int, default=1, help="torch threads (Ray tasks use 1)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: this thread's CPU time")
     args = p.parse_args()
+    global now
+    if args.clock == "cpu":
+        now = time.thread_time
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(args.population, num_iterations=args.iterations, num_runs=args.runs, seed=0, output=Path(tmp))
         factory = partial(build_groups, settings=AgentSettings(dqn=DQNConfig(threads=args.threads)))
-        t0 = time.perf_counter()
+        t0 = now()
         engine, _ = build_engine(cfg, list(range(args.runs)), factory)
-        setup = time.perf_counter() - t0
+        setup = now() - t0
         for g in engine.groups:
             if hasattr(g, "opt"):  # DQN: Adam inside learn is timed apart and taken out of "gradients"
                 clock.wrap(g, "select", "selection forward")
@@ -103,28 +110,29 @@ def main() -> None:
         def flush() -> None:
             first, tables = buffer.first_iteration, [buffer.table(r) for r in range(args.runs)]
             buffer.filled = 0
-            t1 = time.perf_counter()
+            t1 = now()
             for table, d in zip(tables, stages, strict=True):
                 write_table_atomic(table, d / f"part-{first:08d}.parquet")
-            clock.total["Parquet"] += time.perf_counter() - t1
+            clock.total["Parquet"] += now() - t1
 
         step_time = 0.0
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(args.iterations):
-            t1 = time.perf_counter()
+            t1 = now()
             rec = engine.step()
-            step_time += time.perf_counter() - t1
+            step_time += now() - t1
             buffer.add(rec)
             if buffer.full:
                 flush()
         flush()
-        wall = time.perf_counter() - t0
+        wall = now() - t0
     inside = sum(v for k, v in clock.total.items() if k not in ("records", "Arrow tables", "Parquet", "Adam"))  # learn holds Adam
     clock.total["gradients"] -= clock.total["Adam"]
     clock.total["engine bookkeeping"] = step_time - inside
     other = wall - sum(clock.total.values())
     games = args.runs * args.iterations * len(codes)
-    print(f"{args.runs} runs x {args.iterations} iterations x {len(codes)} agents, {args.threads} torch thread(s); "
+    print(f"{args.runs} runs x {args.iterations} iterations x {len(codes)} agents, {args.threads} torch thread(s), "
+          f"{args.clock} clock; "
           f"setup {setup:.2f} s; {wall:.2f} s, {games / wall:,.0f} games/s, {wall / args.iterations * 1e6:,.0f} us "
           "an iteration")
     print("| phase | share | us per iteration |")
