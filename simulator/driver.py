@@ -126,94 +126,134 @@ def run_batch(
             results = run_batch(cfg, runs, factory, progress, own)
             store_of(cfg).delete_dir(own.staging)
             return results
-    t0 = time.perf_counter()
-    engine, streams = build_engine(cfg, runs, factory)
-    setup = time.perf_counter() - t0
-    pop = cfg.population
-    store = store_of(cfg)
-    root = lock.staging
-    stages = [staging_dir(root, r) for r in runs]
-    ckpt = checkpoint_dir(root, runs)
-    start, rows = resume_from_checkpoint(cfg, runs, engine, stages, root)
-    if start == 0:
-        store.delete_dir(ckpt)
-        for d in stages:
-            store.delete_dir(d)  # leftovers of an interrupted attempt
-            store.makedirs(d)
-    llm = any(a.learner == "llm" for a in pop.agents)
-    games = cfg.games_per_iteration
-    buffer = RecordBuffer(len(runs), pop.codes, capacity=max(1, cfg.flush_rows // games), llm_columns=llm, games=games)
-    done_since_report = start
-    last_report = time.perf_counter()
-    trackers: list[Tracker] = []  # stays empty for log_to="none": the loop below then skips tracking entirely
-    every, last = track_every(cfg.num_iterations, llm), cfg.num_iterations - 1
-    writer = PartWriter(store)  # parts are written on a background thread: the loop never waits for the disk
-    try:
-        if cfg.log_to != "none":
-            config = json.loads(json.dumps(cfg.identity(), default=_json_default))
-            for r in runs:
-                trackers.append(open_tracker(cfg.log_to, tracking_dir(cfg), f"run={r}", {**config, "run": r}))
-        t, recoveries = start, 0
-        while t < cfg.num_iterations:
+    return _Batch(cfg, runs, factory, progress, lock).run()
+
+
+class _Batch:
+    """One batch's life: prepare (engine, staging, resume), iterate (records, tracking, checkpoints, progress, recovery
+    from a lost learner), finish (flush, save), commit (each run into the dataset, whole or not)."""
+
+    def __init__(self, cfg: RunConfig, runs: Sequence[int], factory: GroupFactory, progress: Progress | None,
+                 lock: DatasetLock) -> None:
+        self.t0 = time.perf_counter()
+        self.cfg, self.runs, self.progress, self.lock = cfg, runs, progress, lock
+        self.engine, self.streams = build_engine(cfg, runs, factory)
+        self.setup = time.perf_counter() - self.t0
+        self.store = store_of(cfg)
+        self.root = lock.staging
+        self.stages = [staging_dir(self.root, r) for r in runs]
+        self.ckpt = checkpoint_dir(self.root, runs)
+        llm = any(a.learner == "llm" for a in cfg.population.agents)
+        games = cfg.games_per_iteration
+        self.buffer = RecordBuffer(len(runs), cfg.population.codes, capacity=max(1, cfg.flush_rows // games),
+                                   llm_columns=llm, games=games)
+        self.trackers: list[Tracker] = []  # stays empty for log_to="none": the loop then skips tracking entirely
+        self.every, self.last = track_every(cfg.num_iterations, llm), cfg.num_iterations - 1
+        self.writer = PartWriter(self.store)  # parts are written on a background thread: the loop never waits
+        self.rows = 0
+        self.unreported, self.last_report = 0, time.perf_counter()
+
+    def run(self) -> list[RunResult]:
+        start = self._prepare()
+        try:
+            self._open_trackers()
+            self._iterate(start)
+            self.rows += self.buffer.flush(self.stages, self.writer)
+            self.writer.close()  # every part on disk (or its error raised) before the run moves into the dataset
+            save_groups(self.store, self.engine.groups, self.stages)
+        except Exception as e:
+            if not isinstance(e, MoralsimError):
+                with contextlib.suppress(OSError):  # taken over (its successor cleared this staging): say that instead
+                    self.lock.verify()
+            raise
+        finally:  # a crashed run still flushes the curves it drew, which is when they are most wanted
+            self._close()
+        if self.progress is not None and self.unreported:
+            self.progress(self.unreported * len(self.runs))
+        return self._commit()
+
+    def _prepare(self) -> int:
+        """Resume from the last checkpoint, or start clean: the first iteration to play."""
+        start, self.rows = resume_from_checkpoint(self.cfg, self.runs, self.engine, self.stages, self.root)
+        if start == 0:
+            self.store.delete_dir(self.ckpt)
+            for d in self.stages:
+                self.store.delete_dir(d)  # leftovers of an interrupted attempt
+                self.store.makedirs(d)
+        self.unreported = start
+        return start
+
+    def _open_trackers(self) -> None:
+        if self.cfg.log_to != "none":
+            config = json.loads(json.dumps(self.cfg.identity(), default=_json_default))
+            for r in self.runs:
+                self.trackers.append(open_tracker(self.cfg.log_to, tracking_dir(self.cfg), f"run={r}",
+                                                  {**config, "run": r}))
+
+    def _iterate(self, t: int) -> None:
+        recoveries = 0
+        while t < self.cfg.num_iterations:
             try:
-                rec = engine.step()
+                rec = self.engine.step()
             except WorkerLostError as e:  # a learner actor died: back to the last checkpoint, once it is restarted
                 recoveries += 1
-                if recoveries > MAX_RECOVERIES or read_checkpoint(cfg, runs, root) is None:
-                    raise
-                log.warning("%s runs %s, iteration %d: %s; continuing from the last checkpoint", cfg.destination_folder,
-                            list(runs), t, e)
-                buffer.clear()
-                writer.wait()
-                t, rows = resume_from_checkpoint(cfg, runs, engine, stages, root)
+                t = self._recover(t, recoveries, e)
                 continue
-            buffer.add(rec)
-            if trackers and (t % every == 0 or t == last):
-                for tracker, metrics in zip(trackers, iteration_metrics(rec), strict=True):
-                    tracker.log(rec.iteration, metrics)
-            if buffer.full:
-                rows += buffer.flush(stages, writer)
-            if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.num_iterations:
-                rows += buffer.flush(stages, writer)
-                writer.wait()  # the records up to t are on disk before the checkpoint names them
-                write_checkpoint(cfg, runs, engine, stages, rows, root)
-            done_since_report += 1
-            if progress is not None and (
-                done_since_report >= PROGRESS_EVERY or time.perf_counter() - last_report > PROGRESS_SECONDS
-            ):
-                lock.check()  # taken over by another driver: stop now rather than at the commit
-                progress(done_since_report * len(runs))
-                done_since_report, last_report = 0, time.perf_counter()
+            self._keep(t, rec)
             t += 1
-        rows += buffer.flush(stages, writer)
-        writer.close()  # every part on disk (or its error raised) before the run moves into the dataset
-        save_groups(store, engine.groups, stages)
-    except Exception as e:
-        if not isinstance(e, MoralsimError):
-            with contextlib.suppress(OSError):  # taken over (its successor cleared this staging): say that instead
-                lock.verify()
-        raise
-    finally:  # a crashed run still flushes the curves it drew, which is when they are most wanted
+
+    def _recover(self, t: int, recoveries: int, error: WorkerLostError) -> int:
+        if recoveries > MAX_RECOVERIES or read_checkpoint(self.cfg, self.runs, self.root) is None:
+            raise error
+        log.warning("%s runs %s, iteration %d: %s; continuing from the last checkpoint", self.cfg.destination_folder,
+                    list(self.runs), t, error)
+        self.buffer.clear()
+        self.writer.wait()
+        start, self.rows = resume_from_checkpoint(self.cfg, self.runs, self.engine, self.stages, self.root)
+        return start
+
+    def _keep(self, t: int, rec: Any) -> None:
+        """Iteration t's records, curves, checkpoint and progress."""
+        cfg = self.cfg
+        self.buffer.add(rec)
+        if self.trackers and (t % self.every == 0 or t == self.last):
+            for tracker, metrics in zip(self.trackers, iteration_metrics(rec), strict=True):
+                tracker.log(rec.iteration, metrics)
+        if self.buffer.full:
+            self.rows += self.buffer.flush(self.stages, self.writer)
+        if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.num_iterations:
+            self.rows += self.buffer.flush(self.stages, self.writer)
+            self.writer.wait()  # the records up to t are on disk before the checkpoint names them
+            write_checkpoint(cfg, self.runs, self.engine, self.stages, self.rows, self.root)
+        self.unreported += 1
+        if self.progress is not None and (
+            self.unreported >= PROGRESS_EVERY or time.perf_counter() - self.last_report > PROGRESS_SECONDS
+        ):
+            self.lock.check()  # taken over by another driver: stop now rather than at the commit
+            self.progress(self.unreported * len(self.runs))
+            self.unreported, self.last_report = 0, time.perf_counter()
+
+    def _close(self) -> None:
         try:
-            writer.close()  # after a failure: the parts already queued still land in staging
+            self.writer.close()  # after a failure: the parts already queued still land in staging
         except Exception as e:  # never mask the error that stopped the run
             log.error("writing record parts failed too: %s", e)
-        for tracker in trackers:
+        for tracker in self.trackers:
             tracker.close()
-        for group in engine.groups:
+        for group in self.engine.groups:
             if isinstance(group, HoldsResources):
                 group.close()
-    if progress is not None and done_since_report:
-        progress(done_since_report * len(runs))
-    seconds = time.perf_counter() - t0
-    results = []
-    for r, st, d in zip(runs, streams, stages, strict=True):
-        listing = {"run": r, "rows": rows, "parts": _parts(store, d), "files": store.digest(d)}
-        lock.verify()  # a driver that was taken over must not commit into its successor's dataset
-        store.commit_dir(d, run_dir(cfg, r), listing)  # whole, or not
-        results.append(RunResult(r, rows, seconds, st.entropy, setup))
-    store.delete_dir(ckpt)
-    return results
+
+    def _commit(self) -> list[RunResult]:
+        seconds = time.perf_counter() - self.t0
+        results = []
+        for r, st, d in zip(self.runs, self.streams, self.stages, strict=True):
+            listing = {"run": r, "rows": self.rows, "parts": _parts(self.store, d), "files": self.store.digest(d)}
+            self.lock.verify()  # a driver that was taken over must not commit into its successor's dataset
+            self.store.commit_dir(d, run_dir(self.cfg, r), listing)  # whole, or not
+            results.append(RunResult(r, self.rows, seconds, st.entropy, self.setup))
+        self.store.delete_dir(self.ckpt)
+        return results
 
 
 def tracking_dir(cfg: RunConfig) -> Path:
