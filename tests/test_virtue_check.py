@@ -118,6 +118,12 @@ def test_judge_check_stage_with_scripted_judges(mode, picks, tokenizer, tiny_mod
     on_disk = json.loads(Layout.of(cfg).judge_check.read_text())
     assert on_disk["sets"] == json.loads(json.dumps(result["sets"]))  # nan survives as NaN
     assert pl.read_parquet(Layout.of(cfg).judge_check_rows).height == 24
+    from scenarios.virtue_rlaif.judge_table import rescored, rows
+
+    again = rescored(Layout.of(cfg).judge_check_rows, "average", 0.0)  # from the saved shares
+    assert {k: v["accuracy"] for k, v in again.items()} == {k: v["accuracy"] for k, v in result["sets"].items()}
+    table = rows(Layout.of(cfg).judge_check.parent)
+    assert len(table) == 2 and table[0].endswith("| yes |" if picks == "oracle" else "| no |")
 
 
 def test_pointwise_judge_has_no_position_by_construction(tiny_model_path: Path):
