@@ -116,7 +116,8 @@ def test_judge_check_stage_with_scripted_judges(mode, picks, tokenizer, tiny_mod
             assert m["accuracy"] == 0.5 and m["consistency"] == 0.0 and m["virtue_consistency"] == 0.0
     assert result["passes"] == (picks == "oracle")
     on_disk = json.loads(Layout.of(cfg).judge_check.read_text())
-    assert on_disk["sets"] == json.loads(json.dumps(result["sets"]))  # nan survives as NaN
+    assert on_disk["sets"] == result["sets"]
+    assert "NaN" not in Layout.of(cfg).judge_check.read_text()  # strict JSON: no consistent pair gives null
     assert pl.read_parquet(Layout.of(cfg).judge_check_rows).height == 24
     from scenarios.virtue_rlaif.judge_table import rescored, rows
 

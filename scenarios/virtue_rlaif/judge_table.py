@@ -48,9 +48,13 @@ def rows(folder: Path) -> list[str]:
     return out
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3f}"  # None in new files, NaN in older ones
+
+
 def _cell(m: dict[str, Any]) -> str:
     return (f"{m['accuracy']:.3f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}] (n={m['pairs']}); "
-            f"cons. {m['consistency']:.2f}; when cons. {m['consistent_accuracy']:.3f} (n={m['consistent_pairs']})")
+            f"cons. {m['consistency']:.2f}; when cons. {_num(m['consistent_accuracy'])} (n={m['consistent_pairs']})")
 
 
 def main(argv: list[str]) -> int:

@@ -393,12 +393,16 @@ def judge_check(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
     return result
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def format_check(result: dict[str, Any]) -> str:
     parts = []
     for name, m in result["sets"].items():
         parts.append(f"{name} accuracy {m['accuracy']:.3f} [{m['accuracy_low']:.3f}, {m['accuracy_high']:.3f}] "
                      f"(n={m['pairs']}), consistency {m['consistency']:.3f}, accuracy when consistent "
-                     f"{m['consistent_accuracy']:.3f} (n={m['consistent_pairs']})")
+                     f"{_num(m['consistent_accuracy'])} (n={m['consistent_pairs']})")
     return "; ".join(parts) + ("; PASSES" if result["passes"] else "; does not pass")
 
 

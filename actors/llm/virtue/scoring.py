@@ -234,9 +234,11 @@ class CheckResult:
     virtue_consistency: float  # the same per virtue verdict: sign(p_ab - .5) = -sign(p_ba - .5) != 0
 
     def as_dict(self) -> dict[str, object]:
+        """Plain JSON values: the accuracy when consistent is None (not NaN) when no pair was consistent."""
         return {"pairs": self.pairs, "accuracy": self.accuracy.estimate, "accuracy_low": self.accuracy.low,
                 "accuracy_high": self.accuracy.high, "ties": self.ties, "consistency": self.consistency,
-                "consistent_pairs": self.consistent_pairs, "consistent_accuracy": self.consistent_accuracy,
+                "consistent_pairs": self.consistent_pairs,
+                "consistent_accuracy": None if np.isnan(self.consistent_accuracy) else self.consistent_accuracy,
                 "virtue_consistency": self.virtue_consistency}
 
 
