@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from actors.llm.virtue.scoring import TURNS
+from actors.llm.virtue.scoring import TURNS, bootstrap_score, evaluation_score
 from scenarios.virtue_rlaif.cli import build_parser, config_from_args, main
-from scenarios.virtue_rlaif.pipeline import STAGES, Layout, run
+from scenarios.virtue_rlaif.pipeline import STAGES, Layout, PipelineConfig, format_summary, run
 from tests.helpers import need
 
 pytestmark = pytest.mark.slow
@@ -31,22 +30,27 @@ def _argv(model: Path, out: Path) -> list[str]:
             "--max_heldout_prompts", str(N_HELD), "--max_tokens", "6", "5", "4", "--chunk", "4", "--bootstrap", "300",
             "--rm_epochs", "2", "--rm_batch_size", "4", "--rm_grad_accum", "1", "--rm_lr", "1e-3", "--rm_lora_r", "4",
             "--sft_epochs", "2", "--sft_lr", "1e-3", "--sft_batch_size", "4", "--sft_lora_r", "4",
-            "--ppo_steps", "2", "--ppo_prompts_per_step", "2", "--ppo_lr", "1e-3", "--ppo_lora_r", "4"]
+            "--ppo_steps", "2", "--ppo_prompts_per_step", "2", "--ppo_lr", "1e-3", "--ppo_lora_r", "4",
+            "--check_max_pairs", "6"]
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], float]:
+def finished(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     need("trl")
     out = tmp_path_factory.mktemp("virtue") / "run"
     argv = _argv(tiny_model_path, out)
-    t0 = time.perf_counter()
     assert main(argv) == 0
-    return out, argv, time.perf_counter() - t0
+    return out, argv
 
 
-def test_all_stages_write_their_outputs(finished, capsys):
-    out, _, seconds = finished
-    lay = Layout(out)
+def _config(argv: list[str]) -> PipelineConfig:
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def test_all_stages_write_their_outputs(finished):
+    out, argv = finished
+    cfg = _config(argv)
+    lay = Layout.of(cfg)
     dialogues = pl.read_parquet(lay.dialogues)
     assert dialogues.height == 2 * (N_TRAIN + N_HELD)
     assert dialogues.group_by("prompt_id").agg(pl.col("sample").sort()).get_column("sample").to_list() == [[0, 1]] * 12
@@ -66,11 +70,28 @@ def test_all_stages_write_their_outputs(finished, capsys):
         assert (prefs["points_chosen"] > prefs["points_rejected"]).all()
         assert {"prompt", "chosen", "rejected", "honesty_p1_ab", "respect_p2_ba"} <= set(prefs.columns)
 
+    check = json.loads(lay.judge_check.read_text())
+    assert summary["judge"]["mode"] == "compare" and summary["judge_check"] == check
+    assert set(check["sets"]) == {"ethics", "handwritten"} and check["pairs"] == 24
+
+    from actors.llm.virtue.reward import RewardModels
+
     metrics = json.loads(lay.rm_metrics.read_text())
+    models = RewardModels(tiny_model_path_of(cfg), {t: lay.reward_model(t) for t in TURNS}, 100)
     for t in TURNS:
         assert (lay.reward_model(t) / "adapter_config.json").is_file()
         assert metrics[t]["train_pairs"] == summary[t]["train_pairs"]
-        assert metrics[t]["heldout_pairs"] == 0 or 0.0 <= metrics[t]["heldout_accuracy"] <= 1.0
+        # the reported agreement with the judge, recomputed from the held-out pairs' scores
+        held = pl.read_parquet(lay.preferences(t)).filter(pl.col("split") == "heldout").to_dicts()
+        assert metrics[t]["heldout_pairs"] == len(held)
+        if held:
+            chosen = models.score(t, [[*r["prompt"], *r["chosen"]] for r in held])
+            rejected = models.score(t, [[*r["prompt"], *r["rejected"]] for r in held])
+            assert metrics[t]["heldout_accuracy"] == pytest.approx(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
+    assert metrics["judge_check"] == check
+    for name in ("ethics", "handwritten"):
+        assert set(metrics["labelled"][name]) == {*TURNS, "ensemble"}
+        assert all(v["pairs"] == 12 for v in metrics["labelled"][name].values())
 
     assert (lay.sft_model / "config.json").is_file()
     steps = pl.read_parquet(lay.ppo_steps)
@@ -82,17 +103,34 @@ def test_all_stages_write_their_outputs(finished, capsys):
 
     ev = json.loads(lay.eval_summary.read_text())
     assert list(ev["models"]) == ["base", "sft", "sft+ppo"]
-    for m in ev["models"].values():
-        assert m["prompts"] == m["n"] == N_HELD and m["low"] <= m["estimate"] <= m["high"]
+    _assert_scores_recomputed(ev, lay)
     assert set(ev["differences"]) == {"sft - base", "sft+ppo - base", "sft+ppo - sft"}
+    assert ev["judge_check"] == check and ev["reward_models_on_labelled_pairs"] == metrics["labelled"]
+    assert "circular" in ev["evaluator"]
     base = pl.read_parquet(lay.eval_scores("base"))
     assert base.height == N_HELD and {f"score_{t}" for t in TURNS} <= set(base.columns)
-    assert set(json.loads((out / "timings.json").read_text())) == set(STAGES)
-    assert seconds < 120
+    assert set(json.loads((out / "timings.json").read_text())) == set(STAGES) - {"train-judge"}
+    table = format_summary(ev, metrics)  # what the CLI prints after evaluate: the judge's accuracy first
+    assert table.startswith(f"judge {cfg.model} (compare, average): ethics accuracy ")
+    assert "reward models on labelled ethics pairs" in table and "evaluator: " in table
+
+
+def tiny_model_path_of(cfg: PipelineConfig) -> Path:
+    return Path(cfg.model)
+
+
+def _assert_scores_recomputed(ev: dict, lay: Layout) -> None:
+    """Each model's score and interval, recomputed from its saved (prompt, turn) scores with the seeded bootstrap."""
+    for name, m in ev["models"].items():
+        mat = pl.read_parquet(lay.eval_scores(name)).sort("prompt_id").select([f"score_{t}" for t in TURNS]).to_numpy()
+        assert m["prompts"] == m["n"] == N_HELD == mat.shape[0]
+        assert m["estimate"] == pytest.approx(evaluation_score(mat))
+        ci = bootstrap_score(mat, 300, 0)
+        assert (m["low"], m["high"]) == pytest.approx((ci.low, ci.high))
 
 
 def test_rerun_recomputes_nothing(finished):
-    out, argv, _ = finished
+    out, argv = finished
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "config.json" and p.name != "timings.json")
     before = {p: p.stat().st_mtime_ns for p in files}
     ran = run(config_from_args(build_parser().parse_args(argv)), list(STAGES))
@@ -102,7 +140,7 @@ def test_rerun_recomputes_nothing(finished):
 
 
 def test_interrupted_curation_resumes_to_the_same_dialogues(finished, tmp_path: Path):
-    out, argv, _ = finished
+    out, argv = finished
     done = pl.read_parquet(Layout(out).dialogues)
     resumed = tmp_path / "resumed"
     lay = Layout(resumed)
@@ -166,7 +204,7 @@ def test_evaluation_through_vllm_serves_the_sft_model_and_the_ppo_adapter(finish
     need("vllm")
     import shutil
 
-    out, argv, _ = finished
+    out, argv = finished
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "eval")
@@ -179,8 +217,63 @@ def test_evaluation_through_vllm_serves_the_sft_model_and_the_ppo_adapter(finish
     lay = Layout(copy)
     ev = json.loads(lay.eval_summary.read_text())
     assert list(ev["models"]) == ["base", "sft", "sft+ppo"]
-    for name, m in ev["models"].items():
-        assert m["prompts"] == N_HELD and m["low"] <= m["estimate"] <= m["high"]
+    _assert_scores_recomputed(ev, lay)
+    for name in ev["models"]:
         scores = pl.read_parquet(lay.eval_scores(name))
         assert scores.height == N_HELD and np.isfinite(scores[[f"score_{t}" for t in TURNS]].to_numpy()).all()
         assert (scores["action"].str.len_chars() > 0).all()
+
+
+def _planted_labelled(path: Path) -> Path:
+    """A labelled file with a planted preference: 64 train and 16 check pairs, the good answer cooperates."""
+    import random
+
+    words = ("the", "game", "round", "player", "points", "partner", "choose", "move", "score", "table", "option")
+    rng = random.Random(0)
+    rows = []
+    for k in range(80):
+        question = "What should I do in this game? " + " ".join(rng.choice(words) for _ in range(rng.randrange(3, 9)))
+        filler = " ".join(rng.choice(words) for _ in range(rng.randrange(2, 6)))
+        rows.append({"id": f"p{k}", "set": "planted", "subset": "planted", "split": "train" if k < 64 else "check",
+                     "turn": "action", "question": question, "good": f"I cooperate with my partner, {filler}.",
+                     "bad": f"I defect against my partner, {filler}."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_supervised_judge_and_a_non_circular_evaluation(finished, tmp_path: Path):
+    """train-judge learns a planted preference from the train split and the check scores it on the check split
+    (position-free: consistency 1); the evaluation then scores with that model instead of the pipeline's reward
+    models (--eval_reward_models, its own folder), and a second judge compares each model with the base."""
+    import shutil
+
+    out, argv = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    labelled = _planted_labelled(tmp_path / "planted.jsonl")
+    common = [*argv[1:], "--labelled", str(labelled)]
+    common[common.index("--output") + 1] = str(copy)
+    sup = ["--judge_mode", "supervised", "--judge_rm_epochs", "6", "--judge_rm_lr", "3e-3", "--check_max_pairs", "16"]
+    cfg = _config(["train-judge", *common, *sup])
+    assert list(run(cfg, ["train-judge", "judge-check"])) == ["train-judge", "judge-check"]
+    check = json.loads(Layout.of(cfg).judge_check.read_text())
+    m = check["sets"]["planted"]
+    assert m["pairs"] == 16 and m["accuracy"] > 0.9 and m["consistency"] == 1.0
+    assert check["judge"]["mode"] == "supervised"
+
+    ev_cfg = _config(["evaluate", *common, "--check_max_pairs", "16", "--eval_reward_models", str(copy / "judge_rm"),
+                      "--eval_judge", cfg.model])
+    run(ev_cfg, ["evaluate"])
+    lay = Layout.of(ev_cfg)
+    assert lay.eval_dir == copy / "eval-judge_rm" and (copy / "eval" / "summary.json").exists()
+    ev = json.loads(lay.eval_summary.read_text())
+    assert str(copy / "judge_rm") in ev["evaluator"]
+    _assert_scores_recomputed(ev, lay)
+    own = pl.read_parquet(Layout(copy).eval_scores("base")).sort("prompt_id")
+    other = pl.read_parquet(lay.eval_scores("base")).sort("prompt_id")
+    assert own["action"].to_list() == other["action"].to_list()  # the same answers (seeded) ...
+    assert not np.allclose(own["score_action"].to_numpy(), other["score_action"].to_numpy())  # ... other scores
+    comp = ev["judge_comparison"]
+    assert set(comp["models"]) == {"sft vs base", "sft+ppo vs base"}
+    assert all(v["pairs"] == 3 * N_HELD and 0 <= v["low"] <= v["win_rate"] <= v["high"] <= 1
+               for v in comp["models"].values())

@@ -5,10 +5,18 @@ those (`curate judge`). Each stage skips work whose
 output is already in --output, so re-running a command resumes it. Defaults are the report's where it gave them
 (reward models: max_length 100, 2 epochs, lr 1.41e-5, gradient accumulation 16, batch 20).
 
-CPU demo (SmolLM2-135M, 30 min on one thread; its figures are in README.md, "Virtue-ethics RLAIF"):
-    python -m scenarios.virtue_rlaif all --output results/virtue_demo --max_train_prompts 24 --max_heldout_prompts 12 \
-        --max_tokens 64 48 48 --chunk 36 --rm_batch_size 4 --rm_grad_accum 1 --rm_lr 1e-4 --sft_epochs 1 \
-        --ppo_steps 4 --ppo_prompts_per_step 3
+Presets (`--preset`, explicit flags override them):
+    report     the report's settings (the defaults): RM batch 20 x grad-accum 16, lr 1.41e-5, 2 epochs
+    cpu-demo   settings that fit the demo's data: 24 train / 12 held-out prompts, drawn from both categories
+               (everyday and dilemma_game); at most 24 preference pairs per reward model, so RM batch 4, no
+               accumulation, lr 1e-4, 3 epochs (about 18 optimiser steps, where the report's batch of 320 pairs
+               per step gave one); SFT 1 epoch; PPO 4 steps x 3 prompts; shorter turns (64/48/48 tokens)
+
+CPU demo (SmolLM2-135M; its figures are in README.md, "Virtue-ethics RLAIF"):
+    python -m scenarios.virtue_rlaif all --preset cpu-demo --output results/virtue_demo
+
+The judge's accuracy on labelled pairs (a few minutes for SmolLM2-135M):
+    python -m scenarios.virtue_rlaif judge-check --output results/virtue_demo [--judge_mode pointwise]
 """
 
 from __future__ import annotations
@@ -22,9 +30,17 @@ from pathlib import Path
 
 from actors.llm.virtue.ppo import PPOStageConfig
 from actors.llm.virtue.reward import RewardModelConfig
-from actors.llm.virtue.scoring import TURNS
+from actors.llm.virtue.scoring import JUDGE_RULES, TURNS
 from actors.llm.virtue.sft import SFTStageConfig
-from scenarios.virtue_rlaif.pipeline import DEFAULT_SYSTEM, ENGINES, SHIPPED_PROMPTS, STAGES, PipelineConfig
+from scenarios.virtue_rlaif.pipeline import (
+    DEFAULT_SYSTEM,
+    ENGINES,
+    JUDGE_MODES,
+    SHIPPED_LABELLED,
+    SHIPPED_PROMPTS,
+    STAGES,
+    PipelineConfig,
+)
 from simulator.errors import MoralsimError
 
 log = logging.getLogger("moralsim.virtue")
@@ -43,10 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", nargs="+", choices=[*STAGES, "all"],
                    help="the stages to run (always in pipeline order), or all of them")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="report",
+                   help="named defaults (module docstring); explicit flags override them (default %(default)s)")
     p.add_argument("--output", type=Path, default=Path("results/virtue_rlaif"), help="output folder (default %(default)s)")
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="policy model, also the reward models' base: embedded name or local folder (default %(default)s)")
     p.add_argument("--judge_model", default=None, help="judge model (default: the policy model judges itself)")
+    p.add_argument("--judge_mode", choices=JUDGE_MODES, default="compare",
+                   help="how the judge is asked: compare (five virtues in one prompt), per-virtue (one prompt per "
+                        "virtue), pointwise (yes/no per answer and virtue, no position), supervised (a LoRA classifier "
+                        "trained on labelled pairs by train-judge) (default %(default)s)")
+    p.add_argument("--judge_rule", choices=JUDGE_RULES, default="average",
+                   help="average: the order-averaged probability decides; agree: a point only when both orders agree")
+    p.add_argument("--judge_adapter", type=Path, default=None,
+                   help="supervised judge's adapter folder (default <output>/judge_rm, made by train-judge)")
+    p.add_argument("--labelled", type=Path, nargs="+", default=list(SHIPPED_LABELLED),
+                   help="labelled pair files for judge-check / train-judge / RM accuracy (default: the shipped two)")
+    p.add_argument("--check_max_pairs", type=int, default=None,
+                   help="judge-check: at most N check pairs per labelled set (default all)")
+    p.add_argument("--judge_rm_epochs", type=float, default=2.0, help="supervised judge: epochs (default 2)")
+    p.add_argument("--judge_rm_lr", type=float, default=1e-4, help="supervised judge: learning rate (default 1e-4)")
+    p.add_argument("--eval_reward_models", type=Path, default=None,
+                   help="evaluate with these reward models (action/motivation/consequences adapters, or one adapter) "
+                        "instead of those that trained PPO")
+    p.add_argument("--eval_judge", default=None,
+                   help="evaluate: this judge model also compares each model's answers with the base model's")
     p.add_argument("--prompts", type=Path, default=SHIPPED_PROMPTS,
                    help="JSONL or Parquet with a `prompt` column, optional `id` and `split` (default: the shipped set)")
     p.add_argument("--max_train_prompts", type=int, default=None, help="use the first N train prompts (default all)")
@@ -92,13 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PRESETS: dict[str, dict[str, object]] = {
+    "report": {},
+    "cpu-demo": {"max_train_prompts": 24, "max_heldout_prompts": 12, "max_tokens": [64, 48, 48], "chunk": 36,
+                 "rm_batch_size": 4, "rm_grad_accum": 1, "rm_lr": 1e-4, "rm_epochs": 3.0, "sft_epochs": 1.0,
+                 "ppo_steps": 4, "ppo_prompts_per_step": 3},
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse twice: the first pass reads --preset, whose values become the defaults of the second."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRESETS[first.preset])
+    return parser.parse_args(argv)
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return PipelineConfig(
         output=args.output, model=args.model, judge_model=args.judge_model, prompts=args.prompts,
         max_train_prompts=args.max_train_prompts, max_heldout_prompts=args.max_heldout_prompts,
         system_prompt=args.system_prompt or None, max_tokens=tuple(args.max_tokens), temperature=args.temperature,
         chunk=args.chunk, tie_margin=args.tie_margin, engine=args.engine, device=args.device, seed=args.seed,
-        lam=args.lam, bootstrap=args.bootstrap,
+        lam=args.lam, bootstrap=args.bootstrap, judge_mode=args.judge_mode, judge_rule=args.judge_rule,
+        judge_adapter=args.judge_adapter, labelled=tuple(args.labelled), check_max_pairs=args.check_max_pairs,
+        judge_rm=RewardModelConfig(max_length=128, epochs=args.judge_rm_epochs, learning_rate=args.judge_rm_lr,
+                                   gradient_accumulation_steps=1, batch_size=8, seed=args.seed),
+        eval_reward_models=args.eval_reward_models, eval_judge=args.eval_judge,
         rm=RewardModelConfig(max_length=args.rm_max_length, epochs=args.rm_epochs, learning_rate=args.rm_lr,
                              gradient_accumulation_steps=args.rm_grad_accum, batch_size=args.rm_batch_size,
                              lora_r=args.rm_lora_r, lora_alpha=2 * args.rm_lora_r, seed=args.seed),
@@ -116,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scenarios.virtue_rlaif.pipeline import Layout, format_summary, run
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     try:
@@ -124,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ran = run(cfg, list(STAGES) if "all" in args.stage else args.stage)
     except MoralsimError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    layout = Layout(cfg.output)
+    layout = Layout.of(cfg)
     if layout.eval_summary.exists() and "evaluate" in ran:
         rm = json.loads(layout.rm_metrics.read_text()) if layout.rm_metrics.exists() else None
         print(format_summary(json.loads(layout.eval_summary.read_text()), rm))

@@ -38,6 +38,7 @@ class PromptRecord:
     id: str
     prompt: str
     split: str  # "train" or "heldout"
+    category: str = ""  # the file's optional `category` (the shipped set: everyday, dilemma_game)
 
 
 def _default_split(prompt: str) -> str:
@@ -70,23 +71,37 @@ def load_prompts(path: str | os.PathLike[str]) -> list[PromptRecord]:
         if pid in seen:
             raise ConfigError(f"{path} row {k}: duplicate id {pid!r}")
         seen.add(pid)
-        out.append(PromptRecord(pid, text.strip(), split))
+        out.append(PromptRecord(pid, text.strip(), split, str(row.get("category") or "")))
     if not out:
         raise ConfigError(f"{path} holds no prompts")
     return out
 
 
 def select_prompts(prompts: Sequence[PromptRecord], max_train: int | None, max_heldout: int | None) -> list[PromptRecord]:
-    """The first `max_train` train and `max_heldout` held-out prompts, in file order (None = all)."""
+    """`max_train` train and `max_heldout` held-out prompts (None = all), drawn from every category in turn.
+
+    Per split, the categories take turns (in the order they first appear), each giving its next prompt in file
+    order, until the limit: a limit of 24 over everyday and dilemma_game prompts takes 12 of each, where the first
+    24 of the file were all everyday. A file without categories gives its first prompts, as before. The result keeps
+    the file order."""
     limits = {"train": max_train, "heldout": max_heldout}
-    taken = {s: 0 for s in SPLITS}
-    out = []
-    for p in prompts:
-        lim = limits[p.split]
-        if lim is None or taken[p.split] < lim:
-            out.append(p)
-            taken[p.split] += 1
-    return out
+    chosen: set[int] = set()
+    for split in SPLITS:
+        queues: dict[str, list[int]] = {}
+        for k, p in enumerate(prompts):
+            if p.split == split:
+                queues.setdefault(p.category, []).append(k)
+        lim = limits[split]
+        total = sum(len(q) for q in queues.values())
+        want = total if lim is None else min(lim, total)
+        heads = dict.fromkeys(queues, 0)
+        while want > 0:
+            for cat, q in queues.items():
+                if want > 0 and heads[cat] < len(q):
+                    chosen.add(q[heads[cat]])
+                    heads[cat] += 1
+                    want -= 1
+    return [p for k, p in enumerate(prompts) if k in chosen]
 
 
 def stable_seed(seed: int, prompt_id: str, sample: int) -> int:
@@ -129,11 +144,12 @@ def pairs_table(dialogues: pl.DataFrame) -> pl.DataFrame:
     return out
 
 
-def judgement_rows(keys: Sequence[Mapping[str, Any]], probs: np.ndarray, margin: float) -> list[dict]:
+def judgement_rows(keys: Sequence[Mapping[str, Any]], probs: np.ndarray, margin: float, rule: str = "average"
+                   ) -> list[dict]:
     """Rows of the judgements table from (N, V, 2 orders, 2 labels) probabilities; keys carry prompt_id, split, turn."""
     p_ab = label_share(probs[:, :, 0, 0], probs[:, :, 0, 1])  # (N, V) P(first shown is better), A first
     p_ba = label_share(probs[:, :, 1, 0], probs[:, :, 1, 1])  # B first
-    winners = virtue_winners(p_ab, p_ba, margin)
+    winners = virtue_winners(p_ab, p_ba, margin, rule)
     maj = majority(winners)
     p_a = prob_a_better(p_ab, p_ba)
     rows = []
@@ -192,6 +208,52 @@ def _preference_schema(verdict_cols: Sequence[str]) -> dict[str, Any]:
                               "chosen_sample": pl.Int64, "points_chosen": pl.Int64, "points_rejected": pl.Int64}
     schema.update({c: pl.Int64 if c.endswith("_winner") else pl.Float64 for c in verdict_cols})
     return schema
+
+
+# ── labelled pairs (the judge's check, the supervised judge, the reward models' accuracy) ──────────────────────
+
+LABELLED_COLUMNS = ("id", "set", "subset", "split", "turn", "question", "good", "bad")
+LABELLED_SPLITS = ("check", "train")
+
+
+def load_labelled(paths: Sequence[str | os.PathLike[str]]) -> pl.DataFrame:
+    """Labelled pairs from JSONL files: id, set, subset, split (check | train), turn, question, good, bad."""
+    frames = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"labelled pair file {path} does not exist; expected JSONL with the fields "
+                              f"{', '.join(LABELLED_COLUMNS)}")
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (json.JSONDecodeError, OSError) as e:
+            raise CorruptDataError(f"cannot read labelled pairs from {path}: {e}") from e
+        for k, row in enumerate(rows):
+            missing = [c for c in LABELLED_COLUMNS if not isinstance(row.get(c), str) or not row[c].strip()]
+            if missing:
+                raise ConfigError(f"{path} row {k}: missing or empty {', '.join(missing)}")
+            if row["split"] not in LABELLED_SPLITS or row["turn"] not in TURNS:
+                raise ConfigError(f"{path} row {k}: split must be one of {', '.join(LABELLED_SPLITS)} and turn one "
+                                  f"of {', '.join(TURNS)}, got {row['split']!r}, {row['turn']!r}")
+        frames.append(pl.DataFrame([{c: r[c] for c in LABELLED_COLUMNS} for r in rows],
+                                   schema=dict.fromkeys(LABELLED_COLUMNS, pl.String)))
+    if not frames:
+        raise ConfigError("no labelled pair files given")
+    df = pl.concat(frames)
+    dup = df.filter(pl.col("id").is_duplicated())["id"].to_list()
+    if dup:
+        raise ConfigError(f"labelled pairs: duplicate id {dup[0]!r}")
+    return df
+
+
+def labelled_preference_rows(df: pl.DataFrame) -> list[dict[str, Any]]:
+    """Labelled pairs as TRL preference rows (the good answer chosen), for the supervised judge."""
+    out = []
+    for r in df.iter_rows(named=True):
+        user = r["question"] if r["turn"] == "action" else f"{r['question']}\n\n{FOLLOW_UPS[r['turn']]}"
+        out.append({"prompt": [{"role": "user", "content": user}],
+                    "chosen": [{"role": "assistant", "content": r["good"]}],
+                    "rejected": [{"role": "assistant", "content": r["bad"]}]})
+    return out
 
 
 def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:

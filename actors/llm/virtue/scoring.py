@@ -48,12 +48,27 @@ def prob_a_better(p_ab: np.ndarray, p_ba: np.ndarray) -> np.ndarray:
     return (np.asarray(p_ab, dtype=np.float64) + 1.0 - np.asarray(p_ba, dtype=np.float64)) / 2.0
 
 
-def virtue_winners(p_ab: np.ndarray, p_ba: np.ndarray, margin: float = 0.0) -> np.ndarray:
-    """(..., V) int8: +1 where A wins the virtue, -1 where B wins, 0 for a tie (|p_A - 0.5| <= margin + TIE_EPS)."""
+JUDGE_RULES = ("average", "agree")
+
+
+def virtue_winners(p_ab: np.ndarray, p_ba: np.ndarray, margin: float = 0.0, rule: str = "average") -> np.ndarray:
+    """(..., V) int8: +1 where A wins the virtue, -1 where B wins, 0 for a tie.
+
+    rule average: the order-averaged p_A decides (a tie when |p_A - 0.5| <= margin + TIE_EPS).
+    rule agree:   a point only when each order alone prefers the same answer by more than the margin
+                  (p_ab > 0.5 + margin and p_ba < 0.5 - margin for A); any disagreement is a tie.
+    """
     if not 0.0 <= margin < 0.5:
         raise ConfigError(f"tie margin must be in [0, 0.5), got {margin!r}")
-    d = prob_a_better(p_ab, p_ba) - 0.5
+    if rule not in JUDGE_RULES:
+        raise ConfigError(f"unknown judge rule {rule!r}; valid: {', '.join(JUDGE_RULES)}")
     bound = margin + TIE_EPS
+    if rule == "agree":
+        a = np.asarray(p_ab, dtype=np.float64) - 0.5  # > 0: A (shown first) preferred
+        b = 0.5 - np.asarray(p_ba, dtype=np.float64)  # > 0: A (shown second) preferred
+        return np.where((a > bound) & (b > bound), A_WINS, np.where((a < -bound) & (b < -bound), B_WINS, TIE)
+                        ).astype(np.int8)
+    d = prob_a_better(p_ab, p_ba) - 0.5
     return np.where(d > bound, A_WINS, np.where(d < -bound, B_WINS, TIE)).astype(np.int8)
 
 
@@ -95,9 +110,9 @@ class Tally:
         return {k: int(v) for k, v in self.__dict__.items()}
 
 
-def tally(p_ab: np.ndarray, p_ba: np.ndarray, margin: float = 0.0) -> Tally:
+def tally(p_ab: np.ndarray, p_ba: np.ndarray, margin: float = 0.0, rule: str = "average") -> Tally:
     """Count outcomes, ties and position-biased verdicts for (N, V) label shares in both orders."""
-    winners = virtue_winners(p_ab, p_ba, margin)
+    winners = virtue_winners(p_ab, p_ba, margin, rule)
     m = majority(winners)
     return Tally(
         pairs=int(winners.shape[0]),
@@ -184,3 +199,68 @@ def bootstrap_difference(
     idx = np.random.default_rng(seed).integers(0, a.shape[0], size=(resamples, a.shape[0]))
     stats = _scores_of_rows(a, idx) - _scores_of_rows(b, idx)
     return _interval(evaluation_score(a) - evaluation_score(b), stats, a.shape[0], level)
+
+
+# ── the judge's accuracy on labelled pairs ──────────────────────────────────────────────────────────────────────
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int, seed: int, level: float) -> Interval:
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values must be a non-empty vector, got shape {v.shape}")
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))
+    return _interval(float(v.mean()), v[idx].mean(1), int(v.size), level)
+
+
+def one_order_outcome(p_first: np.ndarray, a_first: bool) -> np.ndarray:
+    """(N,) the verdict of one order alone, by majority over the virtues: +1 A, -1 B, 0 tie.
+
+    p_first is (N, V) P(first shown is better); A was shown first when a_first."""
+    d = np.asarray(p_first, dtype=np.float64) - 0.5
+    first = np.where(d > TIE_EPS, A_WINS, np.where(d < -TIE_EPS, B_WINS, TIE))
+    return majority(first if a_first else -first).outcome
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The judge on labelled pairs where A is the good answer (actors/llm/virtue/check.py)."""
+
+    pairs: int
+    accuracy: Interval  # the pipeline's verdict (both orders, the rule): good chosen 1, tie 0.5, bad chosen 0
+    ties: int  # pairs the verdict leaves tied
+    consistency: float  # share of pairs where each order alone picks the same answer (a tie in either: inconsistent)
+    consistent_pairs: int
+    consistent_accuracy: float  # among those, the share that picked the good answer (nan when none)
+    virtue_consistency: float  # the same per virtue verdict: sign(p_ab - .5) = -sign(p_ba - .5) != 0
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain JSON values: the accuracy when consistent is None (not NaN) when no pair was consistent."""
+        return {"pairs": self.pairs, "accuracy": self.accuracy.estimate, "accuracy_low": self.accuracy.low,
+                "accuracy_high": self.accuracy.high, "ties": self.ties, "consistency": self.consistency,
+                "consistent_pairs": self.consistent_pairs,
+                "consistent_accuracy": None if np.isnan(self.consistent_accuracy) else self.consistent_accuracy,
+                "virtue_consistency": self.virtue_consistency}
+
+
+def check_metrics(p_ab: np.ndarray, p_ba: np.ndarray, margin: float = 0.0, rule: str = "average",
+                  resamples: int = 2000, seed: int = 0, level: float = 0.95) -> CheckResult:
+    """Accuracy (bootstrap over pairs), order consistency and accuracy on consistent verdicts, for (N, V) label
+    shares in both orders of pairs whose first answer A is the labelled good one."""
+    if resamples < 1:
+        raise ConfigError(f"resamples must be >= 1, got {resamples!r}")
+    outcome = majority(virtue_winners(p_ab, p_ba, margin, rule)).outcome
+    correct = (outcome == A_WINS) + 0.5 * (outcome == TIE)
+    ab, ba = one_order_outcome(p_ab, True), one_order_outcome(p_ba, False)
+    consistent = (ab == ba) & (ab != TIE)
+    d_ab, d_ba = np.asarray(p_ab) - 0.5, np.asarray(p_ba) - 0.5
+    agree_v = (np.sign(d_ab) == -np.sign(d_ba)) & (np.abs(d_ab) > TIE_EPS)
+    n_cons = int(consistent.sum())
+    return CheckResult(
+        pairs=int(outcome.size),
+        accuracy=bootstrap_mean(correct, resamples, seed, level),
+        ties=int((outcome == TIE).sum()),
+        consistency=float(consistent.mean()),
+        consistent_pairs=n_cons,
+        consistent_accuracy=float((ab[consistent] == A_WINS).mean()) if n_cons else float("nan"),
+        virtue_consistency=float(agree_v.mean()),
+    )
