@@ -56,7 +56,7 @@ def build_groups(population: Population, streams: Sequence[RunStreams], settings
             from actors.llm.agent import LLMAgentConfig, LLMGroup
 
             rngs = [[st.agents[s] for s in slots] for st in streams]
-            groups.append(LLMGroup(slots, n, settings.game, rngs, settings.llm or LLMAgentConfig(), seed=settings.seed,
+            groups.append(LLMGroup(slots, n, settings.game, rngs, settings.llm or LLMAgentConfig(),
                                    codes=[population.agents[s].code for s in slots]))
         else:
             raise ConfigError(f"unknown learner kind {kind!r}; valid: static, dqn, tabularQ, llm")

@@ -196,7 +196,7 @@ def test_mask_mode_logprobs_are_the_learners_masked_logprobs(tiny_model_path):
     learner = group.learners.learners[group.names[0]]  # type: ignore[attr-defined]
     for prompt, res in zip(prompts, results, strict=True):
         assert res.text in ("action1", "action2")
-        allowed = group.trie.allowed(res.token_ids)  # type: ignore[union-attr]
+        allowed = group.runs[0].trie.allowed(res.token_ids)  # type: ignore[union-attr]
         assert learner.logprobs(prompt, res.token_ids, allowed) == pytest.approx(list(res.logprobs), abs=1e-5)
         assert np.exp(res.logprobs[-1]) < 1.0  # the mask renormalises, it does not make the answer certain
     assert ((p_c > 0) & (p_c < 1)).all()

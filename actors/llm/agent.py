@@ -19,7 +19,9 @@ copies the last legal move, and `fine_tune_2learners.py` pays the opponent again
 move. The record's action is that carried-over move; its `legal` column is false.
 
 Randomness: every learner's initialisation and every sampling coin comes from its agent's own stream of the run
-(simulator/seeding.py), so a run's records do not depend on how runs are batched into one engine.
+(simulator/seeding.py), so a run's records do not depend on how runs are batched into one engine. Run-level draws
+(a `random:<len>` action-token pair, one per run; the engine's seed) come from a side stream of the run's first LLM
+agent (`seeding.side_stream`), which leaves that agent's own draws unchanged.
 Samples keep the adapter version and the behaviour log pi that produced them: a sample older than its learner is
 trained with the importance ratio (`off_policy = "ratio"`) or dropped and counted (`"drop"`).
 Partner selection: `random` (uniform), `dqn` (a DQN selection head per agent, actors/dqn.py) or `prompt` (the model
@@ -71,6 +73,7 @@ from simulator.contracts import Action, Decisions, DilemmaBatch, Reason, Selecti
 from simulator.errors import ConfigError
 from simulator.games import Game
 from simulator.rewards import R_ILLEGAL, REASON_TYPES
+from simulator.seeding import side_stream
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,19 @@ def cooperation_probability(
     return legal_share(lp[:, 0], lp[:, 1])
 
 
+@dataclass(frozen=True)
+class RunAnswers:
+    """One run's legal answers: its action-token pair, their trie (mask mode) and the answer length in tokens."""
+
+    tokens: TokenPair
+    trie: AnswerTrie | None
+    max_new_tokens: int
+
+    @property
+    def answers(self) -> tuple[str, str]:
+        return (self.tokens.c, self.tokens.d)
+
+
 @dataclass
 class _Sample:
     prompt: list[int]
@@ -134,7 +150,6 @@ class LLMGroup:
         rngs: list[list[np.random.Generator]],
         config: LLMAgentConfig,
         *,
-        seed: int = 0,
         engine: RolloutEngine | None = None,
         model_dir: Path | None = None,
         codes: list[str] | None = None,
@@ -153,7 +168,9 @@ class LLMGroup:
         self.same_game = num_agents == 2  # two agents: both last moves are the moves of one game
         # b = run * G + member. Each agent's own stream of its run: learner seed, option order, sampling coins
         self.rngs = [rng for run in rngs for rng in run]
-        self.tokens = resolve_tokens(config.tokens, np.random.default_rng(seed))
+        side = [side_stream(run[0]) for run in rngs]
+        run_tokens = [resolve_tokens(config.tokens, s) for s in side]
+        seed = int(side[0].integers(2**31))  # the engine's own stream (requests carry their agents' seeds)
         model_dir = model_dir or resolve_model(config.model)
         self.names = [f"run{r}-slot{int(s)}" for r in range(self.R) for s in self.slots]
         specs = [(name, replace(config.ppo, seed=int(rng.integers(2**31))))
@@ -183,9 +200,7 @@ class LLMGroup:
         self.batch_size = config.ppo.batch_size
         self.served = [0] * len(self.names)  # adapter version the engine serves per agent (the learners' after sync)
         self.pending: dict[int, StepHandle] = {}  # overlap: the update in flight per agent (at most one)
-        self.answers = (self.tokens.c, self.tokens.d)
-        self.trie = AnswerTrie.from_texts(self.tokenizer, self.answers) if config.answer_mode == "mask" else None
-        self.max_new_tokens = config.max_new_tokens or answer_length(self.tokenizer, self.answers)
+        self.runs = [self._run_answers(t) for t in run_tokens]
         self.buffers: list[list[tuple[_Sample, float]]] = [[] for _ in self.names]
         self.last_stats: list[dict[str, float]] = [{} for _ in self.names]
         self.dropped = 0  # stale samples discarded (off_policy = "drop")
@@ -195,6 +210,11 @@ class LLMGroup:
         self.head: DQNGroup | None = None
         if config.selection == "dqn":
             self.head = DQNGroup(self.slots, num_agents, rngs, DQNConfig(learn_dilemma=False))
+
+    def _run_answers(self, tokens: TokenPair) -> RunAnswers:
+        answers = (tokens.c, tokens.d)
+        trie = AnswerTrie.from_texts(self.tokenizer, answers) if self.cfg.answer_mode == "mask" else None
+        return RunAnswers(tokens, trie, self.cfg.max_new_tokens or answer_length(self.tokenizer, answers))
 
     # -- the virtue reward models (VR types) --------------------------------------------------------------------
     def scorer(self) -> Any:
@@ -254,11 +274,11 @@ class LLMGroup:
         return out | {"_term": term}
 
     # -- engine calls -------------------------------------------------------------------------------------------
-    def _generate(self, bs: list[int], prompts: list[list[int]], max_new_tokens: int) -> list[GenerationResult]:
+    def _generate(self, bs: list[int], prompts: list[list[int]], max_new_tokens: list[int]) -> list[GenerationResult]:
         requests = [
-            GenerationRequest(tuple(p), self.names[b], max_new_tokens, self.cfg.temperature,
+            GenerationRequest(tuple(p), self.names[b], n, self.cfg.temperature,
                               stop_at_eos=self.cfg.stop == "eos", seed=int(self.rngs[b].integers(2**63)))
-            for b, p in zip(bs, prompts, strict=True)
+            for b, p, n in zip(bs, prompts, max_new_tokens, strict=True)
         ]
         results = self.engine.generate(requests)
         check_fresh(results, {self.names[b]: self.served[b] for b in set(bs)})
@@ -269,19 +289,26 @@ class LLMGroup:
 
         Returns the results (as if generated) and P(C)/(P(C)+P(D)) from the same scores.
         """
-        assert self.trie is not None
-        seqs = self.trie.sequences
+        tries = [self.runs[b // self.G].trie for b in bs]
+        assert all(t is not None for t in tries)
         names = [self.names[b] for b in bs]
+        rows_of = [len(t.sequences) for t in tries if t is not None]
         raw = self.engine.score_batch(
-            [n for n in names for _ in seqs], [p for p in prompts for _ in seqs], [list(q) for _ in prompts for q in seqs]
+            [n for n, t in zip(names, tries, strict=True) if t for _ in t.sequences],
+            [p for p, t in zip(prompts, tries, strict=True) if t for _ in t.sequences],
+            [list(q) for t in tries if t for q in t.sequences],
         )
         results, p_c = [], np.empty(len(bs))
-        width = max(len(q) for q in seqs)
-        for k, (b, name) in enumerate(zip(bs, names, strict=True)):
-            rows = raw[k * len(seqs) : (k + 1) * len(seqs)]
-            pick, logps = sample_masked(self.trie, rows, self.rngs[b].random(width), self.cfg.temperature)
+        start = 0
+        for k, (b, name, trie) in enumerate(zip(bs, names, tries, strict=True)):
+            assert trie is not None
+            seqs = trie.sequences
+            rows = raw[start : start + rows_of[k]]
+            start += rows_of[k]
+            width = max(len(q) for q in seqs)
+            pick, logps = sample_masked(trie, rows, self.rngs[b].random(width), self.cfg.temperature)
             p_c[k] = legal_share(float(np.sum(rows[0])), float(np.sum(rows[1])))  # the trie's sequences: (C, D)
-            results.append(GenerationResult(seqs[pick], tuple(logps), self.answers[pick], name,
+            results.append(GenerationResult(seqs[pick], tuple(logps), self.runs[b // self.G].answers[pick], name,
                                             self.engine.adapter_version(name)))
         check_fresh(results, {self.names[b]: self.served[b] for b in set(bs)})
         return results, p_c
@@ -289,7 +316,12 @@ class LLMGroup:
     def _p_cooperate(self, bs: list[int], prompts: list[list[int]]) -> np.ndarray:
         if not self.cfg.p_cooperate:
             return np.full(len(bs), np.nan)
-        return cooperation_probability(self.engine, self.tokenizer, self.tokens, [self.names[b] for b in bs], prompts)
+        p_c = np.empty(len(bs))
+        for tokens in {self.runs[b // self.G].tokens for b in bs}:  # one scoring call per distinct action-token pair
+            ks = [k for k, b in enumerate(bs) if self.runs[b // self.G].tokens == tokens]
+            p_c[ks] = cooperation_probability(self.engine, self.tokenizer, tokens, [self.names[bs[k]] for k in ks],
+                                              [prompts[k] for k in ks])
+        return p_c
 
     # -- decisions ----------------------------------------------------------------------------------------------
     def select(self, batch: SelectionBatch) -> Decisions:
@@ -304,11 +336,12 @@ class LLMGroup:
                 b = r * self.G + g
                 ids = [i for i in range(self.n_others + 1) if i != slot]
                 last = [None if batch.iteration == 0 else Action(int(m)) for m in batch.state[r, g]]
-                text = partner_prompt_text(list(zip(ids, last, strict=True)), self.tokens, self.rngs[b])
+                text = partner_prompt_text(list(zip(ids, last, strict=True)), self.runs[r].tokens, self.rngs[b])
                 bs.append(b)
                 prompts.append(chat_ids(self.tokenizer, text))
                 others.append(ids)
-        results = self._generate(bs, prompts, max(self.max_new_tokens, len(str(self.n_others))))
+        results = self._generate(bs, prompts, [max(self.runs[b // self.G].max_new_tokens, len(str(self.n_others)))
+                                               for b in bs])
         choice = random_choice.copy()
         reason = np.full(choice.shape, Reason.POLICY, dtype=np.int8)
         self._sel_samples = {}
@@ -330,17 +363,19 @@ class LLMGroup:
         for k, b in enumerate(bs):
             own = None if batch.first else Action(int(batch.own_prev[k]))
             opp = None if batch.first else Action(int(batch.state[k]))
-            text = game_prompt_text(self.game, self.tokens, own, opp, self.rngs[b], self.cfg.variant, self.same_game)
+            text = game_prompt_text(self.game, self.runs[b // self.G].tokens, own, opp, self.rngs[b], self.cfg.variant,
+                                    self.same_game)
             texts.append(text)
             prompts.append(chat_ids(self.tokenizer, text))
-        if self.trie is not None:
+        runs = [self.runs[b // self.G] for b in bs]
+        if self.cfg.answer_mode == "mask":
             results, p_c = self._masked(bs, prompts)
             if not self.cfg.p_cooperate:
                 p_c[:] = np.nan
         else:
-            results = self._generate(bs, prompts, self.max_new_tokens)
+            results = self._generate(bs, prompts, [run.max_new_tokens for run in runs])
             p_c = self._p_cooperate(bs, prompts)
-        parsed = [parse_answer(res.text, self.tokens) for res in results]
+        parsed = [parse_answer(res.text, run.tokens) for res, run in zip(results, runs, strict=True)]
         legal = np.array([p is not None for p in parsed])
         # an illegal answer changes nothing: the agent's move stays its snapshot move (module docstring)
         action = np.array([int(p) if p is not None else int(batch.own_prev[k]) for k, p in enumerate(parsed)],
@@ -348,13 +383,13 @@ class LLMGroup:
         reason = np.where(legal, Reason.POLICY, Reason.ILLEGAL).astype(np.int8)
         self._act_samples = [
             _Sample(p, list(res.token_ids), list(res.logprobs), res.adapter_version,
-                    None if self.trie is None else self.trie.allowed(res.token_ids))
-            for p, res in zip(prompts, results, strict=True)
+                    None if run.trie is None else run.trie.allowed(res.token_ids))
+            for p, res, run in zip(prompts, results, runs, strict=True)
         ]
         stats = [self.last_stats[b] for b in bs]
         extra: dict[str, np.ndarray] = {
             "prompt_variant": np.array([self.cfg.variant] * len(bs), dtype=object),
-            "action_tokens": np.array([f"{self.tokens.c}|{self.tokens.d}"] * len(bs), dtype=object),
+            "action_tokens": np.array([f"{run.tokens.c}|{run.tokens.d}" for run in runs], dtype=object),
             "answer_mode": np.array([self.cfg.answer_mode] * len(bs), dtype=object),
             "raw_answer": np.array([res.text for res in results], dtype=object),
             "legal": legal.astype(np.float32),
@@ -400,7 +435,7 @@ class LLMGroup:
                 jobs.append(StepJob(
                     self.names[b], [s.prompt for s, _ in chunk], [s.response for s, _ in chunk], [r for _, r in chunk],
                     behaviour_logprobs=[s.logprobs for s, _ in chunk], versions=[s.version for s, _ in chunk],
-                    allowed=None if self.trie is None else [s.allowed for s, _ in chunk],
+                    allowed=None if self.cfg.answer_mode != "mask" else [s.allowed for s, _ in chunk],
                 ))
         index = {name: b for b, name in enumerate(self.names)}
         if overlap:
