@@ -55,6 +55,7 @@ from actors.llm.engine import (
     action_logprobs,
     check_fresh,
     legal_share,
+    make_engine,
 )
 from actors.llm.learners import LearnerGroup, LearnerPool, StepHandle, StepJob, StepResult
 from actors.llm.prompts import (
@@ -91,17 +92,10 @@ def resolve_tokens(spec: str, rng: np.random.Generator) -> TokenPair:
     return token_pair(spec)
 
 
-def make_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: int) -> RolloutEngine:
-    if config.engine == "vllm":
-        from actors.llm.vllm_engine import VLLMEngine
-
-        gpu: dict[str, Any] = {}
-        if config.device.startswith("cuda"):  # vLLM picks the GPU itself (the one Ray made visible)
-            gpu["gpu_memory_utilization"] = config.actors.gpu_memory_utilization
-        return VLLMEngine(model_dir, max_loras=max(1, max_loras), max_lora_rank=config.ppo.lora_r, seed=seed, **gpu)
-    from actors.llm.hf_engine import HFEngine
-
-    return HFEngine(model_dir, device=config.device, seed=seed)
+def group_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: int) -> RolloutEngine:
+    """`make_engine` with an LLM group's settings (a top-level function: Ray pickles it for the rollout actors)."""
+    return make_engine(config.engine, model_dir, device=config.device, seed=seed, max_loras=max_loras,
+                       max_lora_rank=config.ppo.lora_r, gpu_memory_utilization=config.actors.gpu_memory_utilization)
 
 
 def cooperation_probability(
@@ -185,7 +179,7 @@ class LLMGroup:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             self.cluster = launch(
                 config.actors, self.names, specs,
-                lambda names: partial(make_engine, config, model_dir, seed, len(names)),
+                lambda names: partial(group_engine, config, model_dir, seed, len(names)),
                 learner_group_factory(str(model_dir), config.device), self.tokenizer, config.device,
             )
             self.learners = self.cluster.learners
@@ -193,7 +187,7 @@ class LLMGroup:
         else:
             local = LearnerGroup(model_dir, specs, device=config.device)
             self.learners, self.tokenizer = local, local.tokenizer
-            self.engine = engine or make_engine(config, model_dir, seed, len(self.names))
+            self.engine = engine or group_engine(config, model_dir, seed, len(self.names))
         self._own_engine = engine is None  # an engine handed in belongs to the caller, who closes it
         for weights in self.learners.export(self.names):
             self.engine.load_adapter(weights)
