@@ -17,7 +17,7 @@ from actors.tabular import TabularConfig, TabularGroup
 from simulator.contracts import AgentGroup
 from simulator.errors import ConfigError
 from simulator.games import GAMES, Game
-from simulator.population import Population, check_reason_learners
+from simulator.population import Population
 from simulator.seeding import RunStreams
 
 
@@ -40,7 +40,6 @@ def build_groups(population: Population, streams: Sequence[RunStreams], settings
         kinds.setdefault("static" if agent.is_static else str(agent.learner), []).append(slot)
     groups: list[AgentGroup] = []
     n = population.size
-    check_reason_learners(population.text, population.agents)  # VR types: LLM agents only, named before any work
     for kind, slots_list in kinds.items():
         slots = np.array(slots_list)
         if kind == "static":
