@@ -38,14 +38,14 @@ HISTORIES = ("first", "CC", "CD", "DC", "DD")  # own last move, opponent's last 
 
 
 def _cells(full: bool) -> list[tuple[str, str, str, str]]:
-    from actors.llm.prompts import PROMPT_VARIANTS, STRUCTURED
+    from actors.llm.prompts import EVAL_VARIANTS, STRUCTURED
 
     if full:
-        return [("full", g, t, v) for g, t, v in itertools.product(EVAL_GAMES, EVAL_TOKENS, PROMPT_VARIANTS)]
+        return [("full", g, t, v) for g, t, v in itertools.product(EVAL_GAMES, EVAL_TOKENS, EVAL_VARIANTS)]
     return (
         [("game", g, TEST_TOKENS, STRUCTURED) for g in EVAL_GAMES]
         + [("tokens", "IPD", t, STRUCTURED) for t in EVAL_TOKENS]
-        + [("variant", "IPD", TEST_TOKENS, v) for v in PROMPT_VARIANTS]
+        + [("variant", "IPD", TEST_TOKENS, v) for v in EVAL_VARIANTS]
         + [("unrelated", "-", TEST_TOKENS, "unrelated")]
     )
 

@@ -79,7 +79,7 @@ def test_stale_adapter_is_reported_not_used(tiny_model_path):
     rngs = [[np.random.default_rng(0)]]
     group = LLMGroup(np.array([0]), 2, GAMES["IPD"], rngs, LLMAgentConfig(model=str(tiny_model_path), ppo=SMALL_PPO))
     (job,) = group.learners.submit([StepJob(group.names[0], [[1, 2, 3]] * 2, [[4]] * 2, [1.0, 0.0])])
-    group.served[0] = job.result().version  # the group expects v1 served; the engine was never sent it
+    group.serving.served[group.adapter(0)] = job.result().version  # the group expects v1; the engine never got it
     batch = DilemmaBatch(1, np.zeros(1, int), np.zeros(1, int), np.ones(1, int), np.zeros(1, np.int8),
                          np.zeros(1, np.int8), np.full((1, 2), 0.5))
     with pytest.raises(StaleAdapterError, match="came from version 0, expected >= 1"):

@@ -121,19 +121,23 @@ def make_engine(
     max_loras: int = 1,
     max_lora_rank: int = 64,
     gpu_memory_utilization: float | None = None,
+    dtype: str = "float32",
 ) -> RolloutEngine:
-    """The one engine factory: `kind` hf (transformers + peft) or vllm, serving up to `max_loras` adapters at once."""
+    """The one engine factory: `kind` hf (transformers + peft) or vllm, serving up to `max_loras` adapters at once;
+    `dtype` float32 or bfloat16 (the base model's weights)."""
     if kind == "vllm":
         from actors.llm.vllm_engine import VLLMEngine
 
-        gpu: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if device.startswith("cuda") and gpu_memory_utilization is not None:  # vLLM picks the GPU Ray made visible
-            gpu["gpu_memory_utilization"] = gpu_memory_utilization
-        return VLLMEngine(model_dir, max_loras=max(1, max_loras), max_lora_rank=max_lora_rank, seed=seed, **gpu)
+            extra["gpu_memory_utilization"] = gpu_memory_utilization
+        if dtype != "float32":
+            extra["dtype"] = dtype
+        return VLLMEngine(model_dir, max_loras=max(1, max_loras), max_lora_rank=max_lora_rank, seed=seed, **extra)
     if kind == "hf":
         from actors.llm.hf_engine import HFEngine
 
-        return HFEngine(model_dir, device=device, seed=seed)
+        return HFEngine(model_dir, device=device, seed=seed, dtype=getattr(torch, dtype))
     raise ConfigError(f"unknown LLM engine {kind!r}; valid: {', '.join(ENGINE_KINDS)}")
 
 

@@ -431,8 +431,10 @@ def launch(
     return Cluster(p, engine, learners, rollout, learner, pg, seconds, info)
 
 
-def learner_group_factory(model_dir: str, device: str) -> Callable[[list[tuple[str, PPOConfig]]], Callable[[], Any]]:
+def learner_group_factory(
+    model_dir: str, device: str, dtype: str = "float32"
+) -> Callable[[list[tuple[str, PPOConfig]]], Callable[[], Any]]:
     def make(specs: list[tuple[str, PPOConfig]]) -> Callable[[], Any]:
-        return partial(LearnerGroup, model_dir, specs, device)
+        return partial(LearnerGroup, model_dir, specs, device, dtype)
 
     return make
