@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent
 RUN_KEYS = {"destination_folder", "num_iterations", "num_runs", "game", "seed", "method", "compat", "random_matching",
             "reward_schedule", "output", "log_to", "protocol", "episode_length"}
 LLM_KEYS = {"model", "engine", "device", "tokens", "variant", "selection", "max_new_tokens", "temperature", "train",
-            "p_cooperate", "answer_mode", "stop", "off_policy", "actors", "virtue"}
+            "p_cooperate", "answer_mode", "stop", "off_policy", "actors", "virtue", "adapters", "dtype"}
 SWEEP_KEYS = {"populations", "types", "majority", "minority", "report"}
 
 

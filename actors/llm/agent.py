@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from actors.dqn import DQNConfig, DQNGroup
+from actors.llm import budget
 from actors.llm.config import LLMAgentConfig, VirtueConfig
 from actors.llm.deciding import Decider, masked_picks, masked_rows
 from actors.llm.engine import (
@@ -151,6 +152,9 @@ class LLMGroup:
         config.check_population(num_agents)  # before any model loads
         if config.adapters == "per_type" and codes is None:
             raise ConfigError("per_type adapters need each slot's moral type (codes)")
+        model_dir = model_dir or resolve_model(config.model)  # a folder: the weights load later
+        budget.check_memory(config, budget.ModelShape.from_dir(model_dir), codes or ["-"] * len(slots), num_agents,
+                            len(rngs), budget.available_bytes(config))
         self.slots = np.asarray(slots, dtype=np.int64)
         self.cfg = config
         self.clock = PhaseClock()
@@ -163,7 +167,6 @@ class LLMGroup:
         side = [side_stream(run[0]) for run in rngs]
         run_tokens = [resolve_tokens(config.tokens, s) for s in side]
         seed = int(side[0].integers(2**31))  # the engine's own stream (requests carry their agents' seeds)
-        model_dir = model_dir or resolve_model(config.model)
         self.names = [f"run{r}-slot{int(s)}" for r in range(self.R) for s in self.slots]  # the agents
         self.serving = Serving(adapter_names(config.adapters, self.R, self.slots.tolist(), codes or ["-"] * self.G))
         seeds = [int(rng.integers(2**31)) for rng in self.rngs]  # every agent draws; an adapter takes its first's

@@ -68,6 +68,9 @@ class PPOConfig:
     """LoRA A and value-head init, and the mini-batch shuffle."""
     merge_identical_passes: bool = True
     """compute passes that see the same weights and samples once (see the module docstring); False = every pass"""
+    share_prefix: bool = False
+    """compute the prompt prefix that all samples of a PPO step share (chat template and game text) once, its
+    keys and values broadcast to every sample, gradients included; the same numbers up to float rounding"""
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
@@ -104,6 +107,9 @@ class LLMActors:
     """how long to wait for the cluster to fit every bundle; a bundle that cannot fit would otherwise wait forever"""
     overlap: bool = False
     """train iteration t while iteration t+1 rolls out: one version off-policy at most, with the importance ratio"""
+    gpu_memory_gib: float = 80.0
+    """memory of one GPU (device = cuda), for the estimate that fails a population that cannot fit before any model
+    loads (actors/llm/budget.py)"""
 
     def __post_init__(self) -> None:
         if self.rollout_actors < 0 or self.learner_actors < 1:

@@ -201,6 +201,10 @@ class PPOLearner:
         allowed[i]: per response position the tokens an answer mask allowed (None = free); logits outside them are
         set to MASKED_LOGIT, so logp and the entropy are those of the renormalised, masked policy.
         """
+        shared = self._shared_prefix(queries) if self.config.share_prefix else 0
+        if shared:
+            cache = self._prefix_cache(queries[0][:shared], len(queries))
+            queries = [q[shared:] for q in queries]
         seqs = [list(q) + list(r) for q, r in zip(queries, responses, strict=True)]
         L = max(len(s) for s in seqs)
         b = len(seqs)
@@ -219,7 +223,13 @@ class PPOLearner:
         # the output layer only at the positions that predict response tokens (the union over rows, a few dozen of
         # a few hundred): the model's own head, so logit soft-capping (Gemma-2) and the like still apply
         keep = torch.unique(pos)  # (K,) sorted
-        out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep)
+        if shared:  # the suffixes continue the shared prefix's cache: positions and mask start after it
+            attn = torch.cat([torch.ones((b, shared), dtype=attn.dtype, device=self.device), attn], 1)
+            out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep,
+                                  past_key_values=cache, use_cache=True,
+                                  position_ids=torch.arange(shared, shared + L, device=self.device).expand(b, L))
+        else:
+            out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep)
         rows = torch.arange(b, device=self.device)[:, None]
         logits = out.logits[rows, torch.searchsorted(keep, pos)].float()  # (b, width, V)
         if allowed is not None and any(a is not None for a in allowed):
@@ -230,6 +240,26 @@ class PPOLearner:
             hidden = out.hidden_states[-1][rows, pos].float()  # (b, width, H) last layer, after the final norm
             v = self.value_head(hidden).squeeze(-1)  # (b, width)
         return logp, v, mask, logits
+
+    @staticmethod
+    def _shared_prefix(queries: Sequence[Sequence[int]]) -> int:
+        """Tokens every query starts with, leaving each query at least one token of its own (the position that
+        predicts its first answer token must be in the suffix); 0 when there is nothing worth sharing."""
+        first = queries[0]
+        n = min(len(q) for q in queries) - 1
+        for q in queries[1:]:
+            k = 0
+            while k < n and q[k] == first[k]:
+                k += 1
+            n = k
+        return n if n >= 8 and len(queries) > 1 else 0
+
+    def _prefix_cache(self, prefix: Sequence[int], rows: int) -> Any:
+        """The KV cache of `prefix` under the current weights (one row, with its autograd graph), repeated to rows."""
+        ids = torch.as_tensor([list(prefix)], device=self.device)
+        cache = self.host.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     @torch.no_grad()
     def logprobs(
