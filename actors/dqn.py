@@ -23,19 +23,26 @@ import torch
 
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
+from simulator.errors import ConfigError, check_positive, check_unit
 
 
 @dataclass(frozen=True)
 class DQNConfig:
-    hidden: int = 256
-    lr: float = 1e-3
-    gamma: float = 0.99
-    eps_dilemma: float = 0.05
-    eps_selection: float = 0.1
+    hidden: int = 256  # hidden units of the selection and dilemma nets (the anchor's)
+    lr: float = 1e-3  # Adam learning rate
+    gamma: float = 0.99  # discount of the one-step Q target
+    eps_dilemma: float = 0.05  # epsilon-greedy exploration of the move
+    eps_selection: float = 0.1  # epsilon-greedy exploration of the partner choice
     learn_selection: bool = True  # False under --random_matching
     learn_dilemma: bool = True  # False when the group is only a partner-selection head (LLM agents)
     dtype: str = "float32"  # "float64" for equivalence tests
     threads: int = 1  # torch intra-op threads; tiny matmuls gain nothing from more, and lose a lot when cores are shared
+
+    def __post_init__(self) -> None:
+        check_positive("dqn", self, ("hidden", "lr", "threads"))
+        check_unit("dqn", self, ("gamma", "eps_dilemma", "eps_selection"))
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"unknown dqn.dtype {self.dtype!r}; valid: float32, float64")
 
 
 PARAM_NAMES = ("sel_w1", "sel_b1", "sel_w2", "sel_b2", "dil_w1", "dil_b1", "dil_w2", "dil_b2")

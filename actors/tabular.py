@@ -19,15 +19,20 @@ import numpy as np
 from actors.dqn import greedy
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
+from simulator.errors import check_positive, check_unit
 
 
 @dataclass(frozen=True)
 class TabularConfig:
-    alpha: float = 0.5
-    gamma: float = 0.99
-    eps_dilemma: float = 0.05
-    eps_selection: float = 0.1
+    alpha: float = 0.5  # Q-learning step size
+    gamma: float = 0.99  # discount of the one-step Q target
+    eps_dilemma: float = 0.05  # epsilon-greedy exploration of the move
+    eps_selection: float = 0.1  # epsilon-greedy exploration of the partner choice
     learn_selection: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive("tabular", self, ("alpha",))
+        check_unit("tabular", self, ("alpha", "gamma", "eps_dilemma", "eps_selection"))
 
 
 class TabularGroup:

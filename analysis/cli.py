@@ -49,8 +49,28 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
                    help="the sweep report of several populations (e.g. the nine AIES ones): comparison figures across "
                    "populations, per-run final cooperation and mode counts, each population's report under "
                    "<out>/populations (default out: <parent>/sweep_report)")
+    p.add_argument("--verify", action="store_true",
+                   help="only check each folder's runs against the size and SHA-256 their _SUCCESS lists for every "
+                   "file (read in place, also on an object store); exit status 1 if any run does not match")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def verify(folders: Sequence[str]) -> int:
+    """`--verify`: one line per run, a summary per folder; 1 when a run does not match its _SUCCESS."""
+    from analysis.dataset import verify_dataset
+    from simulator.storage import redact
+
+    bad = 0
+    for folder in folders:
+        checks = verify_dataset(folder)
+        for c in checks:
+            sys.stdout.write(f"{c.run}: {'DOES NOT MATCH' if c.status == 'bad' else c.status}: {c.detail}\n")
+        counts = {s: sum(c.status == s for c in checks) for s in ("ok", "unlisted", "bad", "uncommitted")}
+        sys.stdout.write(f"{redact(folder)}: {counts['ok']} runs verified, {counts['unlisted']} without hashes, "
+                         f"{counts['bad']} not matching, {counts['uncommitted']} not committed\n")
+        bad += counts["bad"]
+    return 1 if bad else 0
 
 
 def default_out(folders: Sequence[Path]) -> Path:
@@ -68,6 +88,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m analysis") ->
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.verify:
+            return verify(args.folders)
         from analysis.dataset import local_copy
 
         args.folders = [local_copy(f) for f in args.folders]

@@ -124,6 +124,40 @@ def local_copy(location: str | os.PathLike[str], cache: Path | None = None) -> P
     return target
 
 
+@dataclass(frozen=True)
+class RunCheck:
+    run: str  # run=<k>
+    status: str  # "ok", "unlisted" (no hashes to check: written before _SUCCESS listed them), "bad", "uncommitted"
+    detail: str
+
+
+def verify_dataset(location: str | os.PathLike[str]) -> list[RunCheck]:
+    """Check every run of the dataset at location (a folder or an --output URI's <folder>, read in place) against
+    the size and SHA-256 its `_SUCCESS` lists for each file (simulator.storage.verify_run), without the driver."""
+    from simulator.storage import Store, redact, verify_run
+
+    store = Store.open(location)
+    if not store.is_dir(store.root):
+        raise CorruptDataError(f"{redact(os.fspath(location))}: no dataset there; expected <output>/<destination_folder>")
+    names = [n for n in store.names(store.root) if _RUN_DIR.match(n)]
+    checks = []
+    for name in sorted(names, key=lambda n: int(n.split("=")[1])):
+        path = f"{store.root}/{name}"
+        if not store.committed(path):
+            checks.append(RunCheck(name, "uncommitted", "no _SUCCESS: being written, or left by a crash; not part of the dataset"))
+            continue
+        problems = verify_run(store, path)
+        if problems is None:
+            checks.append(RunCheck(name, "unlisted", "its _SUCCESS lists no hashes (written before they were recorded): "
+                                   "counted as whole, nothing to check"))
+        elif problems:
+            checks.append(RunCheck(name, "bad", "; ".join(problems)))
+        else:
+            files = len(store.read_json(f"{path}/_SUCCESS")["files"])
+            checks.append(RunCheck(name, "ok", f"{files} files match their size and SHA-256"))
+    return checks
+
+
 def open_dataset(folder: str | os.PathLike[str]) -> Dataset:
     """Check every part's footer and the manifest; return the readable rest. Raise CorruptDataError if none is.
     A dataset on an object store is read from its local copy (local_copy)."""

@@ -6,9 +6,10 @@ so a slow minute hits both alike).
 
 Paths (all: masked answers, learning rate 2e-4 as the demo, the paper's PPO otherwise, HF engine, in process):
     today       structured prompt (~220 tokens), float32, DQN selection head   (issue 16's 20 s/iteration)
-    cpu         compact prompt (~140 tokens), bfloat16 base weights (fp32 LoRA, value head, Adam), the prompt prefix
-                that a PPO step's samples share computed once (ppo.share_prefix), DQN selection head
-    cpu_prompt  the CPU path with masked partner selection by prompt (the demo's set-up: twice the PPO samples)
+    cpu         compact prompt (~140 tokens), the prompt prefix that a PPO step's samples share computed once
+                (ppo.share_prefix), float32, DQN selection head
+    cpu_bf16    the CPU path with bfloat16 base weights (LoRA, value heads and Adam stay float32)
+    cpu_prompt  the CPU path with masked partner selection by prompt (the demo's set-up: 1.5x the PPO samples)
 Shares per path: prompts (building and tokenising), rollouts (masked scoring of the decisions), scoring (P(C) and
 virtue scores; free in mask mode), ppo (learner steps), sync (adapter loads), records (RecordBuffer.add), other
 (protocol, DQN selection head). Set-up (models, engines) is not timed. Also printed: the largest |log pi| difference
@@ -23,7 +24,6 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +36,23 @@ def paths(lr: float) -> dict[str, Any]:
     from actors.llm.config import LLMAgentConfig, PPOConfig
 
     today = LLMAgentConfig(answer_mode="mask", selection="dqn", ppo=PPOConfig(learning_rate=lr))
-    cpu = replace(today, variant="compact", dtype="bfloat16", ppo=replace(today.ppo, share_prefix=True))
-    return {"today": today, "cpu": cpu, "cpu_prompt": replace(cpu, selection="prompt")}
+    cpu = replace(today, variant="compact", ppo=replace(today.ppo, share_prefix=True))
+    return {"today": today, "cpu": cpu, "cpu_bf16": replace(cpu, dtype="bfloat16"),
+            "cpu_prompt": replace(cpu, selection="prompt")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=6)
-    p.add_argument("--paths", default="today,cpu,cpu_prompt")
+    p.add_argument("--paths", default="today,cpu,cpu_bf16,cpu_prompt")
     p.add_argument("--learning-rate", type=float, default=2e-4)
     args = p.parse_args()
 
     import numpy as np
 
     from actors.llm.agent import PHASES, LLMGroup
-    from scenarios.factory import AgentSettings, build_groups
+    from scenarios.factory import build_groups
+    from scenarios.run import with_agents
     from simulator.config import RunConfig
     from simulator.driver import build_engine
     from simulator.records import RecordBuffer
@@ -59,10 +61,10 @@ def main() -> None:
     engines, buffers, steps, records = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, llm in chosen.items():
-            cfg = RunConfig(POPULATION, num_iterations=args.iterations, num_runs=1, seed=0, output=Path(tmp) / label)
-            settings = AgentSettings(llm=llm, game=cfg.game, seed=cfg.seed)
-            engines[label], _ = build_engine(cfg, [0], partial(build_groups, settings=settings))
-            buffers[label] = RecordBuffer(1, cfg.population.resolved("llm").codes, capacity=args.iterations + 1,
+            cfg = with_agents(RunConfig(POPULATION, num_iterations=args.iterations, num_runs=1, seed=0,
+                                        output=Path(tmp) / label), llm=llm)
+            engines[label], _ = build_engine(cfg, [0], build_groups)
+            buffers[label] = RecordBuffer(1, cfg.population.codes, capacity=args.iterations + 1,
                                           llm_columns=True, games=cfg.games_per_iteration)
             steps[label], records[label] = [], 0.0
         for t in range(args.iterations):  # interleaved: every path's iteration t before any path's t + 1
@@ -98,9 +100,9 @@ def main() -> None:
 
 
 def _bf16_check(groups: dict[str, Any]) -> float | None:
-    """Largest |log pi(answer)| difference, fp32 engine vs bf16 engine, on the CPU path's prompts, base adapter
-    state re-served: both groups' adapters are re-scored with the same (fp32 learner's) weights."""
-    if "today" not in groups or "cpu" not in groups:
+    """Largest |log pi(answer)| difference, float32 engine vs bfloat16 engine, on compact prompts: the float32
+    learners' adapters are served by both engines under a probe name, and both score the same answers."""
+    if "today" not in groups or "cpu_bf16" not in groups:
         return None
     import numpy as np
 
@@ -108,7 +110,7 @@ def _bf16_check(groups: dict[str, Any]) -> float | None:
     from simulator.contracts import Action
     from simulator.games import GAMES
 
-    fp32, bf16 = groups["today"], groups["cpu"]
+    fp32, bf16 = groups["today"], groups["cpu_bf16"]
     tokens = fp32.runs[0].tokens
     rng = np.random.default_rng(0)
     prompts = [chat_ids(fp32.tokenizer, game_prompt_text(GAMES["IPD"], tokens, own, opp, rng, "compact", False, None))

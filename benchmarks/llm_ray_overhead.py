@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +44,8 @@ def main() -> None:
     import ray
 
     from actors.llm.config import LLMActors, LLMAgentConfig, PPOConfig
-    from scenarios.factory import AgentSettings, build_groups
+    from scenarios.factory import build_groups
+    from scenarios.run import with_agents
     from simulator.config import RunConfig
     from simulator.driver import run_batch
 
@@ -64,9 +64,9 @@ def main() -> None:
             cfg = RunConfig(args.population, num_iterations=args.iterations, num_runs=1, seed=0, output=Path(tmp) / label)
             llm = LLMAgentConfig(model=args.model, engine=args.engine, train=not args.no_train, actors=actors,
                                  ppo=replace(PPOConfig(), lora_r=args.lora_r))
-            settings = AgentSettings(llm=llm, game=cfg.game, seed=cfg.seed)
+            cfg = with_agents(cfg, llm=llm)
             t0 = time.perf_counter()
-            (res,) = run_batch(cfg, [0], partial(build_groups, settings=settings))
+            (res,) = run_batch(cfg, [0], build_groups)
             loop = res.seconds - res.setup_seconds
             rate[label] = args.iterations / loop
             print(f"{label:16s} {rate[label]:.4f} it/s  ({args.iterations} iterations in {loop:.1f} s; "

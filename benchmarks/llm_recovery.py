@@ -17,7 +17,6 @@ import signal
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,7 +36,8 @@ def main() -> None:
     from actors.llm.models import resolve_model
     from actors.llm.prompts import chat_ids
     from actors.llm.remote import wait_until_back
-    from scenarios.factory import AgentSettings, build_groups
+    from scenarios.factory import build_groups
+    from scenarios.run import with_agents
     from simulator.config import RunConfig
     from simulator.driver import build_engine, resume_from_checkpoint, write_checkpoint
 
@@ -49,8 +49,8 @@ def main() -> None:
         cfg = RunConfig(f"{args.agents}xDe@llm", num_iterations=10, num_runs=1, seed=0, output=Path(tmp))
         llm = LLMAgentConfig(model=str(model_dir), engine=args.engine,
                              actors=LLMActors(rollout_actors=1, rollout_cpus=2, learner_cpus=2))
-        settings = AgentSettings(llm=llm, game=cfg.game, seed=0)
-        engine, _ = build_engine(cfg, [0], partial(build_groups, settings=settings))
+        cfg = with_agents(cfg, llm=llm)
+        engine, _ = build_engine(cfg, [0], build_groups)
         (group,) = [g for g in engine.groups if hasattr(g, "learners")]
         tok = group.tokenizer
         prompt = chat_ids(tok, "You play a game. Answer with action1 or action2.")

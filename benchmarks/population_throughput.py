@@ -15,13 +15,13 @@ import os
 import resource
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.dqn import DQNConfig
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from scenarios.run import with_agents
 from simulator.config import RunConfig
 from simulator.driver import run_batch
 
@@ -49,8 +49,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(pop, num_iterations=args.iterations, num_runs=args.runs, seed=0, output=Path(tmp),
                         method=args.method)
-        factory = partial(build_groups, settings=AgentSettings(dqn=DQNConfig(threads=args.threads)))
-        res = run_batch(cfg, list(range(args.runs)), factory)[0]
+        cfg = with_agents(cfg, dqn=DQNConfig(threads=args.threads))
+        res = run_batch(cfg, list(range(args.runs)), build_groups)[0]
         setup, dt = res.setup_seconds, res.seconds - res.setup_seconds  # games/s excludes building the networks
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
     games = args.runs * args.iterations * args.population_size

@@ -13,12 +13,11 @@ import argparse
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.driver import run_sweep
 
@@ -36,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(POPULATION, num_iterations=args.iterations, num_runs=args.runs, seed=0, output=Path(tmp))
         t0 = time.perf_counter()
-        run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend=args.backend,
+        run_sweep(cfg, build_groups, backend=args.backend,
                   num_cpus=args.num_cpus, show_progress=False)
         dt = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))

@@ -1,4 +1,4 @@
-"""Turns a population into agent groups: the only place that knows which class plays which code.
+"""Turns a run's population into agent groups: the only place that knows which class plays which code.
 
 The run driver (simulator/driver.py) receives `build_groups` and never imports actors itself.
 """
@@ -6,35 +6,24 @@ The run driver (simulator/driver.py) receives `build_groups` and never imports a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 
-from actors.dqn import DQNConfig, DQNGroup
 from actors.static import StaticGroup
-from actors.tabular import TabularConfig, TabularGroup
+from simulator.config import RunConfig
 from simulator.contracts import AgentGroup
 from simulator.errors import ConfigError
-from simulator.games import GAMES, Game
-from simulator.population import Population
 from simulator.seeding import RunStreams
 
 
-@dataclass(frozen=True)
-class AgentSettings:
-    """Learner settings shared by every learning agent of a run."""
+def build_groups(cfg: RunConfig, streams: Sequence[RunStreams]) -> list[AgentGroup]:
+    """One group per agent kind present in cfg.population (already resolved and checked); slots keep its order.
+    Each learner group gets its own settings from cfg.agents (scenarios.run.AgentConfigs)."""
+    from scenarios.run import AgentConfigs
 
-    dqn: DQNConfig = field(default_factory=DQNConfig)
-    tabular: TabularConfig = field(default_factory=TabularConfig)
-    random_matching: bool = False
-    llm: Any = None  # actors.llm.agent.LLMAgentConfig; typed loosely so DQN-only runs never import the LLM stack
-    game: Game = field(default_factory=lambda: GAMES["IPD"])  # the game LLM prompts describe
-    seed: int = 0
-
-
-def build_groups(population: Population, streams: Sequence[RunStreams], settings: AgentSettings) -> list[AgentGroup]:
-    """One group per agent kind present; slots keep the population's order."""
+    agents = cfg.agents or AgentConfigs()
+    population = cfg.population
     kinds: dict[str, list[int]] = {}
     for slot, agent in enumerate(population.agents):
         kinds.setdefault("static" if agent.is_static else str(agent.learner), []).append(slot)
@@ -42,22 +31,24 @@ def build_groups(population: Population, streams: Sequence[RunStreams], settings
     n = population.size
     for kind, slots_list in kinds.items():
         slots = np.array(slots_list)
+        rngs = [[st.agents[s] for s in slots] for st in streams]
         if kind == "static":
             groups.append(StaticGroup(slots, [population.agents[s].code for s in slots], len(streams)))
         elif kind == "dqn":
-            cfg = replace(settings.dqn, learn_selection=not settings.random_matching)
-            rngs = [[st.agents[s] for s in slots] for st in streams]
-            groups.append(DQNGroup(slots, n, rngs, cfg))
-        elif kind == "tabularQ":
-            cfg_t = replace(settings.tabular, learn_selection=not settings.random_matching)
-            groups.append(TabularGroup(slots, n, len(streams), cfg_t))
-        elif kind == "llm":
-            from actors.llm.agent import LLMAgentConfig, LLMGroup
+            from actors.dqn import DQNGroup
 
-            rngs = [[st.agents[s] for s in slots] for st in streams]
-            groups.append(LLMGroup(slots, n, settings.game, rngs, settings.llm or LLMAgentConfig(),
+            groups.append(DQNGroup(slots, n, rngs, replace(agents.dqn, learn_selection=cfg.learns_selection)))
+        elif kind == "tabularQ":
+            from actors.tabular import TabularGroup
+
+            tabular = replace(agents.tabular, learn_selection=cfg.learns_selection)
+            groups.append(TabularGroup(slots, n, len(streams), tabular))
+        elif kind == "llm":
+            from actors.llm.agent import LLMGroup
+            from actors.llm.config import LLMAgentConfig
+
+            groups.append(LLMGroup(slots, n, cfg.game, rngs, agents.llm or LLMAgentConfig(),
                                    codes=[population.agents[s].code for s in slots]))
         else:
             raise ConfigError(f"unknown learner kind {kind!r}; valid: static, dqn, tabularQ, llm")
     return groups
-

@@ -1,20 +1,22 @@
 """Named, versioned experiments as TOML files: `python main.py --scenario iclr2025/de_vs_tft_smollm2`.
 
-A scenario file has three optional tables, each mapping onto the command line (explicit flags win):
+A scenario file's tables map onto the config dataclasses, key for field, and so onto the command line (flags given
+there win). The keys a table takes are its dataclass's fields (scenarios/run.py; `python main.py --help` lists each
+with its help text, under the table's name):
 
     description = "..."
     version = 1
-    [run]   destination_folder, num_iterations, num_runs, game, seed, method, compat, random_matching,
-            reward_schedule = [["Game", 0.5, "De"]]   (switch Game to De after half the iterations),
-            protocol = "pair", episode_length = 5      (the ICLR fine-tuning protocol, simulator/engine.py)
-    [llm]   model, engine, device, tokens, variant, selection, max_new_tokens, temperature, train, p_cooperate,
-            answer_mode (free | mask), stop (length | eos), off_policy (ratio | drop)
-            [llm.actors]: any actors.llm.resources.LLMActors field (rollout_actors, learner_actors, rollout_cpus,
-            rollout_gpus, learner_cpus, learner_gpus, gpu_memory_utilization, placement, overlap, ...)
-            [llm.virtue]: the virtue reward models that score the stated reasons of VR / Game+VR agents
-            (actors.llm.virtue.dilemma.VirtueConfig: reward_models, weight, lam, reason_tokens, temperature, device,
-            base_model, max_length, batch_size)
-    [ppo]   any actors.llm.learner.PPOConfig field (batch_size, learning_rate, init_kl_coef, lora_r, ...)
+    [run]          simulator.config.RunConfig: num_iterations, num_runs, game, seed, method, compat,
+                   random_matching, output, log_to, protocol, episode_length, ..., and destination_folder,
+                   reward_schedule = [["Game", 0.5, "De"]]   (switch Game to De after half the iterations)
+    [llm]          actors.llm.config.LLMAgentConfig: model, engine, device, tokens, variant, selection, answer_mode, ...
+    [llm.actors]   actors.llm.config.LLMActors: rollout_actors, learner_actors, rollout_gpus, overlap, ...
+    [llm.virtue]   actors.llm.config.VirtueConfig: reward_models, weight, lam, reason_tokens, ...
+    [ppo]          actors.llm.config.PPOConfig: batch_size, learning_rate, init_kl_coef, lora_r, ...
+    [dqn]          actors.dqn.DQNConfig: hidden, lr, gamma, eps_dilemma, eps_selection, ...
+    [tabular]      actors.tabular.TabularConfig: alpha, gamma, eps_dilemma, eps_selection
+
+An unknown key is refused with the closest valid one and the list of valid keys.
 
 A sweep runs several populations with the same [run] settings (one progress bar, one report); `[run]` then has no
 destination_folder, and `[sweep]` lists the populations in one of two forms:
@@ -33,14 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import ConfigError, PopulationSpecError, UnknownNameError
+from simulator.errors import ConfigError, PopulationSpecError, UnknownNameError, closest
 from simulator.population import parse_population
 
 ROOT = Path(__file__).resolve().parent
-RUN_KEYS = {"destination_folder", "num_iterations", "num_runs", "game", "seed", "method", "compat", "random_matching",
-            "reward_schedule", "output", "log_to", "protocol", "episode_length"}
-LLM_KEYS = {"model", "engine", "device", "tokens", "variant", "selection", "max_new_tokens", "temperature", "train",
-            "p_cooperate", "answer_mode", "stop", "off_policy", "actors", "virtue", "adapters", "dtype"}
+TABLES = ("description", "version", "run", "llm", "ppo", "dqn", "tabular", "sweep")
 SWEEP_KEYS = {"populations", "types", "majority", "minority", "report"}
 
 
@@ -68,6 +67,8 @@ class Scenario:
     llm: dict[str, Any] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
     sweep: Sweep | None = None  # None: a single population, [run] destination_folder
+    path: Path | None = None
+    tables: dict[str, Any] = field(default_factory=dict)  # every table of the file; keys checked in scenarios/run.py
 
 
 def available() -> list[str]:
@@ -85,17 +86,14 @@ def load_scenario(name: str) -> Scenario:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"cannot parse scenario {path}: {e}") from e
-    unknown = set(doc) - {"description", "version", "run", "llm", "ppo", "sweep"}
-    bad_run = set(doc.get("run", {})) - RUN_KEYS
-    bad_llm = set(doc.get("llm", {})) - LLM_KEYS
-    if unknown or bad_run or bad_llm:
-        raise ConfigError(
-            f"scenario {path}: unknown keys {sorted(unknown | bad_run | bad_llm)}; "
-            f"[run] takes {sorted(RUN_KEYS)}, [llm] takes {sorted(LLM_KEYS)}"
-        )
+    for key in doc:
+        if key not in TABLES:
+            hint = closest(key, TABLES)
+            raise ConfigError(f"scenario {path}: unknown table {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                              + f" Valid: {', '.join(TABLES)}")
     sweep = _sweep(path, doc["sweep"], doc.get("run", {})) if "sweep" in doc else None
     return Scenario(name, str(doc.get("description", "")), dict(doc.get("run", {})), dict(doc.get("llm", {})),
-                    dict(doc.get("ppo", {})), sweep)
+                    dict(doc.get("ppo", {})), sweep, path, doc)
 
 
 def _sweep(path: Path, table: object, run: dict[str, Any]) -> Sweep:

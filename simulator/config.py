@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +17,48 @@ from simulator.tracking import check_tracker
 
 @dataclass(frozen=True)
 class RunConfig:
-    destination_folder: str  # the population string, also the dataset folder name
+    """One population's runs, resolved once (scenarios/run.py builds it from the command line and the scenario file):
+    the parsed population, game, seed, matching, protocol and the typed learner settings. Everything downstream
+    receives it, or the part it needs; `identity()` is its serialisation in the manifest, which resume compares."""
+
+    destination_folder: str
+    """population as <count>x<code> joined by '_' (e.g. 1xUT_1xaUT_1xDE), also the dataset's folder name"""
     num_iterations: int = 30000
+    """iterations (the anchor's episodes) per run"""
     num_runs: int = 20
+    """independent seeded runs"""
     seed: int = 0
+    """root seed; run k uses SeedSequence(seed, spawn_key=(k,))"""
     game: Game = field(default_factory=lambda: _default_game())
-    method: str = "dqn"  # default learner kind for moral types: dqn | tabularQ | llm
-    compat: str = "none"  # "aies2024" reproduces the anchor's reward defects
+    """the dilemma every pair plays (a game id, or a .toml/.json file with id, CC, CD, DC, DD)"""
+    method: str = "dqn"
+    """learner for the moral types without an @kind: dqn, tabularQ or llm"""
+    compat: str = "none"
+    """none, or aies2024: reproduce the anchor's reward defects (DE/mDE as the selected player, VM beta)"""
     random_matching: bool = False
-    output: Path | str = Path("results")  # a local folder, or a pyarrow filesystem URI (simulator/storage.py)
-    flush_rows: int = 1 << 18  # rows per run buffered before a part file is written
-    log_to: str = "none"  # live metrics: none | tensorboard | wandb (offline); see simulator/tracking.py
-    checkpoint_every: int = 0  # iterations between checkpoints of a batch's whole state (0 = none); see driver.py
-    agent_options: dict[str, Any] = field(default_factory=dict)  # learner settings, recorded in the manifest
-    # phased rewards: (type code, fraction of the iterations after which it switches, new code),
-    # e.g. ("Game", 0.5, "De") = the ICLR "Game, then De" schedule
+    """partners are assigned uniformly at random instead of learned selection"""
+    output: Path | str = Path("results")
+    """root of the datasets: a folder (on a cluster, one every node mounts) or a pyarrow filesystem URI (s3://...)"""
+    flush_rows: int = 1 << 18
+    """rows per run buffered before a Parquet part is written"""
+    log_to: str = "none"
+    """stream reward, cooperation, KL and losses while the run runs: none, tensorboard or wandb (offline)"""
+    checkpoint_every: int = 0
+    """iterations between checkpoints of a batch's whole state; a re-run continues from the last one (0 = none:
+    classic runs resume run by run; the command line's default is 25 for runs with LLM agents)"""
+    agents: Any = None
+    """the learners' typed settings (scenarios.run.AgentConfigs: dqn, tabular, llm); None = every default"""
     reward_schedule: tuple[tuple[str, float, str], ...] = ()
+    """phased rewards: (type code, fraction of the iterations after which it switches, new code), e.g.
+    ("Game", 0.5, "De") = the ICLR "Game, then De" schedule"""
     protocol: str = "population"
     """population (AIES: every agent selects, N games an iteration) or pair (ICLR fine-tuning: two agents, one
     game an iteration, slot 0 the row player); see simulator/engine.py"""
     episode_length: int = 0
-    """pair protocol: iterations per episode (the paper's batch_size games, one PPO update); env_state is drawn
-    afresh at each episode start. 0 = one episode."""
+    """pair protocol: games per episode (the paper: the PPO batch size), after which the state is drawn afresh;
+    0 = one episode"""
+    population: Population = field(init=False, repr=False, compare=False)
+    """the parsed population, each moral-type slot with its learner kind (parsed once, in __post_init__)"""
 
     def __post_init__(self) -> None:
         if self.num_iterations < 1:
@@ -52,7 +72,9 @@ class RunConfig:
         check_seed(self.seed)
         check_compat(self.compat)
         check_tracker(self.log_to)
-        pop = self.population.resolved(self.method)  # validates the learner kind
+        # parsed once; resolving validates the learner kinds (and that reason types have LLM learners)
+        object.__setattr__(self, "population", parse_population(self.destination_folder).resolved(self.method))
+        pop = self.population
         if self.protocol not in ("population", "pair"):
             raise ConfigError(f"unknown protocol {self.protocol!r}; valid: population, pair")
         if self.protocol == "pair" and pop.size != 2:
@@ -66,8 +88,10 @@ class RunConfig:
             get_moral_type(entry[2])
 
     @property
-    def population(self) -> Population:
-        return parse_population(self.destination_folder)
+    def learns_selection(self) -> bool:
+        """Whether learners choose their partners: not under random matching, and not in the pair protocol (two
+        agents: the only partner is the other one)."""
+        return not (self.random_matching or self.protocol == "pair")
 
     def reward_phases(self) -> list[tuple[int, list[str | None]]]:
         """The reward_schedule as (first iteration, moral type per slot) switches for the engine."""
@@ -102,16 +126,20 @@ class RunConfig:
         return str(Path(self.output) / self.destination_folder)
 
     def identity(self) -> dict[str, Any]:
-        """What must match for a resumed run to continue an existing dataset (everything but num_runs)."""
-        d = asdict(self)
+        """What must match for a resumed run to continue an existing dataset (everything but how and where it is
+        written): the manifest's "config". Learner settings are under "agent_options" (see scenarios.run)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IDENTITY}
         d["game"] = {"id": self.game.id, "cells": [list(c) for c in self.game.cells]}
-        # where and how results are written, not what they are
-        for k in ("num_runs", "output", "flush_rows", "log_to", "checkpoint_every"):
-            d.pop(k)
+        d["reward_schedule"] = [list(e) for e in self.reward_schedule]
+        d["agent_options"] = self.agents.identity(self.population) if self.agents is not None else {}
         for k, default in (("protocol", "population"), ("episode_length", 0)):
             if d[k] == default:  # datasets written before these options existed still resume
                 d.pop(k)
         return d
+
+
+# where and how results are written, not what they are; and the parsed forms of other fields
+_NOT_IDENTITY = ("num_runs", "output", "flush_rows", "log_to", "checkpoint_every", "agents", "population")
 
 
 def _default_game() -> Game:

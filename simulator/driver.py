@@ -2,13 +2,17 @@
 
     main.py ─► scenarios.cli ─► run_sweep(config, factory, backend)  = run_datasets([config], ...)
                                 run_datasets([config per population], ...)   a sweep: one pool, one progress bar
-                                   │ resume: skip runs whose run=<k>/ exists, wipe their staging leftovers
+                                   │ take each dataset's lock (simulator/lock.py): a second driver exits 2
+                                   │ adopt the newest checkpoints an earlier writer left, into this writer's staging
+                                   │ resume: skip runs whose run=<k>/ is committed and matches its _SUCCESS listing;
+                                   │ a classic run that does not match is moved aside and run again from its seed
                                    │ split each dataset's pending runs into batches (several runs stacked per engine)
                                    ├─ inline: run_batch(...) in this process
                                    └─ ray:    one task per batch (num_cpus=1), progress via a counter actor
     run_batch: PopulationEngine.step() x num_iterations ─► RecordBuffer ─► PartWriter (a background thread)
-               ─► staging/run=<k>/part-*.parquet
-               on success each run moves into <output>/<folder>/run=<k>/ with _SUCCESS written last
+               ─► .moralsim-staging/<folder>/writer-<lock generation>/run=<k>/part-*.parquet
+               on success each run moves into <output>/<folder>/run=<k>/ with _SUCCESS written last, listing
+               every file with its size and SHA-256, once the driver has checked it still holds the lock
                (a rename on a local folder; copies on an object store: simulator/storage.py)
                with --log_to, every run's curves also stream to simulator.tracking (TensorBoard, offline W&B)
 
@@ -17,6 +21,7 @@ The driver is given the agent factory; it never imports actors or scenarios.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,23 +40,25 @@ import numpy as np
 from simulator.config import RunConfig
 from simulator.contracts import AgentGroup, HoldsResources, SavesState
 from simulator.engine import PopulationEngine
-from simulator.errors import ConfigError, CorruptDataError, WorkerLostError
-from simulator.population import Population
+from simulator.errors import ConfigError, CorruptDataError, MoralsimError, WorkerLostError
+from simulator.lock import STAGING, DatasetLock
 from simulator.records import PartWriter, RecordBuffer
 from simulator.schema import SCHEMA_VERSION
 from simulator.seeding import RunStreams, initial_state, run_streams
-from simulator.storage import Store, redact
+from simulator.storage import Store, redact, verify_run
 from simulator.tracking import Tracker, iteration_metrics, open_tracker, track_every
 
 log = logging.getLogger("moralsim.driver")
 
-GroupFactory = Callable[[Population, Sequence[RunStreams]], list[AgentGroup]]
+GroupFactory = Callable[[RunConfig, Sequence[RunStreams]], list[AgentGroup]]  # scenarios.factory.build_groups
 Progress = Callable[[int], None]
-STAGING = ".moralsim-staging"
+DAMAGED = ".moralsim-damaged"  # runs that did not match their _SUCCESS, moved aside before they are run again
 MANIFEST = "manifest.json"
 PROGRESS_EVERY = 50  # iterations between progress reports...
 PROGRESS_SECONDS = 1.0  # ...or seconds, whichever comes first (LLM iterations take seconds each)
 MAX_RECOVERIES = 3  # a batch rolls back to its last checkpoint at most this often before it fails
+LONG_JOB_S = 3600.0  # a job estimated above this says how long it will take, once...
+ETA_AFTER_S = 10.0  # ...measured over this long after the first progress report (set-up left out)
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,9 @@ def store_of(cfg: RunConfig) -> Store:
     return Store.open(cfg.output)
 
 
-def staging_dir(cfg: RunConfig, run: int) -> str:
-    """Where run's parts are written until it is whole (a path inside store_of(cfg))."""
-    return store_of(cfg).path(STAGING, cfg.destination_folder, f"run={run}")
+def staging_dir(root: str, run: int) -> str:
+    """Where run's parts are written until it is whole; root: the writer's staging folder (DatasetLock.staging)."""
+    return f"{root}/run={run}"
 
 
 def run_dir(cfg: RunConfig, run: int) -> str:
@@ -85,29 +92,49 @@ def build_engine(
     cfg: RunConfig, runs: Sequence[int], factory: GroupFactory
 ) -> tuple[PopulationEngine, list[RunStreams]]:
     """The engine for these runs of cfg, with each run's seeded streams and initial state."""
-    pop = cfg.population.resolved(cfg.method)
+    pop = cfg.population
     streams = [run_streams(cfg.seed, r, pop.size) for r in runs]
     init = np.stack([initial_state(s.protocol, pop.size) for s in streams])
     engine = PopulationEngine(
-        pop.codes, pop.moral_codes, factory(pop, streams), cfg.game, [s.protocol for s in streams], init,
+        pop.codes, pop.moral_codes, factory(cfg, streams), cfg.game, [s.protocol for s in streams], init,
         compat=cfg.compat, random_matching=cfg.random_matching, reward_phases=cfg.reward_phases(),
         protocol=cfg.protocol, episode_length=cfg.episode_length, episode_moves=cfg.episode_moves(),
     )
     return engine, streams
 
 
+def take_lock(cfg: RunConfig) -> DatasetLock:
+    """cfg's dataset lock (DatasetLockedError when another driver writes it), with the newest checkpoint of each
+    batch that earlier writers left carried into this writer's staging."""
+    lock = DatasetLock.take(cfg.output, cfg.destination_folder)
+    try:
+        adopt_staging(store_of(cfg), cfg.destination_folder, lock.staging)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def run_batch(
-    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory, progress: Progress | None = None
+    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory, progress: Progress | None = None,
+    lock: DatasetLock | None = None,
 ) -> list[RunResult]:
-    """Run several runs of one population stacked in one engine; move each into the dataset when done."""
+    """Run several runs of one population stacked in one engine; move each into the dataset when done.
+    lock: the dataset's lock, held by the driver; without one, run_batch takes it for itself."""
+    if lock is None:
+        with take_lock(cfg) as own:
+            results = run_batch(cfg, runs, factory, progress, own)
+            store_of(cfg).delete_dir(own.staging)
+            return results
     t0 = time.perf_counter()
     engine, streams = build_engine(cfg, runs, factory)
     setup = time.perf_counter() - t0
-    pop = cfg.population.resolved(cfg.method)
+    pop = cfg.population
     store = store_of(cfg)
-    stages = [staging_dir(cfg, r) for r in runs]
-    ckpt = checkpoint_dir(cfg, runs)
-    start, rows = resume_from_checkpoint(cfg, runs, engine, stages)
+    root = lock.staging
+    stages = [staging_dir(root, r) for r in runs]
+    ckpt = checkpoint_dir(root, runs)
+    start, rows = resume_from_checkpoint(cfg, runs, engine, stages, root)
     if start == 0:
         store.delete_dir(ckpt)
         for d in stages:
@@ -132,13 +159,13 @@ def run_batch(
                 rec = engine.step()
             except WorkerLostError as e:  # a learner actor died: back to the last checkpoint, once it is restarted
                 recoveries += 1
-                if recoveries > MAX_RECOVERIES or read_checkpoint(cfg, runs) is None:
+                if recoveries > MAX_RECOVERIES or read_checkpoint(cfg, runs, root) is None:
                     raise
                 log.warning("%s runs %s, iteration %d: %s; continuing from the last checkpoint", cfg.destination_folder,
                             list(runs), t, e)
                 buffer.clear()
                 writer.wait()
-                t, rows = resume_from_checkpoint(cfg, runs, engine, stages)
+                t, rows = resume_from_checkpoint(cfg, runs, engine, stages, root)
                 continue
             buffer.add(rec)
             if trackers and (t % every == 0 or t == last):
@@ -149,17 +176,23 @@ def run_batch(
             if cfg.checkpoint_every and (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.num_iterations:
                 rows += buffer.flush(stages, writer)
                 writer.wait()  # the records up to t are on disk before the checkpoint names them
-                write_checkpoint(cfg, runs, engine, stages, rows)
+                write_checkpoint(cfg, runs, engine, stages, rows, root)
             done_since_report += 1
             if progress is not None and (
                 done_since_report >= PROGRESS_EVERY or time.perf_counter() - last_report > PROGRESS_SECONDS
             ):
+                lock.check()  # taken over by another driver: stop now rather than at the commit
                 progress(done_since_report * len(runs))
                 done_since_report, last_report = 0, time.perf_counter()
             t += 1
         rows += buffer.flush(stages, writer)
         writer.close()  # every part on disk (or its error raised) before the run moves into the dataset
         save_groups(store, engine.groups, stages)
+    except Exception as e:
+        if not isinstance(e, MoralsimError):
+            with contextlib.suppress(OSError):  # taken over (its successor cleared this staging): say that instead
+                lock.verify()
+        raise
     finally:  # a crashed run still flushes the curves it drew, which is when they are most wanted
         try:
             writer.close()  # after a failure: the parts already queued still land in staging
@@ -175,7 +208,9 @@ def run_batch(
     seconds = time.perf_counter() - t0
     results = []
     for r, st, d in zip(runs, streams, stages, strict=True):
-        store.commit_dir(d, run_dir(cfg, r), {"run": r, "rows": rows, "parts": _parts(store, d)})  # whole, or not
+        listing = {"run": r, "rows": rows, "parts": _parts(store, d), "files": store.digest(d)}
+        lock.verify()  # a driver that was taken over must not commit into its successor's dataset
+        store.commit_dir(d, run_dir(cfg, r), listing)  # whole, or not
         results.append(RunResult(r, rows, seconds, st.entropy, setup))
     store.delete_dir(ckpt)
     return results
@@ -212,9 +247,10 @@ def save_groups(store: Store, groups: Sequence[AgentGroup], stages: Sequence[str
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------
-# A checkpoint is a batch's whole state between two iterations, beside its staging runs:
-#     <output>/.moralsim-staging/<folder>/checkpoint-runs=0-1/   state-<iteration>.pt (engine + every group),
-#                                                                 checkpoint.json (names it; written last)
+# A checkpoint is a batch's whole state between two iterations, beside its staging runs in the writer's folder:
+#     <output>/.moralsim-staging/<folder>/writer-<g>/checkpoint-runs=0-1/   state-<iteration>.pt (engine + every
+#                                                                            group), checkpoint.json (names it;
+#                                                                            written last)
 # The state file gets a new name each time and checkpoint.json is replaced in one write after it, so a crash at any
 # moment leaves the previous checkpoint or the new one, whole, with no rename (object stores have none); older
 # state files are deleted after the commit. checkpoint.json lists the record parts written so far; resuming deletes
@@ -223,8 +259,45 @@ def save_groups(store: Store, groups: Sequence[AgentGroup], stages: Sequence[str
 CHECKPOINT_MANIFEST = "checkpoint.json"
 
 
-def checkpoint_dir(cfg: RunConfig, runs: Sequence[int]) -> str:
-    return store_of(cfg).path(STAGING, cfg.destination_folder, f"checkpoint-runs={'-'.join(map(str, runs))}")
+def checkpoint_dir(root: str, runs: Sequence[int]) -> str:
+    """The batch's checkpoint folder in the writer's staging folder root."""
+    return f"{root}/checkpoint-runs={'-'.join(map(str, runs))}"
+
+
+def adopt_staging(store: Store, folder: str, mine: str) -> None:
+    """Carry the newest checkpoint of each batch that earlier writers of the dataset left (a killed driver, one
+    that was taken over, or the single staging folder of datasets from before the lock) into this writer's
+    staging folder mine, with the record parts it names, then delete their folders. Copies, never moves: a
+    writer taken for dead that still runs keeps its own files, and checkpoint.json is copied last, as the commit."""
+    base = store.path(STAGING, folder)
+    others = [f"{base}/{n}" for n in store.names(base) if n.startswith("writer-") and f"{base}/{n}" != mine]
+    best: dict[str, tuple[int, str, dict[str, Any]]] = {}
+    for src in [*others, base]:
+        for name in store.names(src):
+            if not name.startswith("checkpoint-runs="):
+                continue
+            try:
+                manifest = store.read_json(f"{src}/{name}/{CHECKPOINT_MANIFEST}")
+                iteration = int(manifest["iteration"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # none committed there
+            if name not in best or iteration > best[name][0]:
+                best[name] = (iteration, src, manifest)
+    for name, (iteration, src, manifest) in sorted(best.items()):
+        for run, parts in manifest["parts"].items():
+            store.makedirs(f"{mine}/run={run}")
+            for part in parts:
+                store.copy_file(f"{src}/run={run}/{part}", f"{mine}/run={run}/{part}")
+        store.makedirs(f"{mine}/{name}")
+        store.copy_file(f"{src}/{name}/{manifest['state']}", f"{mine}/{name}/{manifest['state']}")
+        store.copy_file(f"{src}/{name}/{CHECKPOINT_MANIFEST}", f"{mine}/{name}/{CHECKPOINT_MANIFEST}")
+        log.info("%s: carried the checkpoint of %s at iteration %d over from %s", folder, name, iteration,
+                 store.display(src))
+    for src in others:
+        store.delete_dir(src)
+    for name in store.names(base):  # the staging layout before the lock: one folder shared by every driver
+        if name.startswith(("run=", "checkpoint-runs=")):
+            store.delete_dir(f"{base}/{name}")
 
 
 def _parts(store: Store, stage: str) -> list[str]:
@@ -232,12 +305,12 @@ def _parts(store: Store, stage: str) -> list[str]:
 
 
 def write_checkpoint(cfg: RunConfig, runs: Sequence[int], engine: PopulationEngine,
-                     stages: Sequence[str | os.PathLike[str]], rows: int) -> str:
+                     stages: Sequence[str | os.PathLike[str]], rows: int, root: str) -> str:
     """Commit the batch's state after iteration engine.iteration - 1 (see the comment above)."""
     from simulator.contracts import Checkpointable
 
     t0 = time.perf_counter()
-    store, d = store_of(cfg), checkpoint_dir(cfg, runs)
+    store, d = store_of(cfg), checkpoint_dir(root, runs)
     store.makedirs(d)
     state_name = f"state-{engine.iteration:08d}.pt"
     groups = [g.state_dict() if isinstance(g, Checkpointable) else g for g in engine.groups]
@@ -261,9 +334,10 @@ def write_checkpoint(cfg: RunConfig, runs: Sequence[int], engine: PopulationEngi
     return d
 
 
-def read_checkpoint(cfg: RunConfig, runs: Sequence[int]) -> tuple[str, dict[str, Any]] | None:
-    """The batch's last committed checkpoint, or None (none, another batch layout, or another configuration)."""
-    store, d = store_of(cfg), checkpoint_dir(cfg, runs)
+def read_checkpoint(cfg: RunConfig, runs: Sequence[int], root: str) -> tuple[str, dict[str, Any]] | None:
+    """The batch's last committed checkpoint in the writer's staging folder root, or None (none, another batch
+    layout, or another configuration)."""
+    store, d = store_of(cfg), checkpoint_dir(root, runs)
     path = f"{d}/{CHECKPOINT_MANIFEST}"
     if not store.is_file(path):
         return None
@@ -280,12 +354,12 @@ def read_checkpoint(cfg: RunConfig, runs: Sequence[int]) -> tuple[str, dict[str,
 
 
 def resume_from_checkpoint(cfg: RunConfig, runs: Sequence[int], engine: PopulationEngine,
-                           stages: Sequence[str | os.PathLike[str]]) -> tuple[int, int]:
+                           stages: Sequence[str | os.PathLike[str]], root: str) -> tuple[int, int]:
     """Continue the batch from its last checkpoint: (first iteration to run, rows already written per run).
     (0, 0) when there is none. Parts written after the checkpoint are deleted; the ones it lists stay untouched."""
     from simulator.contracts import Checkpointable
 
-    found = read_checkpoint(cfg, runs)
+    found = read_checkpoint(cfg, runs, root)
     if found is None:
         return 0, 0
     d, manifest = found
@@ -361,8 +435,13 @@ def write_manifest(cfg: RunConfig, runs: dict[int, dict[str, Any]]) -> None:
 
 
 def _completed_runs(cfg: RunConfig) -> dict[int, dict[str, Any]]:
-    """Runs already in the dataset (their directory exists, so they completed) with their row counts."""
+    """Runs already in the dataset (committed, and matching the size and SHA-256 of every file their _SUCCESS
+    lists) with their row counts. A classic run that does not match is moved aside into <output>/.moralsim-damaged/
+    and left out, so that it runs again from its seed (the same records); an LLM run cannot be recomputed that way,
+    so a mismatch there is a CorruptDataError naming the bad files. Runs whose _SUCCESS lists no hashes (written
+    before it did) count as done unchecked. Call it holding the dataset's lock."""
     done: dict[int, dict[str, Any]] = {}
+    damaged: list[str] = []
     store = store_of(cfg)
     manifest_path = f"{dataset_path(cfg)}/{MANIFEST}"
     old: dict[str, Any] = {}
@@ -377,13 +456,30 @@ def _completed_runs(cfg: RunConfig) -> dict[int, dict[str, Any]]:
                 f"(differs in: {', '.join(diff)}). Use another --output, or delete that folder."
             )
         old = doc.get("runs", {})
+    llm = any(a.learner == "llm" for a in cfg.population.agents)
     for k in range(cfg.num_runs):
         d = run_dir(cfg, k)
         if store.committed(d):
+            problems = verify_run(store, d)
+            if problems and llm:
+                damaged.append(f"run={k} ({'; '.join(problems)})")
+                continue
+            if problems:
+                aside = store.path(DAMAGED, cfg.destination_folder, f"run={k}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+                store.move_dir(d, aside)
+                log.warning("%s does not match its _SUCCESS (%s): moved aside to %s; running it again from its seed",
+                            store.display(d), "; ".join(problems), store.display(aside))
+                continue
             info = old.get(str(k))
             if info is None:  # finished but the manifest was not updated before a crash
                 info = {"rows": sum(store.num_rows(f"{d}/{p}") for p in _parts(store, d))}
             done[k] = info
+    if damaged:
+        where = store.display(dataset_path(cfg))
+        raise CorruptDataError(
+            f"{where}: LLM runs whose files do not match their _SUCCESS: {', '.join(damaged)}. An LLM run cannot be "
+            "run again identically from its seed, and a finished one keeps no checkpoint: restore those files from a "
+            f"copy, or move the run folder out of {where} to run it again from the start")
     return done
 
 
@@ -421,9 +517,8 @@ def run_datasets(
 ) -> list[dict[int, dict[str, Any]]]:
     """Run every missing run of several datasets (e.g. the nine AIES populations) as one job: the batches of all of
     them share one pool (one Ray task per batch, or one after the other inline) and one progress bar. Each dataset
-    keeps its own manifest and resumes on its own. Returns each dataset's manifest run table, in the order of cfgs."""
-    from tqdm.auto import tqdm
-
+    keeps its own manifest and resumes on its own, and its own lock, held from the first read to the last write.
+    Returns each dataset's manifest run table, in the order of cfgs."""
     if backend not in ("ray", "inline"):
         raise ConfigError(f"unknown backend {backend!r}; valid: ray, inline")
     if runs_per_batch is not None and runs_per_batch < 1:
@@ -432,8 +527,27 @@ def run_datasets(
     repeated = sorted({str(d) for d in dirs if dirs.count(d) > 1})
     if repeated:
         raise ConfigError(f"each dataset may appear once in a sweep; repeated: {', '.join(repeated)}")
-    # Every dataset is checked (a different configuration in a folder is refused) before any work starts.
-    done = [_completed_runs(cfg) for cfg in cfgs]
+    with contextlib.ExitStack() as held:
+        # every dataset's lock first (one held by a live driver refuses the whole command before any write), then
+        # every dataset checked (a different configuration is refused, damaged runs moved aside) before any work
+        locks = [held.enter_context(take_lock(cfg)) for cfg in cfgs]
+        done = [_completed_runs(cfg) for cfg in cfgs]
+        return _run_locked(cfgs, locks, done, factory, backend, ray_address, num_cpus, show_progress, runs_per_batch)
+
+
+def _run_locked(
+    cfgs: Sequence[RunConfig],
+    locks: Sequence[DatasetLock],
+    done: list[dict[int, dict[str, Any]]],
+    factory: GroupFactory,
+    backend: str,
+    ray_address: str | None,
+    num_cpus: int | None,
+    show_progress: bool | None,
+    runs_per_batch: int | None,
+) -> list[dict[int, dict[str, Any]]]:
+    from tqdm.auto import tqdm
+
     cpus = num_cpus or os.cpu_count() or 1
     workers = 1 if backend == "inline" else cpus
     jobs: list[tuple[int, list[int]]] = []  # (index into cfgs, runs stacked in one engine)
@@ -442,6 +556,7 @@ def run_datasets(
         write_manifest(cfg, done[i])
         if not pending:
             log.info("all %d runs of %s are complete; nothing to do", cfg.num_runs, store_of(cfg).display(dataset_path(cfg)))
+            store_of(cfg).delete_dir(locks[i].staging)
             continue
         if done[i]:
             log.info("%s: resuming, %d runs complete, %d to run", cfg.destination_folder, len(done[i]), len(pending))
@@ -452,32 +567,36 @@ def run_datasets(
         )
         jobs.extend((i, batch) for batch in batches)
     if not jobs:
-        return done
+        return list(done)
     if backend == "ray" and len(jobs) == 1 and ray_address is None:
         # one batch (e.g. one LLM run) has nothing to spread: Ray would add its start-up and a low-priority worker
         log.info("one batch of runs: running it in this process")
         backend = "inline"
     runs = sum(len(batch) for _, batch in jobs)
     populations = len({i for i, _ in jobs})
-    bar = tqdm(
-        total=sum(len(batch) * cfgs[i].num_iterations for i, batch in jobs), unit="it", unit_scale=True,
-        disable=show_progress is False, smoothing=0.05,
-        desc=f"{cfgs[jobs[0][0]].destination_folder} ({runs} runs)" if populations == 1
-        else f"{populations} populations ({runs} runs)",
-    )
+    total = sum(len(batch) * cfgs[i].num_iterations for i, batch in jobs)
+    desc = (f"{cfgs[jobs[0][0]].destination_folder} ({runs} runs)" if populations == 1
+            else f"{populations} populations ({runs} runs)")
+    bar = tqdm(total=total, unit="it", unit_scale=True, disable=show_progress is False, smoothing=0.05, desc=desc)
+    eta = Eta(total, desc)
     failures: list[str] = []
+
+    def advance(n: int) -> None:
+        bar.update(n)
+        eta.update(n)
 
     def finished(i: int, results: list[RunResult]) -> None:
         for res in results:
             done[i][res.run] = {"rows": res.rows, "seconds": round(res.seconds, 3), "entropy": str(res.entropy)}
+        locks[i].verify()
         write_manifest(cfgs[i], done[i])
 
     try:
         if backend == "inline":
             for i, batch in jobs:
-                finished(i, run_batch(cfgs[i], batch, factory, bar.update))
+                finished(i, run_batch(cfgs[i], batch, factory, advance, locks[i]))
         else:
-            failures = _run_ray(cfgs, jobs, factory, bar, finished, ray_address, num_cpus)
+            failures = _run_ray(cfgs, locks, jobs, factory, advance, finished, ray_address, num_cpus)
     finally:
         bar.close()
     if failures:
@@ -485,7 +604,49 @@ def run_datasets(
             f"{len(failures)} batch(es) failed; completed runs are kept and a re-run resumes the rest:\n"
             + "\n".join(failures)
         )
-    return done
+    for cfg, lock in zip(cfgs, locks, strict=True):
+        store_of(cfg).delete_dir(lock.staging)  # every run committed: nothing left to resume
+    return list(done)
+
+
+class Eta:
+    """Says once how long a job will take when its first iterations put it above LONG_JOB_S: the progress bar's
+    ETA is easy to miss (or off, with --no_progress), and a job of hours is worth knowing about at its start.
+    The rate is measured from the first progress report on, which leaves set-up (Ray, model loading) out."""
+
+    def __init__(self, total: int, label: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.label, self.clock = total, label, clock
+        self.start = clock()
+        self.done = 0
+        self.first: tuple[float, int] | None = None  # (time, iterations done) at the first report
+        self.said: str | None = None
+        self.decided = False
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.decided or n <= 0:
+            return
+        now = self.clock()
+        if self.first is None:
+            self.first = (now, self.done)
+            return
+        measured, since = now - self.first[0], self.done - self.first[1]
+        if measured < ETA_AFTER_S or since <= 0:
+            return
+        self.decided = True
+        left = (self.total - self.done) * measured / since
+        if now - self.start + left > LONG_JOB_S:
+            self.said = (f"{self.label}: about {_duration(now - self.start + left)} in all, {_duration(left)} to go "
+                         f"({since / measured:,.1f} it/s over {since:,} iterations; {self.total:,} iterations)")
+            log.info("%s", self.said)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 class ProgressCounter:
@@ -502,15 +663,16 @@ class ProgressCounter:
         return n
 
 
-def _ray_task(cfg: RunConfig, runs: list[int], factory: GroupFactory, counter: Any) -> list[RunResult]:
-    return run_batch(cfg, runs, factory, lambda n: counter.add.remote(n))
+def _ray_task(cfg: RunConfig, runs: list[int], factory: GroupFactory, counter: Any, lock: DatasetLock) -> list[RunResult]:
+    return run_batch(cfg, runs, factory, lambda n: counter.add.remote(n), lock)
 
 
 def _run_ray(
     cfgs: Sequence[RunConfig],
+    locks: Sequence[DatasetLock],
     jobs: list[tuple[int, list[int]]],
     factory: GroupFactory,
-    bar: Any,
+    advance: Progress,
     finished: Callable[[int, list[RunResult]], None],
     address: str | None,
     num_cpus: int | None,
@@ -527,12 +689,19 @@ def _run_ray(
             check_shared_output(out)
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
-    refs = {task.remote(cfgs[i], batch, factory, counter): (i, batch) for i, batch in jobs}
+    refs = {task.remote(cfgs[i], batch, factory, counter, locks[i]): (i, batch) for i, batch in jobs}
     failures = []
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-        bar.update(ray.get(counter.take.remote()))  # type: ignore[attr-defined]
+        advance(ray.get(counter.take.remote()))  # type: ignore[attr-defined,arg-type]
+        try:
+            for lock in locks:
+                lock.check()
+        except Exception:  # taken over: this driver's tasks must not go on writing
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
         for ref in ready:
             i, batch = refs[ref]
             try:
@@ -540,5 +709,5 @@ def _run_ray(
             except Exception as e:  # a failed batch must not lose the others
                 log.error("%s runs %s failed: %s", cfgs[i].destination_folder, batch, e)
                 failures.append(f"{cfgs[i].destination_folder} runs {batch}: {type(e).__name__}: {e}")
-    bar.update(ray.get(counter.take.remote()))  # type: ignore[attr-defined]
+    advance(ray.get(counter.take.remote()))  # type: ignore[attr-defined,arg-type]
     return failures

@@ -67,6 +67,14 @@ def check_positive(owner: str, config: object, names: Iterable[str]) -> None:
             raise ConfigError(f"{owner}.{name} must be > 0, got {value!r}")
 
 
+def check_unit(owner: str, config: object, names: Iterable[str]) -> None:
+    """ConfigError `<owner>.<name> must be in [0, 1]` for the first of config's fields (in names) outside [0, 1]."""
+    for name in names:
+        value = getattr(config, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{owner}.{name} must be in [0, 1], got {value!r}")
+
+
 class ClusterError(MoralsimError, ConnectionError):
     """A Ray cluster that cannot be reached or joined (simulator/cluster.py)."""
 
@@ -90,3 +98,11 @@ class StaleAdapterError(MoralsimError, RuntimeError):
 class WorkerLostError(MoralsimError, RuntimeError):
     """A process that held part of a batch's state died (a learner actor). The batch continues from its last
     checkpoint once the process is back (simulator/driver.py); without a checkpoint the batch fails."""
+
+
+class DatasetLockedError(MoralsimError, RuntimeError):
+    """A dataset that another live driver is writing (simulator/lock.py)."""
+
+
+class LockLostError(MoralsimError, RuntimeError):
+    """This driver's dataset lock was taken over by another driver (its lease had run out): it must stop writing."""

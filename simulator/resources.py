@@ -79,7 +79,7 @@ def record_row_bytes(llm: bool) -> int:
 
 def estimate_batch(cfg: RunConfig, runs: int, hidden: int = 256) -> MemoryEstimate:
     """Peak memory of one batch of `runs` runs of cfg in one engine, without the process itself."""
-    pop = cfg.population.resolved(cfg.method)
+    pop = cfg.population
     n_agents, R, S = pop.size, runs, cfg.games_per_iteration
     n = n_agents - 1
     kinds = Counter("static" if a.is_static else a.learner for a in pop.agents)

@@ -10,6 +10,14 @@ The commit protocol uses no directory rename, because object stores have none:
                        a local folder is renamed into place instead (atomic), with the same `_SUCCESS` inside
 A run counts as done when its `_SUCCESS` is there (a local run folder without one is an older dataset: done too,
 since a rename put it there whole). Re-copying a run after a crash overwrites the same names with the same bytes.
+`_SUCCESS` lists every file of the run with its size and SHA-256 (`digest`); `verify_run` checks a run against it.
+Datasets written before the listing have none and count as whole.
+
+One primitive is atomic on every store the dataset lock uses (simulator/lock.py), `create_exclusive`:
+    local / shared POSIX folder   link(2) of a fully written temporary file: fails if the name exists (NFS too)
+    S3                            PutObject with `If-None-Match: *` through boto3 (pyarrow exposes no conditional
+                                  write): S3 answers 412 to every writer but the first
+    any other pyarrow filesystem  exists-then-write: not atomic (the lock warns that it is advisory there)
 
 URIs take pyarrow's query options, e.g. `s3://bucket/results?endpoint_override=host:9000&scheme=http&region=…`
 (credentials from the usual AWS environment variables, or `s3://key:secret@bucket/…`). S3 gets a 5 s connect and
@@ -18,11 +26,13 @@ URIs take pyarrow's query options, e.g. `s3://bucket/results?endpoint_override=h
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -216,6 +226,132 @@ class Store:
         if self.local:
             return Path(path).is_dir()
         return self.is_file(f"{path}/{SUCCESS}")
+
+    def copy_file(self, src: str, dst: str) -> None:
+        """dst gets src's bytes. Local: a hard link where the folder allows it (files here are never rewritten in
+        place, only replaced by a rename, so the link stays a snapshot), else a copy renamed into place."""
+        if self.local:
+            Path(dst).parent.mkdir(parents=True, exist_ok=True)
+            self.delete_file(dst)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst + ".tmp")
+                os.replace(dst + ".tmp", dst)
+            return
+        self.fs.copy_file(src, dst)
+
+    def move_dir(self, src: str, dst: str) -> None:
+        """Move the folder src to dst. Local: one rename. Object store: copy everything, then delete src's
+        `_SUCCESS` first, so src stops counting as a run before any of its files go."""
+        if self.local:
+            Path(dst).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+            return
+        for rel, _ in sorted(self.files(src)):
+            self.fs.copy_file(f"{src}/{rel}", f"{dst}/{rel}")
+        self.delete_file(f"{src}/{SUCCESS}")
+        self.fs.delete_dir(src)
+
+    def sha256(self, path: str) -> str:
+        h = hashlib.sha256()
+        with self.fs.open_input_stream(path) as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def digest(self, path: str) -> dict[str, dict[str, Any]]:
+        """{relative path: {"size", "sha256"}} of every file below the folder path (`_SUCCESS` aside), read back
+        from the store: what `_SUCCESS` lists."""
+        return {rel: {"size": size, "sha256": self.sha256(f"{path}/{rel}")}
+                for rel, size in sorted(self.files(path)) if rel != SUCCESS}
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Write the object path only if nothing is there; whether this call created it. Atomic locally and on S3
+        (see the module doc). A lost reply can make a winner read False: callers read the object back."""
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if isinstance(self.fs, pafs.S3FileSystem):
+            from botocore.exceptions import ClientError
+
+            bucket, _, key = path.partition("/")
+            try:
+                _s3_client(self.uri).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise OSError(f"cannot create {self.display(path)}: {e}") from None
+        if self.exists(path):
+            return False
+        self.write_bytes(path, data)
+        return True
+
+    @property
+    def atomic_create(self) -> bool:
+        """Whether create_exclusive is atomic on this store."""
+        return self.local or isinstance(self.fs, pafs.S3FileSystem)
+
+
+def verify_run(store: Store, path: str) -> list[str] | None:
+    """What is wrong with the committed run folder path against the listing in its `_SUCCESS`: [] when every listed
+    file is there with its size and SHA-256 and no unlisted part is; None when there is no listing to check (a run
+    written before `_SUCCESS` listed hashes, or an older local run without `_SUCCESS`), which counts as whole."""
+    marker = f"{path}/{SUCCESS}"
+    if not store.is_file(marker):
+        return None
+    try:
+        listed = store.read_json(marker).get("files")
+    except (OSError, ValueError, AttributeError) as e:
+        return [f"{SUCCESS}: unreadable ({e})"]
+    if not isinstance(listed, dict):
+        return None
+    problems = []
+    present = dict(store.files(path))
+    for rel, want in sorted(listed.items()):
+        if rel not in present:
+            problems.append(f"{rel}: missing")
+        elif present[rel] != want.get("size"):
+            problems.append(f"{rel}: {present[rel]} bytes, listed {want.get('size')}")
+        elif store.sha256(f"{path}/{rel}") != want.get("sha256"):
+            problems.append(f"{rel}: SHA-256 differs")
+    problems += [f"{rel}: not listed in {SUCCESS}" for rel in sorted(present)
+                 if rel not in listed and rel.endswith(".parquet")]  # a reader would take it as records
+    return problems
+
+
+@lru_cache(maxsize=8)
+def _s3_client(uri: str) -> Any:
+    """A boto3 client for the S3 store of uri, with the URI's endpoint, region and credentials (or the usual AWS
+    chain), and the same bounded timeouts and retries as the pyarrow filesystem."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ConfigError(f"--output {redact(uri)!r}: the dataset lock on S3 is a conditional write, which pyarrow "
+                          "cannot make; it needs boto3 (pip install 'moralsim[s3]')") from None
+    fs = Store.open(uri).fs
+    _, (options,) = fs.__reduce__()
+    endpoint = options.get("endpoint_override") or None
+    session = boto3.session.Session(
+        aws_access_key_id=options.get("access_key") or None, aws_secret_access_key=options.get("secret_key") or None,
+        aws_session_token=options.get("session_token") or None, region_name=options.get("region") or None)
+    config = Config(connect_timeout=S3_TIMEOUTS["connect_timeout"], read_timeout=S3_TIMEOUTS["request_timeout"],
+                    retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"})
+    return session.client("s3", endpoint_url=f"{options.get('scheme', 'https')}://{endpoint}" if endpoint else None,
+                          config=config)
 
 
 @lru_cache(maxsize=32)

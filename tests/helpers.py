@@ -8,17 +8,16 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pytest
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.contracts import REASON_NAMES
-from simulator.driver import checkpoint_dir, run_batch
+from simulator.driver import STAGING, checkpoint_dir, run_batch
 from simulator.schema import RECORD_SCHEMA
 
 SORT = ["run", "iteration", "order"]
@@ -31,9 +30,8 @@ def read_dataset(path: Path) -> pl.DataFrame:
     return df.with_columns([pl.col(c).cast(pl.String) for c in cats]).sort(SORT)
 
 
-def engine_records(cfg: RunConfig, runs: list[int], settings: AgentSettings | None = None) -> pl.DataFrame:
-    factory = partial(build_groups, settings=settings or AgentSettings(random_matching=cfg.random_matching))
-    run_batch(cfg, runs, factory)
+def engine_records(cfg: RunConfig, runs: list[int]) -> pl.DataFrame:
+    run_batch(cfg, runs, build_groups)
     return read_dataset(cfg.dataset_dir).filter(pl.col("run").is_in(runs))
 
 
@@ -71,6 +69,18 @@ def llm_main_argv(population: str, output: str | Path, model: Path, iterations: 
             "--output", str(output)]
 
 
+def writer_staging(output: str | Path, population: str) -> str | None:
+    """The staging folder (a path inside Store.open(output)) of the one writer that has one for population, or None.
+    Each driver stages in its own writer-<lock generation> folder (simulator/lock.py)."""
+    from simulator.storage import Store
+
+    store = Store.open(output)
+    base = store.path(STAGING, population)
+    writers = [n for n in store.names(base) if n.startswith("writer-")]
+    assert len(writers) <= 1, writers
+    return f"{base}/{writers[0]}" if writers else None
+
+
 def sigkill_after_checkpoint(argv: list[str], env: dict[str, str], population: str, output: str | Path,
                              iteration: int, timeout_s: float = 300) -> dict:
     """Start main.py (argv), SIGKILL it once run 0's committed checkpoint (read through the output's store, a folder
@@ -78,13 +88,14 @@ def sigkill_after_checkpoint(argv: list[str], env: dict[str, str], population: s
     from simulator.storage import Store
 
     store = Store.open(output)
-    path = f"{checkpoint_dir(RunConfig(population, output=output), [0])}/checkpoint.json"
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline, ckpt = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline and proc.poll() is None:
+        root = writer_staging(output, population)
+        path = f"{checkpoint_dir(root, [0])}/checkpoint.json" if root else ""
         try:
-            ckpt = store.read_json(path) if store.is_file(path) else None
+            ckpt = store.read_json(path) if root and store.is_file(path) else None
         except (OSError, ValueError):  # being replaced right now
             ckpt = None
         if ckpt is not None and ckpt["iteration"] >= iteration:

@@ -132,15 +132,14 @@ def test_driver_api_fails_fast_too(tmp_path):
     """run_sweep(..., ray_address=...) goes through simulator.cluster.connect, like the CLI."""
     if is_connected():
         pytest.skip("Ray is already initialised in this test process")
-    from functools import partial
 
-    from scenarios.factory import AgentSettings, build_groups
+    from scenarios.factory import build_groups
     from simulator.driver import run_sweep
 
     cfg = RunConfig("1xS_1xUT", num_iterations=3, num_runs=1, output=tmp_path)
     t0 = time.perf_counter()
     with pytest.raises(ClusterError, match=r"127\.0\.0\.1:1"):
-        run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="ray", ray_address="127.0.0.1:1",
+        run_sweep(cfg, build_groups, backend="ray", ray_address="127.0.0.1:1",
                   show_progress=False)
     assert time.perf_counter() - t0 < 30
 
@@ -221,7 +220,7 @@ def test_memory_estimate_matches_what_a_run_allocates():
     after two iterations, in a fresh process, is within a factor of the estimate."""
     code = (
         "from functools import partial\n"
-        "from scenarios.factory import AgentSettings, build_groups\n"
+        "from scenarios.factory import build_groups\n"
         "from simulator.config import RunConfig\n"
         "from simulator.driver import build_engine\n"
         "from simulator.resources import estimate_batch\n"
@@ -230,7 +229,7 @@ def test_memory_estimate_matches_what_a_run_allocates():
         "    return int(line.split()[1]) * 1024\n"
         "cfg = RunConfig('150xS', num_iterations=2, num_runs=1)\n"
         "before = anon()\n"
-        "engine, _ = build_engine(cfg, [0], partial(build_groups, settings=AgentSettings()))\n"
+        "engine, _ = build_engine(cfg, [0], build_groups)\n"
         "records = [engine.step() for _ in range(2)]\n"
         "print(anon() - before, estimate_batch(cfg, 1).total)\n"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.contracts import AgentGroup, RestoresState, SavesState, StatefulGroup
 from simulator.driver import run_batch, run_dir
@@ -63,8 +63,8 @@ def test_call_order_and_save_after_the_last_iteration(tmp_path: Path) -> None:
     learner_log: list[tuple] = []
     static_log: list[tuple] = []
 
-    def factory(population, streams):  # type: ignore[no-untyped-def]
-        groups = build_groups(population, streams, AgentSettings(random_matching=cfg.random_matching))
+    def factory(cfg, streams):  # type: ignore[no-untyped-def]
+        groups = build_groups(cfg, streams)
         assert [g.learns for g in groups] == [True, False]
         return [SavingRecorder(groups[0], learner_log), Recorder(groups[1], static_log)]
 

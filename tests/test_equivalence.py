@@ -7,13 +7,13 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from actors.dqn import DQNConfig
-from scenarios.factory import AgentSettings
+from scenarios.run import with_agents
 from simulator.config import RunConfig
 from simulator.games import GAMES
 from tests.helpers import engine_records, reference_frame
 from tests.reference import reference_run
 
-F64 = AgentSettings(dqn=DQNConfig(dtype="float64"))
+F64 = DQNConfig(dtype="float64")
 
 CASES = [
     # population, method, game, iterations, compat, random_matching
@@ -42,8 +42,7 @@ def test_batched_engine_equals_reference(tmp_path, pop, method, game, iterations
         output=tmp_path,
         flush_rows=37,
     )
-    settings = AgentSettings(dqn=DQNConfig(dtype="float64"), random_matching=random_matching)
-    got = engine_records(cfg, [0, 1, 2], settings)  # three runs stacked in one engine
+    got = engine_records(with_agents(cfg, dqn=F64), [0, 1, 2])  # three runs stacked in one engine
     population = cfg.population.resolved(method)
     rows = [
         r
@@ -57,7 +56,7 @@ def test_batched_engine_equals_reference(tmp_path, pop, method, game, iterations
 def test_learners_actually_learn_something(tmp_path):
     """Guard against a vacuous equivalence: greedy moves exist and DQN weights changed."""
     cfg = RunConfig("1xUT_1xaUT_1xDE", num_iterations=60, num_runs=1, seed=3, output=tmp_path)
-    df = engine_records(cfg, [0], F64)
+    df = engine_records(with_agents(cfg, dqn=F64), [0])
     assert (df["selector_reason"] == "greedy").sum() > 0
 
 

@@ -204,15 +204,16 @@ def test_weight_sync_across_processes_is_proven_by_logprobs(ray_gpu, tiny_model_
 
 
 def _records(tmp_path: Path, tiny_model_path: Path, actors: LLMActors) -> pl.DataFrame:
-    from scenarios.factory import AgentSettings, build_groups
+    from scenarios.factory import build_groups
+    from scenarios.run import with_agents
     from simulator.config import RunConfig
     from simulator.driver import run_sweep
     from tests.helpers import read_dataset
 
     cfg = RunConfig("1xUT@llm_1xDE@llm_1xTFT", num_iterations=4, num_runs=1, seed=5, output=tmp_path)
     llm = LLMAgentConfig(model=str(tiny_model_path), ppo=replace(SMALL_PPO, learning_rate=1e-3), actors=actors)
-    settings = AgentSettings(llm=llm, game=cfg.game, seed=cfg.seed)
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    cfg = with_agents(cfg, llm=llm)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     return read_dataset(cfg.dataset_dir)
 
 
@@ -241,7 +242,7 @@ def test_the_cli_runs_llm_agents_on_actors_and_names_bad_actor_settings(ray_gpu,
             "--llm_model", str(tiny_model_path), "--ppo_batch_size", "2", "--output", str(tmp_path)]
     assert main([*argv, "--llm_rollout_actors", "1"]) == 0
     manifest = json.loads((tmp_path / "1xUT@llm_1xTFT" / "manifest.json").read_text())
-    assert manifest["config"]["agent_options"]["llm"]["actors"] == {"rollout_actors": 1}
+    assert manifest["config"]["agent_options"]["llm"]["actors"]["rollout_actors"] == 1
     assert (tmp_path / "1xUT@llm_1xTFT" / "run=0" / "adapters" / "slot0" / "adapter_model.safetensors").exists()
     assert not ray_gpu.util.placement_group_table() or all(  # the run's placement group is gone with its actors
         pg["state"] == "REMOVED" for pg in ray_gpu.util.placement_group_table().values())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,8 @@ from actors.llm.answers import AnswerTrie, answer_length, eos_token_ids, sample_
 from actors.llm.config import PPOConfig
 from actors.llm.engine import GenerationRequest, action_probs, legal_share
 from actors.llm.hf_engine import HFEngine
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from scenarios.run import with_agents
 from simulator.config import RunConfig
 from simulator.contracts import Action
 from simulator.driver import run_sweep
@@ -124,8 +124,8 @@ def _llm_run(tmp_path: Path, model: Path, population: str, iterations: int, *, r
     cfg = RunConfig(population, num_iterations=iterations, num_runs=2, seed=5, output=tmp_path, protocol=protocol,
                     episode_length=episode_length)
     config = LLMAgentConfig(model=str(model), ppo=SMALL_PPO, **llm)  # type: ignore[arg-type]
-    settings = AgentSettings(llm=config, game=cfg.game, seed=cfg.seed, random_matching=protocol == "pair")
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False,
+    cfg = with_agents(cfg, llm=config)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False,
               runs_per_batch=runs_per_batch)
     return read_dataset(cfg.dataset_dir).sort("run", "iteration", "order")
 
@@ -141,7 +141,7 @@ def test_after_an_illegal_answer_tft_copies_the_last_legal_move(tmp_path, tiny_m
                     episode_length=6)
     config = LLMAgentConfig(model=str(tiny_model_path), ppo=SMALL_PPO, p_cooperate=False)
 
-    def factory(pop, streams):  # type: ignore[no-untyped-def]
+    def factory(run_cfg, streams):  # type: ignore[no-untyped-def]
         from actors.static import StaticGroup
 
         rngs = [[st.agents[0]] for st in streams]

@@ -77,12 +77,12 @@ def test_ppo_raises_probability_of_the_rewarded_action_from_its_own_samples(tmp_
     lr 5e-3 instead of the paper's 1.41e-5 so that a tiny random model learns in tens of updates; the rest is the
     paper's config (batch 5, 4 epochs, grad accumulation 4, adaptive KL 0.2, score normalisation).
     """
-    from functools import partial
 
     import polars as pl
 
     from actors.llm.config import LLMAgentConfig
-    from scenarios.factory import AgentSettings, build_groups
+    from scenarios.factory import build_groups
+    from scenarios.run import with_agents
     from simulator.config import RunConfig
     from simulator.driver import run_sweep
     from tests.helpers import read_dataset
@@ -90,9 +90,9 @@ def test_ppo_raises_probability_of_the_rewarded_action_from_its_own_samples(tmp_
     cfg = RunConfig("1xVagg@llm_1xAC", num_iterations=300, num_runs=1, seed=0, output=tmp_path, protocol="pair",
                     episode_length=5)
     llm = LLMAgentConfig(model=str(tiny_model_path), answer_mode="mask", ppo=PPOConfig(learning_rate=5e-3))
-    settings = AgentSettings(random_matching=True, llm=llm, game=cfg.game, seed=cfg.seed)
+    cfg = with_agents(cfg, llm=llm)
     start = time.monotonic()
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     df = read_dataset(cfg.dataset_dir).sort("iteration")
     assert df["selector_legal"].all() and (df["selector_answer_mode"] == "mask").all()
     p_d = 1.0 - df["selector_p_cooperate"].to_numpy()

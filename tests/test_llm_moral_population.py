@@ -3,7 +3,6 @@ that learns from its own samples to prefer the partner that pays it more."""
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,8 @@ import pytest
 
 from actors.llm.agent import LLMGroup
 from actors.llm.config import LLMAgentConfig, PPOConfig
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from scenarios.run import with_agents
 from simulator.config import RunConfig
 from simulator.contracts import SelectionBatch
 from simulator.driver import run_sweep
@@ -28,8 +28,8 @@ def run(tmp_path: Path, population: str, iterations: int, runs: int = 1, seed: i
     cfg = RunConfig(population, num_iterations=iterations, num_runs=runs, seed=seed, output=tmp_path)
     ppo = llm.pop("ppo", SMALL_PPO)
     config = LLMAgentConfig(model=str(llm.pop("model")), ppo=ppo, **llm)  # type: ignore[arg-type]
-    settings = AgentSettings(llm=config, game=cfg.game, seed=cfg.seed)
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    cfg = with_agents(cfg, llm=config)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     return read_dataset(cfg.dataset_dir)
 
 
@@ -133,13 +133,21 @@ GEMMA_2_2B = {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers
 
 
 def _scenario_config(name: str) -> tuple[LLMAgentConfig, str]:
-    from actors.llm.config import LLMActors
-    from scenarios.scenario import load_scenario
+    from scenarios.run import resolve
 
-    sc = load_scenario(name)
-    llm = dict(sc.llm)
-    actors = LLMActors(**llm.pop("actors", {}))
-    return LLMAgentConfig(**llm, ppo=PPOConfig(**sc.ppo), actors=actors), str(sc.run["destination_folder"])
+    (cfg,) = resolve(["--scenario", name]).runs
+    assert cfg.agents is not None and cfg.agents.llm is not None
+    return cfg.agents.llm, cfg.destination_folder
+
+
+def test_bad_adapter_modes_get_one_line_naming_the_valid_ones(capsys):
+    from scenarios.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--destination_folder", "1xUT@llm_1xDE@llm", "--llm_adapters", "per_moon"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "valid: per_agent, per_type, shared" in err[0]
 
 
 def test_the_population_scenarios_parse_and_the_gpu_mix_fits_its_gpus(tmp_path):
@@ -149,7 +157,7 @@ def test_the_population_scenarios_parse_and_the_gpu_mix_fits_its_gpus(tmp_path):
     from simulator.population import parse_population
 
     cpu, folder = _scenario_config("llm_population/ut_aut_de_smollm2")
-    assert (cpu.answer_mode, cpu.selection, cpu.variant, cpu.dtype) == ("mask", "prompt", "compact", "bfloat16")
+    assert (cpu.answer_mode, cpu.selection, cpu.variant, cpu.ppo.share_prefix) == ("mask", "prompt", "compact", True)
     assert folder == "1xUT@llm_1xaUT@llm_1xDE@llm"
     gpu, folder = _scenario_config("llm_population/aies_mix_16_gpu")
     pop = parse_population(folder)

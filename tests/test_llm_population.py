@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ import pytest
 from actors.llm.agent import LLMAgentConfig, LLMGroup
 from actors.llm.config import PPOConfig
 from actors.llm.learners import StepJob
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from scenarios.run import with_agents
 from simulator.config import RunConfig
 from simulator.contracts import DilemmaBatch
 from simulator.driver import run_sweep
@@ -30,8 +30,8 @@ SMALL_PPO = PPOConfig(batch_size=2, mini_batch_size=2, gradient_accumulation_ste
 def run_llm(tmp_path: Path, population: str, iterations: int, **llm: object) -> pl.DataFrame:
     cfg = RunConfig(population, num_iterations=iterations, num_runs=2, seed=3, output=tmp_path)
     config = LLMAgentConfig(model=str(llm.pop("model")), ppo=SMALL_PPO, **llm)  # type: ignore[arg-type]
-    settings = AgentSettings(llm=config, game=cfg.game, seed=cfg.seed)
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    cfg = with_agents(cfg, llm=config)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     return read_dataset(cfg.dataset_dir)
 
 

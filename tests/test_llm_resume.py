@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import polars as pl
@@ -23,10 +22,11 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from actors.llm.config import LLMActors, LLMAgentConfig, PPOConfig
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from scenarios.run import with_agents
 from simulator.config import RunConfig
-from simulator.driver import STAGING, checkpoint_dir, run_sweep
-from tests.helpers import llm_main_argv, need, read_dataset, sigkill_after_checkpoint
+from simulator.driver import STAGING, run_sweep
+from tests.helpers import llm_main_argv, need, read_dataset, sigkill_after_checkpoint, writer_staging
 
 ROOT = Path(__file__).resolve().parents[1]
 POP = "1xUT@llm_1xDE@llm_1xTFT"
@@ -34,7 +34,7 @@ SMALL_PPO = PPOConfig(batch_size=2, mini_batch_size=2, gradient_accumulation_ste
 
 
 def _checkpoint(folder: Path) -> dict | None:
-    for path in folder.glob(f"{STAGING}/*/checkpoint-runs=*/checkpoint.json"):
+    for path in folder.glob(f"{STAGING}/*/writer-*/checkpoint-runs=*/checkpoint.json"):
         try:
             return json.loads(path.read_text())  # type: ignore[no-any-return]
         except (OSError, ValueError):  # being replaced right now
@@ -55,7 +55,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_with_the_records_of_a_clean
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
     ckpt = sigkill_after_checkpoint(_main(killed, tiny_model_path, iterations), env, POP, killed, iteration=6)
-    stage = killed / STAGING / POP / "run=0"
+    stage = Path(writer_staging(killed, POP) or "") / "run=0"
     assert not (killed / POP / "run=0").exists()  # killed mid-run
     before = _digest([stage / name for name in ckpt["parts"]["0"]])
     assert before  # the checkpoint names parts already written
@@ -71,7 +71,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_with_the_records_of_a_clean
     assert_frame_equal(resumed, read_dataset(clean / POP))  # nothing lost, nothing different
     after = _digest([killed / POP / "run=0" / name for name in ckpt["parts"]["0"]])
     assert after == before  # the records written before the checkpoint were not touched
-    assert not Path(checkpoint_dir(RunConfig(POP, output=killed), [0])).exists()  # a finished batch leaves no checkpoint
+    assert writer_staging(killed, POP) is None  # a finished batch leaves no staging and no checkpoint
 
 
 # ── killed actors ───────────────────────────────────────────────────────────────────────────────────────────────
@@ -115,8 +115,8 @@ def _run_on_actors(out: Path, model: Path, kill: str | None, engine: str,
     thread = threading.Thread(target=killer, daemon=True) if kill else None
     if thread:
         thread.start()
-    settings = AgentSettings(llm=llm, game=cfg.game, seed=cfg.seed)
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    cfg = with_agents(cfg, llm=llm)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     end = time.monotonic()
     if thread:
         thread.join(1)
@@ -144,14 +144,15 @@ def test_checkpoint_of_another_configuration_is_not_used(tmp_path, tiny_model_pa
 
     cfg = RunConfig(POP, num_iterations=4, num_runs=1, seed=4, output=tmp_path, checkpoint_every=2)
     llm = LLMAgentConfig(model=str(tiny_model_path), ppo=SMALL_PPO)
-    settings = AgentSettings(llm=llm, game=cfg.game, seed=cfg.seed)
+    cfg = with_agents(cfg, llm=llm)
     from simulator.driver import build_engine
 
-    engine, _ = build_engine(cfg, [0], partial(build_groups, settings=settings))
-    stage = tmp_path / STAGING / POP / "run=0"
+    engine, _ = build_engine(cfg, [0], build_groups)
+    root = str(tmp_path / STAGING / POP / "writer-00000001")
+    stage = Path(root) / "run=0"
     stage.mkdir(parents=True)
     engine.step()
-    write_checkpoint(cfg, [0], engine, [stage], rows=0)
-    assert read_checkpoint(cfg, [0]) is not None
-    assert read_checkpoint(replace(cfg, seed=5), [0]) is None
-    assert read_checkpoint(cfg, [0, 1]) is None
+    write_checkpoint(cfg, [0], engine, [stage], rows=0, root=root)
+    assert read_checkpoint(cfg, [0], root) is not None
+    assert read_checkpoint(replace(cfg, seed=5), [0], root) is None
+    assert read_checkpoint(cfg, [0, 1], root) is None

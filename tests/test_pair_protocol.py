@@ -7,12 +7,10 @@ the state carries over from game to game within an episode.
 
 from __future__ import annotations
 
-from functools import partial
-
 import numpy as np
 import pytest
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.driver import build_engine, run_sweep
@@ -54,7 +52,7 @@ def _engine(opponent: str, moves: list[int], episode_length: int, seed: int = 0)
                     episode_length=episode_length)
     scripted = Scripted(moves)
 
-    def factory(pop, streams):  # type: ignore[no-untyped-def]
+    def factory(run_cfg, streams):  # type: ignore[no-untyped-def]
         from actors.static import StaticGroup
 
         return [scripted, StaticGroup(np.array([1]), [opponent], len(streams))]
@@ -102,8 +100,7 @@ def test_the_learners_own_drawn_state_is_random_across_episodes():
 def test_pair_protocol_through_the_driver_writes_one_row_per_game(tmp_path):
     cfg = RunConfig("1xUT_1xTFT", num_iterations=20, num_runs=2, seed=1, output=tmp_path, protocol="pair",
                     episode_length=5)
-    settings = AgentSettings(random_matching=True, game=cfg.game, seed=cfg.seed)
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     df = read_dataset(cfg.dataset_dir)
     assert df.height == 2 * 20
     assert set(df["selector"].unique()) == {0} and set(df["selected"].unique()) == {1}

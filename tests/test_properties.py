@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from simulator.config import RunConfig
 from simulator.engine import PopulationEngine
 from simulator.games import GAMES
 from simulator.population import parse_population, valid_codes
@@ -45,7 +46,7 @@ def test_protocol_invariants(pop, runs, iterations, seed, game, random_matching)
     eng = PopulationEngine(
         pop.codes,
         pop.moral_codes,
-        build_groups(pop, streams, AgentSettings(random_matching=random_matching)),
+        build_groups(RunConfig(pop.text, random_matching=random_matching), streams),
         GAMES[game],
         [s.protocol for s in streams],
         init,

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.driver import STAGING, run_sweep
 from simulator.errors import ConfigError
@@ -34,7 +33,7 @@ def sweep(out: Path, backend: str = "inline", **kw) -> pl.DataFrame:
         output=out,
         flush_rows=kw.pop("flush_rows", 64),
     )
-    run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend=backend, show_progress=False, **kw)
+    run_sweep(cfg, build_groups, backend=backend, show_progress=False, **kw)
     return read_dataset(cfg.dataset_dir)
 
 
@@ -100,8 +99,10 @@ def test_resume_after_kill_leaves_no_partial_or_duplicate_rows(tmp_path):
     )
     # kill while run 1 is half written: run 0 is complete, run 1 has parts in staging
     deadline = time.time() + 240
-    staged = out / STAGING / POP / "run=1"
-    while time.time() < deadline and not (staged.exists() and len(list(staged.glob("*.parquet"))) >= 3):
+    def staged() -> list[Path]:
+        return list((out / STAGING / POP).glob("writer-*/run=1/*.parquet"))
+
+    while time.time() < deadline and len(staged()) < 3:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -114,7 +115,7 @@ def test_resume_after_kill_leaves_no_partial_or_duplicate_rows(tmp_path):
     resumed = read_dataset(out / POP)
     assert resumed.height == 3 * 3000 * 5
     assert resumed.select("run", "iteration", "order").is_duplicated().sum() == 0
-    assert not list((out / STAGING / POP).glob("run=*"))
+    assert not list((out / STAGING / POP).glob("*/run=*"))
 
     clean = tmp_path / "clean"
     subprocess.run(_main(clean), cwd=ROOT, check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
@@ -142,7 +143,7 @@ def test_compat_switch_changes_only_the_documented_defects(tmp_path):
             compat=compat,
             method="tabularQ",
         )
-        run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="inline", show_progress=False)
+        run_sweep(cfg, build_groups, backend="inline", show_progress=False)
         return read_dataset(cfg.dataset_dir)
 
     fixed, compat = run("none"), run("aies2024")
@@ -172,7 +173,7 @@ def test_phased_reward_schedule_switches_at_the_stated_iteration(tmp_path):
     cfg = RunConfig(
         "1xGame@tabularQ_1xAD", num_iterations=40, num_runs=1, seed=1, output=tmp_path, reward_schedule=(("Game", 0.5, "De"),)
     )
-    run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="inline", show_progress=False)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     df = read_dataset(cfg.dataset_dir)
     for role in ("selector", "selected"):
         me = df.filter(pl.col(f"{role}_type") == "Game")

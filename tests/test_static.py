@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from actors.static import STRATEGIES, StaticGroup
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from simulator.config import RunConfig
 from simulator.contracts import DilemmaBatch
 from simulator.engine import PopulationEngine
 from simulator.games import GAMES
@@ -26,7 +27,7 @@ def moves_per_iteration(a: str, b: str, iterations: int, seed: int = 0) -> list[
     eng = PopulationEngine(
         pop.codes,
         pop.moral_codes,
-        build_groups(pop, streams, AgentSettings()),
+        build_groups(RunConfig(pop.text), streams),
         GAMES["IPD"],
         [s.protocol for s in streams],
         np.stack([initial_state(s.protocol, 2) for s in streams]),

@@ -9,19 +9,18 @@ import os
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from simulator.config import RunConfig
-from simulator.driver import STAGING, checkpoint_dir, run_dir, run_sweep
+from simulator.driver import STAGING, run_dir, run_sweep
 from simulator.errors import ConfigError
 from simulator.storage import SUCCESS, Store, check_writable, is_uri, redact
-from tests.helpers import llm_main_argv, read_dataset, sigkill_after_checkpoint
+from tests.helpers import llm_main_argv, read_dataset, sigkill_after_checkpoint, writer_staging
 
 ROOT = Path(__file__).resolve().parents[1]
 POP = "1xUT_1xaUT_1xDE_1xTFT"
@@ -71,7 +70,7 @@ def test_a_dataset_on_s3_equals_the_same_runs_on_a_local_disk(tmp_path, s3_uri, 
     from analysis.dataset import local_copy, open_dataset
 
     monkeypatch.setenv("MORALSIM_CACHE", str(tmp_path / "cache"))
-    factory = partial(build_groups, settings=AgentSettings())
+    factory = build_groups
     frames = []
     for output in (tmp_path / "local", s3_uri("sweep")):
         cfg = RunConfig(POP, num_iterations=300, num_runs=2, seed=3, output=output, flush_rows=400,
@@ -81,7 +80,7 @@ def test_a_dataset_on_s3_equals_the_same_runs_on_a_local_disk(tmp_path, s3_uri, 
     cfg = RunConfig(POP, num_iterations=300, num_runs=2, seed=3, output=output, flush_rows=400)
     store = Store.open(output)
     assert store.committed(run_dir(cfg, 0)) and store.committed(run_dir(cfg, 1))
-    assert not store.exists(checkpoint_dir(cfg, [0, 1])) and store.names(store.path(STAGING, POP)) == []
+    assert store.names(store.path(STAGING, POP)) == []  # no staging, no checkpoint left
     manifest = store.read_json(store.path(POP, "manifest.json"))
     assert sorted(manifest["runs"]) == ["0", "1"] and not any("test:test@" in a for a in manifest["command"])
     assert frames[0].height == 2 * 300 * 4
@@ -128,7 +127,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint_in_the_bucket(tmp_path, tin
     store, cfg = Store.open(uri), RunConfig(pop, num_iterations=iterations, num_runs=1, seed=4, output=uri)
     ckpt = sigkill_after_checkpoint(main(uri), env, pop, uri, iteration=6)
     assert not store.committed(run_dir(cfg, 0))  # killed mid-run
-    stage = store.path(STAGING, pop, "run=0")
+    stage = f"{writer_staging(uri, pop)}/run=0"
     before = {name: store.read_bytes(f"{stage}/{name}") for name in ckpt["parts"]["0"]}
     assert before
 
@@ -147,4 +146,4 @@ def test_a_killed_driver_resumes_from_its_checkpoint_in_the_bucket(tmp_path, tin
     assert {name: store.read_bytes(f"{final}/{name}") for name in before} == before  # untouched
     assert json.loads(store.read_bytes(f"{final}/{SUCCESS}"))["parts"]
     assert any(rel.startswith("adapters/slot0/") for rel, _ in store.files(final))  # the adapters landed too
-    assert not store.exists(checkpoint_dir(cfg, [0]))
+    assert writer_staging(uri, pop) is None  # a finished batch leaves no staging and no checkpoint

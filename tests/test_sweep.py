@@ -4,7 +4,6 @@ sweep report, and clear errors for bad sweep files."""
 from __future__ import annotations
 
 import shutil
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import tqdm.auto
 from polars.testing import assert_frame_equal
 
 from scenarios.cli import main
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
 from scenarios.scenario import load_scenario, majority_populations
 from simulator.config import RunConfig
 from simulator.driver import run_datasets
@@ -104,7 +103,7 @@ def _configs(out: Path, iterations: int = 20, runs: int = 2) -> list[RunConfig]:
 
 
 def _run(cfgs: list[RunConfig], backend: str = "inline", **kw: Any) -> list[dict[int, dict[str, Any]]]:
-    factory = partial(build_groups, settings=AgentSettings())
+    factory = build_groups
     return run_datasets(cfgs, factory, backend=backend, show_progress=False, **kw)
 
 

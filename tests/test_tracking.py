@@ -7,14 +7,14 @@ import math
 import struct
 import sys
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from scenarios.cli import main
-from scenarios.factory import AgentSettings, build_groups
+from scenarios.factory import build_groups
+from scenarios.run import with_agents
 from simulator.config import RunConfig
 from simulator.driver import run_batch, run_sweep
 from simulator.errors import ConfigError
@@ -27,7 +27,7 @@ ITERATIONS = 30
 
 def sweep(out: Path, log_to: str, runs: int = 2) -> RunConfig:
     cfg = RunConfig(POP, num_iterations=ITERATIONS, num_runs=runs, seed=3, output=out, log_to=log_to)
-    run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="inline", show_progress=False)
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     return cfg
 
 
@@ -168,7 +168,7 @@ def test_a_crashed_run_still_flushes_its_curves(tmp_path):
         raise RuntimeError("killed mid-run")
 
     with pytest.raises(RuntimeError, match="killed mid-run"):
-        run_batch(cfg, [0], partial(build_groups, settings=AgentSettings()), progress)
+        run_batch(cfg, [0], build_groups, progress)
     coop = scalars(cfg.dataset_dir / "tensorboard" / "run=0")["game/cooperation"]
     assert 0 < len(coop) < 200 and min(coop) == 0  # what was logged before the crash is on disk
 
@@ -185,8 +185,8 @@ def test_llm_runs_track_their_answers_and_ppo(tmp_path, tiny_model_path):
 
     cfg = RunConfig("1xDe@llm_1xTFT", num_iterations=3, num_runs=1, seed=3, output=tmp_path, log_to="tensorboard")
     ppo = PPOConfig(batch_size=2, mini_batch_size=2, gradient_accumulation_steps=1)
-    settings = AgentSettings(llm=LLMAgentConfig(model=str(tiny_model_path), ppo=ppo), game=cfg.game, seed=cfg.seed)
-    run_sweep(cfg, partial(build_groups, settings=settings), backend="inline", show_progress=False)
+    cfg = with_agents(cfg, llm=LLMAgentConfig(model=str(tiny_model_path), ppo=ppo))
+    run_sweep(cfg, build_groups, backend="inline", show_progress=False)
     curves = scalars(cfg.dataset_dir / "tensorboard" / "run=0")
     assert {"game/cooperation", "agents/legal", "agents/p_cooperate", "agents/adapter_version", "learn/ppo_updates"} <= set(
         curves

@@ -58,12 +58,12 @@ def test_llm_actors_spread_over_both_nodes(two_nodes, tiny_model_path):
 
 def test_tasks_on_both_nodes_write_one_dataset(two_nodes, tmp_path):
     _, cluster = two_nodes
-    from scenarios.factory import AgentSettings, build_groups
+    from scenarios.factory import build_groups
     from simulator.config import RunConfig
     from simulator.driver import run_sweep
 
     cfg = RunConfig("1xUT_1xaUT_1xDE", num_iterations=200, num_runs=4, seed=2, output=tmp_path)
-    run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="ray", ray_address=cluster.address,
+    run_sweep(cfg, build_groups, backend="ray", ray_address=cluster.address,
               runs_per_batch=1, show_progress=False)
     df = read_dataset(cfg.dataset_dir)
     assert sorted(df["run"].unique().to_list()) == [0, 1, 2, 3] and df.height == 4 * 200 * 3
@@ -102,7 +102,7 @@ def test_tasks_on_both_nodes_write_one_dataset_to_s3(two_nodes, s3_uri, tmp_path
     the one dataset in the bucket, equal to the same runs written to a shared folder."""
     _, cluster = two_nodes
     from analysis.dataset import local_copy
-    from scenarios.factory import AgentSettings, build_groups
+    from scenarios.factory import build_groups
     from simulator.cluster import check_shared_output
     from simulator.config import RunConfig
     from simulator.driver import run_sweep
@@ -112,7 +112,7 @@ def test_tasks_on_both_nodes_write_one_dataset_to_s3(two_nodes, s3_uri, tmp_path
     frames = []
     for output in (uri, tmp_path / "shared"):
         cfg = RunConfig("1xUT_1xaUT_1xDE", num_iterations=200, num_runs=4, seed=2, output=output)
-        run_sweep(cfg, partial(build_groups, settings=AgentSettings()), backend="ray", ray_address=cluster.address,
+        run_sweep(cfg, build_groups, backend="ray", ray_address=cluster.address,
                   runs_per_batch=1, show_progress=False)
         frames.append(read_dataset(local_copy(cfg.dataset_location, tmp_path / "cache")))
     assert sorted(frames[0]["run"].unique().to_list()) == [0, 1, 2, 3] and frames[0].height == 4 * 200 * 3

@@ -41,29 +41,45 @@ class PPOConfig:
     gradient_accumulation_steps: int = 4
     """mini-batches accumulated per Adam step (paper: 4)."""
     ppo_epochs: int = 4
+    """passes over each batch per PPO update (TRL default)"""
     gamma: float = 1.0
+    """discount of the per-token rewards (one-shot answers: 1)"""
     lam: float = 0.95
+    """GAE lambda"""
     cliprange: float = 0.2
+    """PPO policy clip range"""
     cliprange_value: float = 0.2
+    """value-function clip range"""
     vf_coef: float = 0.1
+    """weight of the value loss"""
     adap_kl_ctrl: bool = True
+    """adaptive KL coefficient (TRL AdaptiveKLController) instead of a fixed one"""
     init_kl_coef: float = 0.2
+    """initial KL-penalty coefficient"""
     target: float = 6.0
+    """adaptive KL: target KL to the reference model"""
     horizon: float = 10000.0
+    """adaptive KL: horizon of the coefficient update"""
     use_score_scaling: bool = True
+    """divide scores by their running standard deviation (TRL)"""
     use_score_norm: bool = True
+    """with use_score_scaling: also subtract the running mean (TRL)"""
     score_clip: float | None = None
     """the paper's script meant 0.5 but wrote `configscore_clip=0.5`, which set nothing; None reproduces the run."""
     whiten_rewards: bool = False
+    """whiten the per-token rewards before GAE (TRL)"""
     ratio_threshold: float = 10.0
     """skip a mini-batch whose mean ratio exceeds this (TRL's guard against a diverged policy)."""
     max_grad_norm: float | None = None
+    """clip the gradient norm to this; None = no clipping"""
     lora_r: int = 64
+    """LoRA rank (the paper: 64)"""
     lora_alpha: int = 32
     """the paper's script default (its jobs never override it); scaling alpha / r = 0.5."""
     lora_dropout: float = 0.0
     """the paper's script used 0.05; 0 keeps the first PPO epoch's ratio exactly 1 and the learner deterministic."""
     lora_target_modules: str = "all-linear"
+    """modules that get a LoRA (peft target_modules)"""
     seed: int = 0
     """LoRA A and value-head init, and the mini-batch shuffle."""
     merge_identical_passes: bool = True
@@ -94,9 +110,11 @@ class LLMActors:
     learner_actors: int = 1
     """learner actors (each holds one frozen base and the learners of its agents); used when rollout_actors > 0"""
     rollout_cpus: float = 1.0
+    """CPUs per rollout actor"""
     rollout_gpus: float = 1.0
     """GPUs per rollout actor when device = "cuda" (fractions allowed); ignored on CPU"""
     learner_cpus: float = 1.0
+    """CPUs per learner actor"""
     learner_gpus: float = 1.0
     """GPUs per learner actor when device = "cuda"; ignored on CPU"""
     gpu_memory_utilization: float = 0.4
@@ -156,6 +174,7 @@ class VirtueConfig:
     max_length: int | None = None
     """tokens a reward model reads (cut from the left); None = the pipeline's config.json rm.max_length, else 100"""
     batch_size: int = 16
+    """conversations per reward-model forward pass"""
 
     def __post_init__(self) -> None:
         if not isinstance(self.reward_models, str) or not self.reward_models.strip():
@@ -188,9 +207,11 @@ class LLMAgentConfig:
     engine: str = "hf"
     """rollout engine: hf (transformers, CPU or GPU) or vllm"""
     device: str = "cpu"
+    """torch device of the HF engine and the learners (cpu, cuda, cuda:1, ...)"""
     tokens: str = "action12"
     """action-token pair (actors.llm.prompts.TOKEN_PAIRS) or random:<length>"""
     variant: str = STRUCTURED
+    """game-prompt variant (actors.llm.prompts.PROMPT_VARIANTS); the training prompt is structured"""
     selection: str = "random"
     """partner selection: random, dqn or prompt"""
     max_new_tokens: int | None = None
@@ -202,7 +223,9 @@ class LLMAgentConfig:
     off_policy: str = "ratio"
     """a sample from an older adapter version: ratio (importance ratio in PPO) or drop (discard and count)"""
     temperature: float = 1.0
+    """sampling temperature of every answer"""
     train: bool = True
+    """update the LoRA adapters with PPO (False: play the current adapters, frozen)"""
     p_cooperate: bool = True
     """record P(C token) / (P(C) + P(D)) per decision (one extra scoring pass; free in mask mode)"""
     ppo: PPOConfig = field(default_factory=PPOConfig)
