@@ -16,11 +16,14 @@ tests/test_equivalence.py checks all of this against per-agent torch.nn modules 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from actors.egreedy import epsilon_choice, epsilon_reasons, greedy
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError, check_positive, check_unit
@@ -46,6 +49,14 @@ class DQNConfig:
 
 
 PARAM_NAMES = ("sel_w1", "sel_b1", "sel_w2", "sel_b2", "dil_w1", "dil_b1", "dil_w2", "dil_b2")
+SEL_NAMES = PARAM_NAMES[:4]
+# Above this size the selection gradients of all B agents are not held at once: agents are taken in chunks, each
+# chunk's gradients written to one scratch buffer and its Adam step made, before the next (Adam is elementwise).
+# A 1,024-agent population's selection gradients alone would be 2 GiB, a quarter of its memory.
+GRAD_CHUNK_BYTES = 64 << 20
+# chunks are a multiple of this many agents, so every chunk of every parameter is a whole number of SIMD vectors and
+# the fused Adam kernel computes each element exactly as in one call over the whole buffer
+CHUNK_AGENTS = 16
 
 
 def init_params(rng: np.random.Generator, n_others: int, hidden: int) -> dict[str, np.ndarray]:
@@ -65,17 +76,20 @@ def init_params(rng: np.random.Generator, n_others: int, hidden: int) -> dict[st
     return dict(zip(PARAM_NAMES, (sw1, sb1, sw2, sb2, dw1, db1, dw2, db2), strict=True))
 
 
-def greedy(q: np.ndarray) -> np.ndarray:
-    """argmax over the last axis; ties go to the lowest index."""
-    return np.argmax(q, axis=-1)
-
-
 class FlatAdam:
     """Adam over a few flat parameter buffers, one fused kernel call per step.
 
     Elementwise, so one call over the stacked weights of B agents equals B separate torch.optim.Adam steps.
     Calls the fused kernel directly: torch.optim.Adam.step's own bookkeeping costs more than the maths for
     buffers this small (about 300 us against 120 us for a 16-agent population).
+
+    Denormals are flushed to zero during the step. A weight that gets no gradient for a while (a partner never
+    chosen, a dead ReLU unit, an input that stays 0) keeps a first moment decaying by beta1 = 0.9 a step, which
+    after about 800 steps is a denormal float, and stays one: 0.9 times the smallest denormal rounds back to it. x86
+    cores take a slow path for every operation on a denormal, and the step of 10 stacked runs of a 16-agent
+    population grows from about 1 ms to 5 to 9 ms after 750 iterations. The update such a moment makes is some 1e-30
+    of the weight, far below the weight's last bit, so the weights are the same bits either way (checked over 3,000
+    iterations of the AIES population and in tests/test_equivalence.py); only the moment itself reads 0 instead.
     """
 
     def __init__(self, buffers: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -87,13 +101,31 @@ class FlatAdam:
         self._fused = hasattr(torch, "_fused_adam_")
 
     def step(self, grads: list[torch.Tensor]) -> None:
-        b1, b2 = self.betas
+        """One step of every buffer with its gradient."""
+        with self.stepping():
+            self.update(self.buffers, grads, self.exp_avg, self.exp_avg_sq, self.steps)
+
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """Count one step for every buffer; the updates made inside run with denormals flushed (this thread only,
+        the kernel runs on it with 1 torch thread)."""
         torch._foreach_add_(self.steps, 1)
+        flushed = torch.set_flush_denormal(True)
+        try:
+            yield
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)
+
+    def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
+               exp_avg_sq: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
+        """Adam on these tensors (the buffers, or views of them and of their moments), steps already counted."""
+        b1, b2 = self.betas
         if self._fused:
-            torch._fused_adam_(self.buffers, grads, self.exp_avg, self.exp_avg_sq, [], self.steps, amsgrad=False,
-                               lr=self.lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=self.eps, maximize=False)
+            torch._fused_adam_(params, grads, exp_avg, exp_avg_sq, [], steps, amsgrad=False, lr=self.lr, beta1=b1,
+                               beta2=b2, weight_decay=0.0, eps=self.eps, maximize=False)
             return
-        for p, g, m, v, t in zip(self.buffers, grads, self.exp_avg, self.exp_avg_sq, self.steps, strict=True):
+        for p, g, m, v, t in zip(params, grads, exp_avg, exp_avg_sq, steps, strict=True):
             n = float(t)  # same formula as torch.optim.Adam's single-tensor path
             m.mul_(b1).add_(g, alpha=1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -105,7 +137,8 @@ class DQNGroup:
     """G DQN agents of a population, in R runs: B = R * G stacked networks, index b = run * G + member.
 
     Weights live in two flat buffers (selection, dilemma), laid out parameter by parameter so every
-    parameter is a contiguous (B, fan_in, fan_out) view; gradients are written into a twin buffer.
+    parameter is a contiguous (B, fan_in, fan_out) view; gradients are written into a twin buffer. In large
+    populations the selection gradients' twin holds one chunk of agents (GRAD_CHUNK_BYTES).
     """
 
     learns = True
@@ -124,19 +157,26 @@ class DQNGroup:
         B, n, hid = self.R * self.G, self.n_others, config.hidden
         shapes = {"sel_w1": (n, hid), "sel_b1": (1, hid), "sel_w2": (hid, n), "sel_b2": (1, n),
                   "dil_w1": (1, hid), "dil_b1": (1, hid), "dil_w2": (hid, 2), "dil_b2": (1, 2)}
+        per_agent = sum(int(np.prod(shapes[k])) for k in SEL_NAMES) * torch.finfo(self.dtype).bits // 8
+        self.chunk = B  # agents whose selection gradients are held at once
+        if B * per_agent > GRAD_CHUNK_BYTES and B % CHUNK_AGENTS == 0:
+            self.chunk = max(CHUNK_AGENTS, GRAD_CHUNK_BYTES // per_agent // CHUNK_AGENTS * CHUNK_AGENTS)
         self.params: dict[str, torch.Tensor] = {}
-        self.grads: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}  # (B, ...), or (chunk, ...) for the selection net
         self._flat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[str, tuple[int, int, tuple[int, ...]]] = {}  # offset, size, shape in the net's buffer
         for net in ("sel", "dil"):
             names = [k for k in PARAM_NAMES if k.startswith(net)]
-            total = sum(B * int(np.prod(shapes[k])) for k in names)
-            flat, gflat = torch.empty(total, dtype=self.dtype), torch.zeros(total, dtype=self.dtype)
-            offset = 0
+            rows = self.chunk if net == "sel" else B
+            flat = torch.empty(sum(B * int(np.prod(shapes[k])) for k in names), dtype=self.dtype)
+            gflat = torch.zeros(sum(rows * int(np.prod(shapes[k])) for k in names), dtype=self.dtype)
+            offset = goffset = 0
             for k in names:
-                size = B * int(np.prod(shapes[k]))
+                size, gsize = B * int(np.prod(shapes[k])), rows * int(np.prod(shapes[k]))
+                self._views[k] = (offset, size, (B, *shapes[k]))
                 self.params[k] = flat[offset : offset + size].view(B, *shapes[k])
-                self.grads[k] = gflat[offset : offset + size].view(B, *shapes[k])
-                offset += size
+                self.grads[k] = gflat[goffset : goffset + gsize].view(rows, *shapes[k])
+                offset, goffset = offset + size, goffset + gsize
             self._flat[net] = (flat, gflat)
         # one agent at a time, so a 1,024-agent population never holds a float64 copy of all weights
         for b, rng in enumerate(rng for run in rngs for rng in run):
@@ -144,7 +184,11 @@ class DQNGroup:
                 self.params[k][b] = torch.from_numpy(v)
         trained = [net for net, on in (("dil", config.learn_dilemma), ("sel", config.learn_selection)) if on]
         self._trained = trained
+        self._grad_buffers = [self._flat[n][1] for n in trained]
         self.opt = FlatAdam([self._flat[n][0] for n in trained], lr=config.lr)
+        self._rows = np.arange(B)
+        self._t_rows = torch.from_numpy(self._rows)
+        self._sel_dq = np.zeros((self.chunk, n), dtype=self.np_dtype)  # dL/dQ_s: one nonzero a row, reset after use
         self._sel_cache: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None
         self._qd: tuple[torch.Tensor, np.ndarray] | None = None
 
@@ -153,54 +197,42 @@ class DQNGroup:
         """x (B, 1, N-1), h (B, 1, H), q (B, N-1) as numpy."""
         p = self.params
         x = torch.from_numpy(state.reshape(self.R * self.G, 1, self.n_others).astype(self.np_dtype))
-        h = torch.relu(torch.baddbmm(p["sel_b1"], x, p["sel_w1"]))
+        h = torch.baddbmm(p["sel_b1"], x, p["sel_w1"]).relu_()
         q = torch.baddbmm(p["sel_b2"], h, p["sel_w2"])
         return x, h, q.numpy().reshape(self.R * self.G, self.n_others)
 
     def _dilemma_q(self) -> tuple[torch.Tensor, np.ndarray]:
         """Q_d on both states at once: h (B, 2, H), q (B, 2, 2) = [state, action] as numpy."""
         p = self.params
-        pre = p["dil_b1"] + torch.cat([0.0 * p["dil_w1"], p["dil_w1"]], dim=1)  # s * w1 + b1 for s = 0, 1
-        h = torch.relu(pre)
+        b1 = p["dil_b1"]
+        h = torch.cat([b1, b1 + p["dil_w1"]], dim=1).relu_()  # s * w1 + b1 for s = 0, 1
         return h, torch.baddbmm(p["dil_b2"], h, p["dil_w2"]).numpy()
 
     # -- decisions ----------------------------------------------------------------------------------------
     def select(self, batch: SelectionBatch) -> Decisions:
-        explore_coin, partner_coin = batch.u[..., 0], batch.u[..., 1]
-        random_choice = uniform_partner(partner_coin, self.n_others)
+        random_choice = uniform_partner(batch.u[..., 1], self.n_others)
         if not self.cfg.learn_selection:
             return Decisions(random_choice, np.full(random_choice.shape, Reason.STATIC, dtype=np.int8))
-        with torch.no_grad():
-            self._sel_cache = self._sel_forward(batch.state)
+        self._sel_cache = self._sel_forward(batch.state)
         q = self._sel_cache[2].reshape(self.R, self.G, self.n_others)
-        if batch.iteration == 0:
-            reason = np.full(random_choice.shape, Reason.FIRST, dtype=np.int8)
-        else:
-            reason = np.where(explore_coin < self.cfg.eps_selection, Reason.EXPLORE, Reason.GREEDY).astype(np.int8)
-        choice = np.where(reason == Reason.GREEDY, greedy(q), random_choice)
-        return Decisions(choice, reason)
+        reason = epsilon_reasons(batch.iteration, batch.u[..., 0], self.cfg.eps_selection)
+        return Decisions(epsilon_choice(reason, greedy(q), random_choice), reason)
 
     def act(self, batch: DilemmaBatch) -> Decisions:
-        with torch.no_grad():
-            self._qd = self._dilemma_q()
+        self._qd = self._dilemma_q()
         qtab = self._qd[1]  # (B, 2, 2)
         b = batch.run * self.G + batch.member
-        random_action = uniform_action(batch.u[:, 1])
-        if batch.iteration == 0:
-            reason = np.full(b.shape, Reason.FIRST, dtype=np.int8)
-        else:
-            reason = np.where(batch.u[:, 0] < self.cfg.eps_dilemma, Reason.EXPLORE, Reason.GREEDY).astype(np.int8)
-        action = np.where(reason == Reason.GREEDY, greedy(qtab[b, batch.state]), random_action)
-        return Decisions(action, reason)
+        reason = epsilon_reasons(batch.iteration, batch.u[:, 0], self.cfg.eps_dilemma)
+        return Decisions(epsilon_choice(reason, greedy(qtab[b, batch.state]), uniform_action(batch.u[:, 1])), reason)
 
     # -- learning -----------------------------------------------------------------------------------------
     def _dilemma_grads(self, tr: Transitions) -> dict[str, float]:
-        assert self._qd is not None, "learn() before act() in this iteration"
-        p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
         """Dilemma net: mean squared TD error over each agent's k_b transitions of this iteration.
 
         The TD errors are tiny (B, 2, 2) lookups, cheaper in numpy than as torch ops.
         """
+        assert self._qd is not None, "learn() before act() in this iteration"
+        p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
         h, q = self._qd
         b = tr.run * self.G + tr.member
         s, a = tr.state.astype(np.int64), tr.action.astype(np.int64)
@@ -211,38 +243,74 @@ class DQNGroup:
         dq = torch.from_numpy(dq_np)
         torch.bmm(h.transpose(1, 2), dq, out=g["dil_w2"])
         torch.sum(dq, dim=1, keepdim=True, out=g["dil_b2"])
-        dpre = torch.bmm(dq, p["dil_w2"].transpose(1, 2)).mul_(h > 0)  # (B, 2, H)
+        dpre = torch.bmm(dq, p["dil_w2"].transpose(1, 2)).mul_(h.sign())  # (B, 2, H); sign(h) = 1.0 where h > 0, else 0.0
         g["dil_w1"].copy_(dpre[:, 1:2, :])  # the input is s: 0 for row 0, 1 for row 1
         torch.sum(dpre, dim=1, keepdim=True, out=g["dil_b1"])
         return {"dilemma_td2": float(np.mean(td * td))}
 
+    def _selection_targets(self, tr: Transitions) -> tuple[np.ndarray, np.ndarray, float]:
+        """Selection net: one transition per agent (the partner it chose), so dL/dQ is one-hot: (B,) 2 * td at the
+        chosen partner, (B,) that partner, and the mean squared TD error."""
+        assert self._sel_cache is not None, "learn() before select() in this iteration"
+        q_s = self._sel_cache[2]
+        q_next = self._sel_forward(tr.sel_next_state)[2]
+        rows, choice = self._rows, tr.sel_choice.reshape(-1).astype(np.int64)
+        td_s = q_s[rows, choice] - (tr.sel_reward.reshape(-1) + self.cfg.gamma * q_next.max(axis=-1))
+        return (2.0 * td_s).astype(self.np_dtype), choice, float(np.mean(td_s * td_s))
+
+    def _selection_grads(self, dq_row: np.ndarray, choice: np.ndarray, b0: int, b1: int) -> None:
+        """The selection gradients of agents b0..b1 into self.grads[...][: b1 - b0]. The products with the one-hot
+        dL/dQ are an outer product and a gather, cheaper than matmuls over (B, H, N-1)."""
+        assert self._sel_cache is not None
+        p, k, whole = self.params, b1 - b0, b1 - b0 == self.R * self.G  # whole: no slicing (torch calls cost)
+        g = self.grads if whole else {name: self.grads[name][:k] for name in SEL_NAMES}
+        x, h_s = self._sel_cache[:2] if whole else (self._sel_cache[0][b0:b1], self._sel_cache[1][b0:b1])
+        dq_np = self._sel_dq[:k]
+        rows = self._rows[:k]
+        dq_np[rows, choice[b0:b1]] = dq_row[b0:b1]
+        dq = torch.from_numpy(dq_np)  # (k, N-1)
+        h_row = h_s[:, 0, :]  # (k, H)
+        torch.bmm(h_row[:, :, None], dq[:, None, :], out=g["sel_w2"])  # outer product: h * dq at the chosen column
+        g["sel_b2"].copy_(dq[:, None, :])
+        t_choice = torch.from_numpy(choice[b0:b1])
+        w2_chosen = (p["sel_w2"] if whole else p["sel_w2"][b0:b1])[self._t_rows[:k], :, t_choice]  # (k, H)
+        dpre_s = w2_chosen.mul_(torch.from_numpy(dq_row[b0:b1])[:, None]).mul_(h_row.sign())  # the ReLU mask
+        torch.mul(x.transpose(1, 2), dpre_s[:, None, :], out=g["sel_w1"])
+        g["sel_b1"].copy_(dpre_s[:, None, :])
+        dq_np[rows, choice[b0:b1]] = 0
+
+    def _chunked_step(self, dq_row: np.ndarray, choice: np.ndarray) -> None:
+        """Adam for a population too large for all selection gradients at once: the dilemma net in one call, then
+        chunk by chunk the selection gradients and their Adam step (before the next chunk overwrites them)."""
+        opt, B = self.opt, self.R * self.G
+        sel = self._trained.index("sel")
+        m, v, step = opt.exp_avg[sel], opt.exp_avg_sq[sel], opt.steps[sel]
+        with opt.stepping():
+            if "dil" in self._trained:
+                d = self._trained.index("dil")
+                opt.update([opt.buffers[d]], [self._flat["dil"][1]], [opt.exp_avg[d]], [opt.exp_avg_sq[d]],
+                           [opt.steps[d]])
+            for b0 in range(0, B, self.chunk):
+                b1 = min(B, b0 + self.chunk)
+                self._selection_grads(dq_row, choice, b0, b1)
+                views = [self._views[k] for k in SEL_NAMES]
+                opt.update([self.params[k][b0:b1] for k in SEL_NAMES], [self.grads[k][: b1 - b0] for k in SEL_NAMES],
+                           [m[o : o + n].view(shape)[b0:b1] for o, n, shape in views],
+                           [v[o : o + n].view(shape)[b0:b1] for o, n, shape in views], [step] * len(SEL_NAMES))
+
     def learn(self, tr: Transitions) -> dict[str, float]:
-        p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
         stats: dict[str, float] = {}
-        with torch.no_grad():
-            if self.cfg.learn_dilemma:
-                stats.update(self._dilemma_grads(tr))
-            if self.cfg.learn_selection:  # one transition per agent: the partner it chose
-                assert self._sel_cache is not None
-                x, h_s, q_s = self._sel_cache
-                q_next = self._sel_forward(tr.sel_next_state)[2]
-                rows = np.arange(B)
-                choice = tr.sel_choice.reshape(B)
-                td_s = q_s[rows, choice] - (tr.sel_reward.reshape(B) + gamma * q_next.max(axis=-1))
-                # one transition per agent, so dL/dQ is one-hot: 2 * td at the chosen partner. The products with
-                # it are gathers and outer products, cheaper than batched matmuls over (B, H, N-1)
-                dq = torch.from_numpy((2.0 * td_s).astype(self.np_dtype))  # (B,)
-                t_rows, t_choice = torch.from_numpy(rows), torch.from_numpy(choice.astype(np.int64))
-                h_row = h_s[:, 0, :]  # (B, H)
-                g["sel_w2"].zero_()
-                g["sel_w2"][t_rows, :, t_choice] = h_row * dq[:, None]
-                g["sel_b2"].zero_()
-                g["sel_b2"][t_rows, 0, t_choice] = dq
-                dpre_s = p["sel_w2"][t_rows, :, t_choice].mul_(dq[:, None]).mul_(h_row > 0)  # (B, H)
-                torch.mul(x.transpose(1, 2), dpre_s[:, None, :], out=g["sel_w1"])
-                g["sel_b1"].copy_(dpre_s[:, None, :])
-                stats["selection_td2"] = float(np.mean(td_s * td_s))
-        self.opt.step([self._flat[n][1] for n in self._trained])
+        if self.cfg.learn_dilemma:
+            stats.update(self._dilemma_grads(tr))
+        if not self.cfg.learn_selection:
+            self.opt.step(self._grad_buffers)
+        else:
+            dq_row, choice, stats["selection_td2"] = self._selection_targets(tr)
+            if self.chunk >= self.R * self.G:
+                self._selection_grads(dq_row, choice, 0, self.R * self.G)
+                self.opt.step(self._grad_buffers)
+            else:
+                self._chunked_step(dq_row, choice)
         self._qd = None
         self._sel_cache = None
         return stats

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actors.dqn import greedy
+from actors.egreedy import epsilon_choice, epsilon_reasons, greedy
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import check_positive, check_unit
@@ -55,25 +55,16 @@ class TabularGroup:
         return row
 
     def select(self, batch: SelectionBatch) -> Decisions:
-        random_choice = uniform_partner(batch.u[..., 1], self.n_others)
-        if batch.iteration == 0:
-            reason = np.full(random_choice.shape, Reason.FIRST, dtype=np.int8)
-        else:
-            reason = np.where(batch.u[..., 0] < self.cfg.eps_selection, Reason.EXPLORE, Reason.GREEDY).astype(np.int8)
-        choice = random_choice.copy()
+        reason = epsilon_reasons(batch.iteration, batch.u[..., 0], self.cfg.eps_selection)
+        choice = uniform_partner(batch.u[..., 1], self.n_others)  # replaced below where the reason is greedy
         for r, g in zip(*np.nonzero(reason == Reason.GREEDY), strict=True):
             choice[r, g] = greedy(self._row(r * self.G + g, batch.state[r, g], create=False))
         return Decisions(choice, reason)
 
     def act(self, batch: DilemmaBatch) -> Decisions:
         b = batch.run * self.G + batch.member
-        if batch.iteration == 0:
-            reason = np.full(b.shape, Reason.FIRST, dtype=np.int8)
-        else:
-            reason = np.where(batch.u[:, 0] < self.cfg.eps_dilemma, Reason.EXPLORE, Reason.GREEDY).astype(np.int8)
-        action = np.where(
-            reason == Reason.GREEDY, greedy(self.q_dilemma[b, batch.state]), uniform_action(batch.u[:, 1])
-        )
+        reason = epsilon_reasons(batch.iteration, batch.u[:, 0], self.cfg.eps_dilemma)
+        action = epsilon_choice(reason, greedy(self.q_dilemma[b, batch.state]), uniform_action(batch.u[:, 1]))
         return Decisions(action, reason)
 
     def learn(self, tr: Transitions) -> dict[str, float]:

@@ -1,21 +1,26 @@
 """How long the AIES 2024 sweep takes here: 9 populations x 20 runs x 30,000 iterations x 16 agents = 86.4M games.
 
 Runs one 16-agent population's 20 runs for a slice of the iterations through the real driver (Ray backend,
-runs stacked per CPU, Parquet written), and extrapolates from the measured games per second, which does not
-depend on the iteration count (logging cost per game is constant). The anchor would need about 200 days.
+runs stacked per CPU, Parquet written) and extrapolates. The wall time of this slice is a fixed start-up (Ray,
+its workers importing torch, the manifests) plus the batches; the batches' own seconds (each run's manifest
+entry) give the simulation rate, which does not depend on the iteration count once past the first few hundred
+iterations. The sweep's estimate is that start-up once plus 86.4M games at that rate. The anchor would need
+about 200 days.
 
     python benchmarks/sweep_estimate.py --iterations 3000     # last line: sweep_hours=<n>
+    python benchmarks/interleaved.py --rounds 3 /path/to/base . -- benchmarks/sweep_estimate.py --figure games_per_s
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.environ.get("MORALSIM_SRC") or str(Path(__file__).resolve().parents[1]))  # see interleaved.py
 
 from scenarios.factory import build_groups
 from simulator.config import RunConfig
@@ -35,15 +40,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(POPULATION, num_iterations=args.iterations, num_runs=args.runs, seed=0, output=Path(tmp))
         t0 = time.perf_counter()
-        run_sweep(cfg, build_groups, backend=args.backend,
-                  num_cpus=args.num_cpus, show_progress=False)
+        if args.backend == "ray":  # a Ray of its own: ray.init() would join any other local Ray on this machine
+            import ray
+
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        done = run_sweep(cfg, build_groups, backend=args.backend,
+                         num_cpus=args.num_cpus, show_progress=False)
         dt = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
     games = args.runs * args.iterations * 16
-    rate = games / dt
-    print(f"{games} games in {dt:.1f} s (Ray start-up included), parquet {size / games * 1e6 / 2**20:.2f} MiB per million games")
+    # the runs of one batch share its seconds; batches run side by side on the workers (ray) or in turn (inline)
+    batches = sorted({float(info["seconds"]) for info in done.values()})
+    workers = min(len(batches), args.num_cpus or os.cpu_count() or 1) if args.backend == "ray" else 1
+    busy = sum(batches) / workers
+    rate, startup = games / busy, max(0.0, dt - busy)
+    print(f"{games} games in {dt:.1f} s: start-up {startup:.1f} s (Ray, workers, manifests), batches "
+          f"{', '.join(f'{b:.1f}' for b in batches)} s; parquet {size / games * 1e6 / 2**20:.2f} MiB per million games")
+    print(f"wall_games_per_s={games / dt:.0f}")
     print(f"games_per_s={rate:.0f}")
-    print(f"sweep_hours={SWEEP_GAMES / rate / 3600:.2f}")
+    print(f"sweep_hours={(startup + SWEEP_GAMES / rate) / 3600:.2f}")
 
 
 if __name__ == "__main__":

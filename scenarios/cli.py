@@ -89,14 +89,21 @@ def finish(job: Job, tables: list[dict[int, dict[str, object]]]) -> None:
     cfg = job.runs[0]
     report = job.launch.report
     try:
-        if job.sweep is not None:  # the point of a sweep is the comparison; render it now that every run is there
+        if job.jobs:  # a job scenario: its groups compared side by side, the paper's figures
+            if report is not False:
+                from analysis.cli import main as analyze
+
+                locations = [str(c.dataset_location) for c in job.runs]
+                root = Path("moralsim-reports") / "jobs_report" if is_uri(cfg.output) else Path(job.jobs_root or ".")
+                analyze([*locations, "--out", str(root / "report")] if len(locations) > 1 else locations)
+        elif job.sweep is not None:  # the point of a sweep is the comparison; render it now that every run is there
             if report is not False:
                 from analysis.dataset import local_copy
                 from analysis.sweep import write_sweep_report
 
                 reports = Path("moralsim-reports") if is_uri(cfg.output) else Path(cfg.output)
-                out = write_sweep_report([local_copy(c.dataset_location) for c in job.runs], reports / job.sweep.report)
-                log.info("sweep report: %s", out.out / "index.html")
+                sweep = write_sweep_report([local_copy(c.dataset_location) for c in job.runs], reports / job.sweep.report)
+                log.info("sweep report: %s", sweep.out / "index.html")
         else:
             print_summary(cfg)
             if report is not False:  # default: the figures, for LLM and classic runs alike

@@ -26,6 +26,7 @@ from typing import Any
 from actors.dqn import DQNConfig
 from actors.llm.config import LLMActors, LLMAgentConfig, PPOConfig, VirtueConfig
 from actors.tabular import TabularConfig
+from scenarios.jobs import JobGroup, parse_groups, select
 from scenarios.options import Table, add_table, check_keys, given
 from scenarios.scenario import Scenario, Sweep, load_scenario
 from simulator.config import RunConfig
@@ -82,6 +83,8 @@ class Launch:
 
     scenario: str | None = None
     """a named experiment (e.g. iclr2025/de_vs_tft_smollm2) or a .toml file; flags given too win"""
+    only: tuple[str, ...] = ()
+    """a job scenario's groups to run, by name (repeat the flag for several); default all"""
     backend: str = "ray"
     """ray (runs batches as Ray tasks) or inline (in this process)"""
     ray_address: str | None = None
@@ -100,6 +103,7 @@ class Launch:
     """debug logging"""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "only", tuple(self.only))
         if self.backend not in ("ray", "inline"):
             raise ConfigError(f"unknown backend {self.backend!r}; valid: ray, inline")
         for name in ("num_cpus", "runs_per_batch"):
@@ -118,6 +122,8 @@ class Job:
     runs: tuple[RunConfig, ...]
     launch: Launch
     sweep: Sweep | None = None
+    jobs: tuple[JobGroup, ...] = ()  # a job scenario's groups, one per run config, in the same order
+    jobs_root: Path | str | None = None  # where the job scenario's groups and their comparison report go
 
     @property
     def has_llm(self) -> bool:
@@ -164,7 +170,7 @@ RUN = Table("run", RunConfig, "", "what to run (the [run] table of a scenario fi
                      "protocol": {"choices": ("population", "pair")},
                      "checkpoint_every": {"default_text": f"{LLM_CHECKPOINT_EVERY} with LLM agents, else 0"}})
 LAUNCH = Table("launch", Launch, "", "how to run it", flags_only=True,
-               special={"backend": {"choices": ("ray", "inline")},
+               special={"backend": {"choices": ("ray", "inline")}, "only": {"action": "append", "type": str},
                         "report": {"action": argparse.BooleanOptionalAction},
                         "verbose": {"aliases": ["-v"]}})
 LLM = Table("llm", LLMAgentConfig, "llm_", "LLM agents (--learner llm or <code>@llm entries; [llm] of a scenario)",
@@ -221,6 +227,8 @@ def resolve(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) 
         run_values["output"] = output_arg(str(run_values["output"]))
     run_values["game"] = load_game(run_values.get("game", "IPD"))
     run_values["reward_schedule"] = tuple(tuple(e) for e in run_values.get("reward_schedule", ()))
+    if scenario is not None and "job" in scenario.tables:
+        return _job_groups(scenario, launch, tables, flags, run_values)
     method = run_values.get("method", "dqn")
     has_llm = any(a.learner == "llm" for p in populations for a in parse_population(p).resolved(method).agents)
     run_values.setdefault("checkpoint_every", LLM_CHECKPOINT_EVERY if has_llm else 0)
@@ -230,8 +238,55 @@ def resolve(argv: Sequence[str], parser: argparse.ArgumentParser | None = None) 
         tabular=TabularConfig(**{**tables["tabular"], **flags["tabular"]}),
         llm=_llm(tables, flags, protocol) if has_llm else None,
     )
+    if launch.only:
+        raise ConfigError(f"--only picks groups of a job scenario (such as iclr2025/jobs); {launch.scenario!r} has none")
     runs = tuple(RunConfig(destination_folder=p, agents=agents, **run_values) for p in populations)
+    for cfg in runs:
+        _check_episodes(cfg)
     return Job(runs, launch, sweep)
+
+
+def _check_episodes(cfg: RunConfig) -> None:
+    """The paper's pair protocol plays batch_size games per episode and updates once per episode."""
+    llm = cfg.agents.llm if cfg.agents is not None else None
+    if cfg.protocol == "pair" and llm is not None and cfg.episode_length and cfg.episode_length != llm.ppo.batch_size:
+        raise ConfigError(f"the pair protocol plays one PPO batch per episode: episode_length ({cfg.episode_length}) "
+                          f"must equal the PPO batch size ({llm.ppo.batch_size}); set both, e.g. --episode_length "
+                          f"{llm.ppo.batch_size}")
+
+
+def _job_groups(scenario: Scenario, launch: Launch, tables: dict[str, dict[str, Any]],
+                flags: dict[str, dict[str, Any]], run_values: dict[str, Any]) -> Job:
+    """A job scenario: one RunConfig per selected [[job]] group, each its own dataset under <output>/<scenario>/."""
+    import logging
+
+    groups = select(parse_groups(f"scenario {scenario.path}", scenario.tables["job"]), launch.only)
+    for g in groups:
+        if g.needs:
+            logging.getLogger("moralsim").warning("skipping job group %r: it needs %s", g.name, g.needs)
+    groups = tuple(g for g in groups if not g.needs)
+    if not groups:
+        raise ConfigError("none of the selected job groups can run here (each needs a setting not built yet)")
+    root = _join(run_values.get("output", RunConfig.output), scenario.name.replace("/", "_"))
+    runs = []
+    for g in groups:
+        values = dict(run_values)
+        seeds = g.seeds[: flags["run"]["num_runs"]] if "num_runs" in flags["run"] else g.seeds
+        values.update(output=_join(root, g.slug), run_ids=seeds, num_runs=len(seeds), protocol="pair",
+                      episode_length=g.batch_size, reward_schedule=g.reward_schedule)
+        values["num_iterations"] = flags["run"].get("num_iterations", g.num_iterations)
+        values.setdefault("checkpoint_every", LLM_CHECKPOINT_EVERY)
+        ppo = {"batch_size": g.batch_size, **tables["ppo"], **g.ppo}
+        llm = _llm({**tables, "ppo": ppo}, flags, "pair")
+        runs.append(RunConfig(destination_folder=g.population, agents=AgentConfigs(llm=llm), **values))
+    return Job(tuple(runs), launch, None, groups, root)
+
+
+def _join(base: Path | str, *parts: str) -> Path | str:
+    if is_uri(base):
+        text, _, query = str(base).partition("?")
+        return "/".join([text.rstrip("/"), *parts]) + (f"?{query}" if query else "")
+    return Path(base).joinpath(*parts)
 
 
 def _tables(scenario: Scenario | None) -> dict[str, dict[str, Any]]:

@@ -39,7 +39,7 @@ from simulator.errors import ConfigError, PopulationSpecError, UnknownNameError,
 from simulator.population import parse_population
 
 ROOT = Path(__file__).resolve().parent
-TABLES = ("description", "version", "run", "llm", "ppo", "dqn", "tabular", "sweep")
+TABLES = ("description", "version", "run", "llm", "ppo", "dqn", "tabular", "sweep", "job")
 SWEEP_KEYS = {"populations", "types", "majority", "minority", "report"}
 
 

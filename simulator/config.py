@@ -57,6 +57,8 @@ class RunConfig:
     episode_length: int = 0
     """pair protocol: games per episode (the paper: the PPO batch size), after which the state is drawn afresh;
     0 = one episode"""
+    run_ids: tuple[int, ...] = ()
+    """explicit run indices (a job file's seeds, e.g. 1, 2, 3, 5, 6); () = 0 .. num_runs - 1"""
     population: Population = field(init=False, repr=False, compare=False)
     """the parsed population, each moral-type slot with its learner kind (parsed once, in __post_init__)"""
 
@@ -69,6 +71,11 @@ class RunConfig:
             raise ConfigError(f"flush_rows must be at least 1, got {self.flush_rows}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0 (0 = no checkpoints), got {self.checkpoint_every}")
+        if self.run_ids:
+            ids = tuple(int(k) for k in self.run_ids)
+            if len(set(ids)) != len(ids) or min(ids) < 0 or len(ids) != self.num_runs:
+                raise ConfigError(f"run_ids must be {self.num_runs} distinct indices >= 0, got {list(self.run_ids)}")
+            object.__setattr__(self, "run_ids", ids)
         check_seed(self.seed)
         check_compat(self.compat)
         check_tracker(self.log_to)
@@ -86,6 +93,11 @@ class RunConfig:
                 raise ConfigError(f"a reward_schedule entry is (code, fraction in (0, 1), new code), got {entry!r}")
             get_moral_type(entry[0])
             get_moral_type(entry[2])
+
+    @property
+    def run_indices(self) -> tuple[int, ...]:
+        """The runs of this dataset: run_ids, or 0 .. num_runs - 1."""
+        return self.run_ids or tuple(range(self.num_runs))
 
     @property
     def learns_selection(self) -> bool:
@@ -139,7 +151,7 @@ class RunConfig:
 
 
 # where and how results are written, not what they are; and the parsed forms of other fields
-_NOT_IDENTITY = ("num_runs", "output", "flush_rows", "log_to", "checkpoint_every", "agents", "population")
+_NOT_IDENTITY = ("num_runs", "run_ids", "output", "flush_rows", "log_to", "checkpoint_every", "agents", "population")
 
 
 def _default_game() -> Game:

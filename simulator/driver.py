@@ -457,7 +457,7 @@ def _completed_runs(cfg: RunConfig) -> dict[int, dict[str, Any]]:
             )
         old = doc.get("runs", {})
     llm = any(a.learner == "llm" for a in cfg.population.agents)
-    for k in range(cfg.num_runs):
+    for k in cfg.run_indices:
         d = run_dir(cfg, k)
         if store.committed(d):
             problems = verify_run(store, d)
@@ -552,7 +552,7 @@ def _run_locked(
     workers = 1 if backend == "inline" else cpus
     jobs: list[tuple[int, list[int]]] = []  # (index into cfgs, runs stacked in one engine)
     for i, cfg in enumerate(cfgs):
-        pending = [k for k in range(cfg.num_runs) if k not in done[i]]
+        pending = [k for k in cfg.run_indices if k not in done[i]]
         write_manifest(cfg, done[i])
         if not pending:
             log.info("all %d runs of %s are complete; nothing to do", cfg.num_runs, store_of(cfg).display(dataset_path(cfg)))

@@ -157,7 +157,17 @@ class PopulationEngine:
         self._phases = {int(start): list(c) for start, c in reward_phases}
         self._set_rewards(list(learner_codes))
         self.iteration = 0
-        self._run_d = np.repeat(np.arange(self.R), 2 * self.S)  # run of each decision slot d
+        # constant index arrays of the iteration: run of each decision d, d itself, the other decision of d's game,
+        # each group's selection-state columns
+        self._run_d = np.repeat(np.arange(self.R), 2 * self.S)
+        self._d = np.arange(2 * self.R * self.S)
+        self._partner_d = self._d ^ 1
+        self._runs = np.arange(self.R)[:, None]
+        self._slots = np.arange(self.N)
+        self._pair_m = np.zeros((self.R, 1), dtype=np.int64)  # the pair protocol's one game: slot 0 selects
+        self._group_others = [self.others[g.slots] for g in self.groups]
+        for a in (self._run_d, self._d, self._partner_d, self._runs, self._slots, self._pair_m, *self._group_others):
+            a.setflags(write=False)  # groups get views of them: a write would change every later iteration
         self._u = np.empty((self.R, 0, self.N, U_COLUMNS))
         self._u_pos = 0
 
@@ -220,24 +230,35 @@ class PopulationEngine:
         return np.where(self.episode_moves >= 0, self.episode_moves, drawn).astype(np.int8)
 
     def step(self) -> IterationRecords:
-        t, N, R, S = self.iteration, self.N, self.R, self.S
+        """One iteration for every run: the five phases of the module docstring, then its records."""
+        t = self.iteration
         if t in self._phases:
             self._set_rewards(self._phases[t])
         u = self._uniforms()
         if self.episode_length and t > 0 and t % self.episode_length == 0:
             self.state = self._episode_state(u)
         snap = self.state
-        runs = np.arange(R)[:, None]
-        pair = self.protocol == "pair"
-
-        # 1. selection: partner[r, i] is a population slot != i
-        choice = np.empty((R, N), dtype=np.int64)
-        sel_reason = np.empty((R, N), dtype=np.int8)
-        sel_states: list[np.ndarray] = []
+        sel = self._select(t, snap, u)
+        games = self._pair_up(snap, u, sel.partner)
+        play = self._play(t, snap, games)
+        new_state = self._latest_moves(games, play.action)
+        learn_stats = self._learn(t, sel, games, play, new_state)
+        self.state = new_state
         for g in self.groups:
-            state = snap[:, self.others[g.slots]]  # (R, G, N-1)
-            sel_states.append(state)
-            if pair:  # two agents: the only partner is the other one
+            g.end_iteration(t, new_state)
+        self.iteration += 1
+        return self._records(t, snap, sel, games, play, learn_stats)
+
+    def _select(self, t: int, snap: np.ndarray, u: np.ndarray) -> _Selection:
+        """1. selection: every group picks its members' partners from the snapshot (partner[r, i] != i)."""
+        R, N = self.R, self.N
+        choice = np.empty((R, N), dtype=np.int64)
+        reason = np.empty((R, N), dtype=np.int8)
+        states: list[np.ndarray] = []
+        for g, others in zip(self.groups, self._group_others, strict=True):
+            state = snap[:, others]  # (R, G, N-1)
+            states.append(state)
+            if self.protocol == "pair":  # two agents: the only partner is the other one
                 dec = Decisions(np.zeros((R, len(g.slots)), dtype=np.int64),
                                 np.full((R, len(g.slots)), Reason.STATIC, dtype=np.int8))
             elif self.random_matching:
@@ -248,56 +269,73 @@ class PopulationEngine:
             else:
                 dec = g.select(SelectionBatch(t, state, u[:, g.slots, U_SEL_EXPLORE : U_SEL_PARTNER + 1]))
             choice[:, g.slots] = dec.choice
-            sel_reason[:, g.slots] = dec.reason
-        partner = choice + (choice >= np.arange(N))
+            reason[:, g.slots] = dec.reason
+        return _Selection(choice, reason, states, choice + (choice >= self._slots))
 
-        # 2. order: game k of run r is pair (m[r, k], o[r, k]); S = N games (population) or 1 (pair)
-        m = np.zeros((R, 1), dtype=np.int64) if pair else np.argsort(u[:, :, U_ORDER], axis=1, kind="stable")
+    def _pair_up(self, snap: np.ndarray, u: np.ndarray, partner: np.ndarray) -> _Games:
+        """2. order: game k of run r is pair (m[r, k], o[r, k]); S = N games (population) or 1 (pair).
+
+        Decisions are laid out as d = (r * S + k) * 2 + role, role 0 = M (the selector), 1 = O (the selected)."""
+        runs = self._runs
+        m = self._pair_m if self.protocol == "pair" else np.argsort(u[:, :, U_ORDER], axis=1, kind="stable")
         o = partner[runs, m]
-        s_m = snap[runs, o]  # M's dilemma state: O's snapshot move
-        s_o = snap[runs, m]
-
-        # 3. games. Decisions are laid out as d = (r * S + k) * 2 + role, role 0 = M, 1 = O.
         player = np.stack([m, o], axis=2).reshape(-1)
         opponent = player.reshape(-1, 2)[:, ::-1].reshape(-1)
-        run_d = self._run_d
-        state = snap[run_d, opponent]  # each player's dilemma state: its opponent's snapshot move
-        own_prev = snap[run_d, player]
         # the coins of pair k sit in its selector's row: [M explore, M action, O explore, O action]
         coins = u[runs, m][:, :, U_M_EXPLORE : U_O_ACTION + 1].reshape(-1, 2)
-        action = np.empty(2 * R * S, dtype=np.int64)
-        reason = np.empty(2 * R * S, dtype=np.int8)
-        first = t == 0 and not pair
-        extra: dict[str, np.ndarray] = {}
-        reasoned_d = self.reasoned[player]
-        term = np.zeros(2 * R * S)  # the reason-scoring types' term (Decisions.reward_term), 0 elsewhere
+        run_d = self._run_d
+        return _Games(m, o, player, opponent, snap[run_d, opponent], self.member_of[player], coins,
+                      self._group_decisions(player))
+
+    def _group_decisions(self, player: np.ndarray) -> list[np.ndarray | None]:
+        """Per group, the decisions its members make (indices d), or None when one group makes them all."""
+        if len(self.groups) == 1:
+            return [None]
         group_d = self.group_of[player]
-        masks = []
-        for k, g in enumerate(self.groups):
-            sel = np.flatnonzero(group_d == k)
-            masks.append(sel)
-            if sel.size == 0:
+        return [np.flatnonzero(group_d == k) for k in range(len(self.groups))]
+
+    def _play(self, t: int, snap: np.ndarray, games: _Games) -> _Play:
+        """3. games: every group decides its members' moves from the snapshot, then the rewards."""
+        D = 2 * self.R * self.S
+        player, run_d = games.player, self._run_d
+        own_prev = snap[run_d, player]
+        action = np.empty(D, dtype=np.int64)
+        reason = np.empty(D, dtype=np.int8)
+        term = np.zeros(D)  # the reason-scoring types' term (Decisions.reward_term), 0 elsewhere
+        extra: dict[str, np.ndarray] = {}
+        first = t == 0 and self.protocol != "pair"
+        reasoned_d = self.reasoned[player]
+        for g, sel in zip(self.groups, games.decisions, strict=True):
+            d: np.ndarray | slice = slice(None) if sel is None else sel
+            if sel is not None and sel.size == 0:
                 continue
-            why = reasoned_d[sel]
-            dec = g.act(
-                DilemmaBatch(t, run_d[sel], self.member_of[player[sel]], opponent[sel], state[sel], own_prev[sel],
-                             coins[sel], first, why if why.any() else None)
-            )
-            action[sel] = dec.choice
-            reason[sel] = dec.reason
+            why = reasoned_d[d]
+            dec = g.act(DilemmaBatch(t, run_d[d], games.member[d], games.opponent[d], games.state[d], own_prev[d],
+                                     games.coins[d], first, why if why.any() else None))
+            action[d] = dec.choice
+            reason[d] = dec.reason
             if why.any():
                 if dec.reward_term is None:
                     raise ConfigError(f"{type(g).__name__} gave no reward term for its reason-scoring decisions")
-                term[sel] = np.where(why, dec.reward_term, 0.0)
+                term[d] = np.where(why, dec.reward_term, 0.0)
             for name, col in (dec.extra or {}).items():
                 if name not in extra:
-                    extra[name] = np.full(2 * R * S, None if col.dtype == object else np.nan, dtype=col.dtype)
-                extra[name][sel] = col
+                    extra[name] = np.full(D, None if col.dtype == object else np.nan, dtype=col.dtype)
+                extra[name][d] = col
+        return _Play(action, reason, *self._rewards(snap, games, action, reason, term), extra)
+
+    def _rewards(self, snap: np.ndarray, games: _Games, action: np.ndarray, reason: np.ndarray,
+                 term: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(R, S, 2) payoffs, moral rewards (table lookups plus the reason-scoring types' term) and learning rewards
+        (R_illegal for an illegal answer), each as [selector, selected]."""
+        R, S = self.R, self.S
         a2 = action.reshape(R, S, 2)
         pay = self.game.payoffs[a2[..., 0], a2[..., 1]]  # (R, S, 2) [R_M, R_O]
         # the opponent's previous move each player's reward judges; compat reproduces the anchor's DE/mDE bug
-        judged = np.stack([s_m, np.where(self.compat_selected[o], snap[runs, o], s_o)], axis=2)
-        tidx = self.type_idx[player].reshape(R, S, 2)
+        runs, m, o = self._runs, games.m, games.o
+        s_m, s_o = snap[runs, o], snap[runs, m]
+        judged = np.stack([s_m, np.where(self.compat_selected[o], s_m, s_o)], axis=2)
+        tidx = self.type_idx[games.player].reshape(R, S, 2)
         moral = np.stack(
             [
                 self.rewards[tidx[..., 0], 0, a2[..., 0], a2[..., 1], judged[..., 0]],
@@ -306,51 +344,56 @@ class PopulationEngine:
             axis=2,
         ) + term.reshape(R, S, 2)
         learning = np.where(reason.reshape(R, S, 2) == Reason.ILLEGAL, R_ILLEGAL, moral)
+        return pay, moral, learning
 
-        # 4. latest write wins: the decision with the largest d of each player sets its new state
-        # (every agent plays at least once an iteration: it selects, or in the pair protocol it is selected)
-        gp = run_d * N + player
-        last = np.full(R * N, -1, dtype=np.int64)
-        np.maximum.at(last, gp, np.arange(2 * R * S))
-        new_state = action[last].astype(np.int8).reshape(R, N)
+    def _latest_moves(self, games: _Games, action: np.ndarray) -> np.ndarray:
+        """4. state: the decision with the largest d of each player sets its new state (every agent plays at least
+        once an iteration: it selects, or in the pair protocol it is selected)."""
+        last = np.full(self.R * self.N, -1, dtype=np.int64)
+        np.maximum.at(last, self._run_d * self.N + games.player, self._d)
+        return action[last].astype(np.int8).reshape(self.R, self.N)
 
-        # 5. learning
-        lr_flat = learning.reshape(-1)
-        m_pos = np.full((R, N), -1, dtype=np.int64)  # game index of each selector's own game (-1: selected no one)
-        m_pos[runs, m] = np.arange(S)
-        learn_stats: dict[str, float] = {}
-        for k, g in enumerate(self.groups):
-            if g.learns:
-                sel = masks[k]
-                gs = g.slots
-                stats = g.learn(
-                    Transitions(
-                        iteration=t,
-                        sel_state=sel_states[k],
-                        sel_choice=choice[:, gs],
-                        sel_reward=np.where(m_pos[:, gs] >= 0, learning[runs, np.maximum(m_pos[:, gs], 0), 0], np.nan),
-                        sel_next_state=new_state[:, self.others[gs]],
-                        run=run_d[sel],
-                        member=self.member_of[player[sel]],
-                        state=state[sel],
-                        action=action[sel],
-                        reward=lr_flat[sel],
-                        next_state=action[sel ^ 1],
-                    )
-                )
-                learn_stats.update(stats or {})
-        self.state = new_state
-        for g in self.groups:
-            g.end_iteration(t, new_state)
-        self.iteration += 1
+    def _learn(self, t: int, sel: _Selection, games: _Games, play: _Play, new_state: np.ndarray) -> dict[str, float]:
+        """5. learning: each learning group gets its selection and dilemma transitions, in game order."""
+        runs, S = self._runs, self.S
+        m_pos = np.full((self.R, self.N), -1, dtype=np.int64)  # game index of each selector's own game (-1: none)
+        m_pos[runs, games.m] = np.arange(S)
+        learning, flat = play.learning, play.learning.reshape(-1)
+        stats: dict[str, float] = {}
+        for g, others, sel_state, dec in zip(self.groups, self._group_others, sel.states, games.decisions,
+                                             strict=True):
+            if not g.learns:
+                continue
+            gs = g.slots
+            d: np.ndarray | slice = slice(None) if dec is None else dec
+            own = m_pos[:, gs]
+            stats.update(g.learn(Transitions(
+                iteration=t,
+                sel_state=sel_state,
+                sel_choice=sel.choice[:, gs],
+                sel_reward=np.where(own >= 0, learning[runs, np.maximum(own, 0), 0], np.nan),
+                sel_next_state=new_state[:, others],
+                run=self._run_d[d],
+                member=games.member[d],
+                state=games.state[d],
+                action=play.action[d],
+                reward=flat[d],
+                next_state=play.action[self._partner_d[d]],
+            )) or {})
+        return stats
 
-        n_c = (snap == 0).sum(axis=1, keepdims=True)
-        avail = n_c - (s_o == 0)  # s_o is the selector's own snapshot move
+    def _records(self, t: int, snap: np.ndarray, sel: _Selection, games: _Games, play: _Play,
+                 learn_stats: dict[str, float]) -> IterationRecords:
+        R, S, runs, m, o = self.R, self.S, self._runs, games.m, games.o
+        a2, pay, moral, learning = play.action.reshape(R, S, 2), play.pay, play.moral, play.learning
+        reason = play.reason.reshape(R, S, 2)
+        s_o = snap[runs, m]  # the selector's own snapshot move
+        avail = (snap == 0).sum(axis=1, keepdims=True) - (s_o == 0)
         return IterationRecords(
             iteration=t,
             selector=m,
             selected=o,
-            selector_state=s_m,
+            selector_state=snap[runs, o],
             selected_state=s_o,
             selector_action=a2[..., 0],
             selected_action=a2[..., 1],
@@ -360,17 +403,57 @@ class PopulationEngine:
             selected_moral_reward=moral[..., 1],
             selector_learning_reward=learning[..., 0],
             selected_learning_reward=learning[..., 1],
-            selector_reason=reason.reshape(R, S, 2)[..., 0],
-            selected_reason=reason.reshape(R, S, 2)[..., 1],
-            selection_reason=sel_reason[runs, m],
+            selector_reason=reason[..., 0],
+            selected_reason=reason[..., 1],
+            selection_reason=sel.reason[runs, m],
             selector_available_c=avail,
             collective_payoff=pay[..., 0] + pay[..., 1],
             equality=equality(pay[..., 0], pay[..., 1]),
             min_payoff=np.minimum(pay[..., 0], pay[..., 1]),
             extra={
                 f"{role}_{name}": col.reshape(R, S, 2)[..., i]
-                for name, col in extra.items()
+                for name, col in play.extra.items()
                 for i, role in enumerate(("selector", "selected"))
             },
             learn_stats=learn_stats,
         )
+
+
+@dataclass
+class _Selection:
+    """Phase 1's result: (R, N) partner index among the others, its reason, the partner's slot; per group the
+    (R, G, N-1) selection states."""
+
+    choice: np.ndarray
+    reason: np.ndarray
+    states: list[np.ndarray]
+    partner: np.ndarray
+
+
+@dataclass
+class _Games:
+    """Phase 2's result: (R, S) selector m and selected o of each game; per decision d (2 R S,) the player, its
+    opponent, its dilemma state (the opponent's snapshot move), its member index in its group and its two coins;
+    per group the decisions it makes (None: all of them)."""
+
+    m: np.ndarray
+    o: np.ndarray
+    player: np.ndarray
+    opponent: np.ndarray
+    state: np.ndarray
+    member: np.ndarray
+    coins: np.ndarray
+    decisions: list[np.ndarray | None]
+
+
+@dataclass
+class _Play:
+    """Phase 3's result: per decision the action and reason; (R, S, 2) payoffs, moral and learning rewards as
+    [selector, selected]; the groups' extra columns per decision."""
+
+    action: np.ndarray
+    reason: np.ndarray
+    pay: np.ndarray
+    moral: np.ndarray
+    learning: np.ndarray
+    extra: dict[str, np.ndarray]

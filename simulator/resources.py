@@ -77,6 +77,9 @@ def record_row_bytes(llm: bool) -> int:
     return total
 
 
+DQN_GRAD_CHUNK_BYTES = 64 << 20  # actors.dqn.GRAD_CHUNK_BYTES: above it, selection gradients are held a chunk at a time
+
+
 def estimate_batch(cfg: RunConfig, runs: int, hidden: int = 256) -> MemoryEstimate:
     """Peak memory of one batch of `runs` runs of cfg in one engine, without the process itself."""
     pop = cfg.population
@@ -91,8 +94,11 @@ def estimate_batch(cfg: RunConfig, runs: int, hidden: int = 256) -> MemoryEstima
     if kinds["dqn"]:
         B = R * kinds["dqn"]
         sel, dil = 2 * n * hidden + hidden + n, 4 * hidden + 2
-        copies = 2 if cfg.random_matching else 4  # weights and gradients, plus two Adam moments when trained
+        copies = 2 if cfg.random_matching else 3  # weights and gradients; trained: weights and two Adam moments
         parts["DQN networks"] = 4 * B * (copies * sel + 4 * dil + 3 * n + 2 * hidden)
+        if not cfg.random_matching:  # the selection gradients: whole, or one chunk of agents at a time (actors/dqn.py)
+            whole = 4 * B * sel
+            parts["DQN selection gradients"] = min(whole, DQN_GRAD_CHUNK_BYTES) if B % 16 == 0 else whole
     if kinds["tabularQ"] and not cfg.random_matching:
         states = min(cfg.num_iterations, 2 ** min(n, 62))
         parts["tabular Q tables"] = R * kinds["tabularQ"] * (32 + states * (8 * n + 250))

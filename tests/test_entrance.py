@@ -131,9 +131,13 @@ def test_unknown_scenario_keys_and_tables_name_the_closest(tmp_path):
 def test_every_shipped_scenario_resolves():
     from scenarios.scenario import available
 
+    seen: dict[str, dict] = {}
     for name in available():
         job = resolve(["--scenario", name])
         assert job.runs, name
+        for c in job.runs:  # two scenarios share a dataset only when they run the same thing (the paper population
+            # is the sweep's first): different experiments never write into one folder
+            assert seen.setdefault(str(c.dataset_location), c.identity()) == c.identity(), (name, c.dataset_location)
 
 
 def test_the_manifest_identity_lists_the_learner_settings():
@@ -170,3 +174,10 @@ def test_a_run_ends_with_the_summary_and_the_report_command(tmp_path, caplog):
         line = next(ln for ln in text.splitlines() if ln.startswith(f"{t} "))
         assert line.split()[1] == f"{mean:.2f}"
         assert sum(int(x) for x in line.split("    ")[-1].split(" / ")) == 3  # every run in one mode
+
+
+def test_the_pair_protocol_plays_one_ppo_batch_per_episode():
+    argv = ["--destination_folder", "1xDe@llm_1xTFT", "--protocol", "pair", "--episode_length", "5"]
+    assert resolve([*argv, "--ppo_batch_size", "5"]).runs[0].episode_length == 5
+    with pytest.raises(ConfigError, match=r"episode_length \(5\) must equal the PPO batch size \(3\)"):
+        resolve([*argv, "--ppo_batch_size", "3"])

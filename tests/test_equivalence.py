@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from polars.testing import assert_frame_equal
 
 from actors.dqn import DQNConfig
@@ -65,3 +66,49 @@ def test_chunked_uniforms_match_per_iteration_draws():
     rng = np.random.default_rng(5)
     b = np.stack([rng.random((3, 7)) for _ in range(4)])
     assert np.array_equal(a, b)
+
+
+def test_adam_with_denormals_flushed_gives_the_same_weights():
+    """FlatAdam flushes denormals during its step (actors/dqn.py): weights without gradient for ~800 steps have a
+    denormal first moment, whose update is far below the weight's last bit. The weights must be the same bits."""
+    from actors.dqn import FlatAdam
+
+    gen = torch.Generator().manual_seed(0)
+    flushed, plain = torch.rand(4096, generator=gen) - 0.5, torch.empty(4096)
+    plain.copy_(flushed)
+    a, b = FlatAdam([flushed], lr=1e-3), FlatAdam([plain], lr=1e-3)
+    grad = torch.randn(4096, generator=gen) * 1e-2
+    for step in range(1200):
+        if step == 5:
+            grad[: 4096 // 2] = 0.0  # half the weights get no gradient from here on
+        a.step([grad])
+        torch._foreach_add_(b.steps, 1)
+        b.update(b.buffers, [grad], b.exp_avg, b.exp_avg_sq, b.steps)  # the same kernel without the flush
+    m = b.exp_avg[0]
+    assert ((m != 0) & (m.abs() < torch.finfo(torch.float32).tiny)).any(), "no denormal moment: the test is vacuous"
+    assert torch.equal(flushed, plain)
+
+
+def test_selection_gradients_in_chunks_give_the_same_weights(tmp_path, monkeypatch):
+    """A large population takes its selection gradients and Adam steps chunk by chunk (actors/dqn.py
+    GRAD_CHUNK_BYTES): the weights and the records must be the same bits as in one step over every agent."""
+
+    import actors.dqn
+    from scenarios.factory import build_groups
+    from simulator.driver import build_engine
+
+    cfg = RunConfig("2xS_1xUT_1xaUT_1xDE_1xmDE_1xVEe_1xVie", num_iterations=30, num_runs=4, seed=5, output=tmp_path)
+
+    def run() -> tuple[object, list[np.ndarray]]:
+        engine, _ = build_engine(cfg, [0, 1, 2, 3], build_groups)
+        actions = [engine.step().selector_action for _ in range(30)]
+        return engine.groups[0], actions
+
+    whole, whole_actions = run()
+    monkeypatch.setattr(actors.dqn, "GRAD_CHUNK_BYTES", 1)  # the smallest chunk: CHUNK_AGENTS agents
+    chunked, chunked_actions = run()
+    assert whole.chunk == 32 and chunked.chunk == actors.dqn.CHUNK_AGENTS == 16
+    assert chunked.grads["sel_w1"].shape[0] == 16  # the scratch holds one chunk
+    for name, t in whole.params.items():
+        assert torch.equal(t, chunked.params[name]), name
+    assert all(np.array_equal(a, b) for a, b in zip(whole_actions, chunked_actions, strict=True))

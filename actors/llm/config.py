@@ -35,7 +35,7 @@ class PPOConfig:
     learning_rate: float = 1.41e-5
     """Adam learning rate (TRL default, kept by the paper)."""
     batch_size: int = 5
-    """samples per PPO step (paper: 5 vs static opponents, 3 vs TFT)."""
+    """samples per PPO step = games per episode (the job file: 5 against a static opponent, 3 for two LLM learners)."""
     mini_batch_size: int = 5
     """samples per forward/backward; the paper's script set it equal to batch_size."""
     gradient_accumulation_steps: int = 4
