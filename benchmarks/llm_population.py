@@ -1,84 +1,132 @@
-"""A population of LLM agents, iterations per second: in process, with 1 rollout actor, with 2 (and with overlap).
+"""Seconds per iteration of the moral LLM population `1xUT@llm_1xaUT@llm_1xDE@llm` on SmolLM2-135M, and where the time
+goes: today's code path against the CPU path, interleaved iteration by iteration in one process (the machine is shared,
+so a slow minute hits both alike).
 
-Every configuration runs the same population, seed and iterations through the real driver (run_batch), one after
-the other in this process, so the figures are comparable; start-up (engines, actors, models) is not timed.
+    OMP_NUM_THREADS=2 python benchmarks/llm_population.py --iterations 6
 
-    OMP_NUM_THREADS=2 python benchmarks/llm_population.py              # 8 SmolLM2 agents on vLLM, training on
-    python benchmarks/llm_population.py --iterations 4 --no-train      # rollouts only (where Ray's cost shows most)
-    python benchmarks/llm_population.py --overlap                      # adds 1 rollout actor + overlapped updates
-
-Last line: `ray_overhead_1_actor=<(in-process it/s) / (1-actor it/s) - 1>` (the target is < 0.10).
-Actors ask for `--cpus` CPUs each (default: all of this machine's), so an actor's torch uses as many threads as the
-in-process run: the comparison is Ray's cost, not a thread-count change. Engine and learner alternate without
-overlap, so they do not compete for the cores.
+Paths (all: masked answers, learning rate 2e-4 as the demo, the paper's PPO otherwise, HF engine, in process):
+    today       structured prompt (~220 tokens), float32, DQN selection head   (issue 16's 20 s/iteration)
+    cpu         compact prompt (~140 tokens), the prompt prefix that a PPO step's samples share computed once
+                (ppo.share_prefix), float32, DQN selection head
+    cpu_bf16    the CPU path with bfloat16 base weights (LoRA, value heads and Adam stay float32)
+    cpu_prompt  the CPU path with masked partner selection by prompt (the demo's set-up: 1.5x the PPO samples)
+Shares per path: prompts (building and tokenising), rollouts (masked scoring of the decisions), scoring (P(C) and
+virtue scores; free in mask mode), ppo (learner steps), sync (adapter loads), records (RecordBuffer.add), other
+(protocol, DQN selection head). Set-up (models, engines) is not timed. Also printed: the largest |log pi| difference
+between the float32 and the bfloat16 engines on the same prompts and answers (the bf16 check).
+Last line: `speedup_cpu_over_today=<today s/it / cpu s/it>` (target >= 4).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+POPULATION = "1xUT@llm_1xaUT@llm_1xDE@llm"
+
+
+def paths(lr: float) -> dict[str, Any]:
+    from actors.llm.config import LLMAgentConfig, PPOConfig
+
+    today = LLMAgentConfig(answer_mode="mask", selection="dqn", ppo=PPOConfig(learning_rate=lr))
+    cpu = replace(today, variant="compact", ppo=replace(today.ppo, share_prefix=True))
+    return {"today": today, "cpu": cpu, "cpu_bf16": replace(cpu, dtype="bfloat16"),
+            "cpu_prompt": replace(cpu, selection="prompt")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--population", default="8xDe@llm", help="population string; every @llm entry is an LLM agent")
     p.add_argument("--iterations", type=int, default=6)
-    p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
-    p.add_argument("--no-train", action="store_true", help="rollouts only (no PPO updates)")
-    p.add_argument("--overlap", action="store_true", help="also time 1 rollout actor with overlapped updates")
-    p.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1), help="CPUs per actor")
-    p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--modes", default=None,
-                   help="comma-separated subset of in_process,1_actor,2_actors,1_actor_overlap (default: the first "
-                        "three, plus the overlap with --overlap)")
+    p.add_argument("--paths", default="today,cpu,cpu_bf16,cpu_prompt")
+    p.add_argument("--learning-rate", type=float, default=2e-4)
     args = p.parse_args()
 
-    import ray
+    import numpy as np
 
-    from actors.llm.config import LLMActors, LLMAgentConfig, PPOConfig
+    from actors.llm.agent import PHASES, LLMGroup
     from scenarios.factory import build_groups
     from scenarios.run import with_agents
     from simulator.config import RunConfig
-    from simulator.driver import run_batch
+    from simulator.driver import build_engine
+    from simulator.records import RecordBuffer
 
-    n = int(2 + 2 * args.cpus)  # two actors of `cpus` each plus a learner: logical CPUs, this machine shares them
-    ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
-    cpus = dict(rollout_cpus=args.cpus, learner_cpus=args.cpus)
-    modes = [("in_process", LLMActors()), ("1_actor", LLMActors(rollout_actors=1, **cpus)),
-             ("2_actors", LLMActors(rollout_actors=2, **cpus))]
-    if args.overlap or (args.modes and "1_actor_overlap" in args.modes):
-        modes.append(("1_actor_overlap", LLMActors(rollout_actors=1, overlap=True, **cpus)))
-    if args.modes:
-        modes = [m for m in modes if m[0] in args.modes.split(",")]
-    rate: dict[str, float] = {}
+    chosen = {k: v for k, v in paths(args.learning_rate).items() if k in args.paths.split(",")}
+    engines, buffers, steps, records = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, actors in modes:
-            cfg = RunConfig(args.population, num_iterations=args.iterations, num_runs=1, seed=0, output=Path(tmp) / label)
-            llm = LLMAgentConfig(model=args.model, engine=args.engine, train=not args.no_train, actors=actors,
-                                 ppo=replace(PPOConfig(), lora_r=args.lora_r))
-            cfg = with_agents(cfg, llm=llm)
-            t0 = time.perf_counter()
-            (res,) = run_batch(cfg, [0], build_groups)
-            loop = res.seconds - res.setup_seconds
-            rate[label] = args.iterations / loop
-            print(f"{label:16s} {rate[label]:.4f} it/s  ({args.iterations} iterations in {loop:.1f} s; "
-                  f"set-up {res.setup_seconds:.1f} s, wall {time.perf_counter() - t0:.1f} s)", flush=True)
-    ray.shutdown()
-    for label in rate:
-        if label != "in_process" and "in_process" in rate:
-            print(f"{label}_over_in_process={rate[label] / rate['in_process']:.3f}")
-    if "1_actor_overlap" in rate and "1_actor" in rate:
-        print(f"overlap_gain={rate['1_actor_overlap'] / rate['1_actor']:.3f}")
-    if "in_process" in rate and "1_actor" in rate:
-        print(f"ray_overhead_1_actor={rate['in_process'] / rate['1_actor'] - 1:.3f}")
+        for label, llm in chosen.items():
+            cfg = with_agents(RunConfig(POPULATION, num_iterations=args.iterations, num_runs=1, seed=0,
+                                        output=Path(tmp) / label), llm=llm)
+            engines[label], _ = build_engine(cfg, [0], build_groups)
+            buffers[label] = RecordBuffer(1, cfg.population.codes, capacity=args.iterations + 1,
+                                          llm_columns=True, games=cfg.games_per_iteration)
+            steps[label], records[label] = [], 0.0
+        for t in range(args.iterations):  # interleaved: every path's iteration t before any path's t + 1
+            for label, engine in engines.items():
+                t0 = time.perf_counter()
+                rec = engine.step()
+                t1 = time.perf_counter()
+                buffers[label].add(rec)
+                records[label] += time.perf_counter() - t1
+                steps[label].append(time.perf_counter() - t0)
+                print(f"iteration {t} {label:10s} {steps[label][-1]:6.1f} s", flush=True)
+        groups = {k: next(g for g in e.groups if isinstance(g, LLMGroup)) for k, e in engines.items()}
+        diff = _bf16_check(groups)
+        print(f"\n{'path':10s} {'s/it':>6s} " + " ".join(f"{ph:>8s}" for ph in (*PHASES, "records", "other")))
+        per_it = {}
+        for label in engines:
+            total = float(np.sum(steps[label]))
+            per_it[label] = total / args.iterations
+            phases = dict(groups[label].clock.seconds)
+            phases["records"] = records[label]
+            phases["other"] = total - sum(phases.values())
+            print(f"{label:10s} {per_it[label]:6.2f} " + " ".join(f"{phases[ph] / total:8.1%}" for ph in phases))
+        for e in engines.values():
+            for g in e.groups:
+                if hasattr(g, "close"):
+                    g.close()
+    if diff is not None:
+        print(f"bf16_max_abs_logprob_diff={diff:.4f}")
+    if "today" in per_it and "cpu" in per_it:
+        if "cpu_prompt" in per_it:
+            print(f"speedup_cpu_prompt_over_today={per_it['today'] / per_it['cpu_prompt']:.2f}")
+        print(f"speedup_cpu_over_today={per_it['today'] / per_it['cpu']:.2f}")
+
+
+def _bf16_check(groups: dict[str, Any]) -> float | None:
+    """Largest |log pi(answer)| difference, float32 engine vs bfloat16 engine, on compact prompts: the float32
+    learners' adapters are served by both engines under a probe name, and both score the same answers."""
+    if "today" not in groups or "cpu_bf16" not in groups:
+        return None
+    import numpy as np
+
+    from actors.llm.prompts import chat_ids, game_prompt_text
+    from simulator.contracts import Action
+    from simulator.games import GAMES
+
+    fp32, bf16 = groups["today"], groups["cpu_bf16"]
+    tokens = fp32.runs[0].tokens
+    rng = np.random.default_rng(0)
+    prompts = [chat_ids(fp32.tokenizer, game_prompt_text(GAMES["IPD"], tokens, own, opp, rng, "compact", False, None))
+               for own in Action for opp in Action]
+    answers = [list(q) for q in fp32.runs[0].trie.sequences]
+    worst = 0.0
+    for name, weights in zip(fp32.serving.names, fp32.learners.export(fp32.serving.names), strict=True):
+        probe = replace(weights, name=f"probe-{name}", version=0)
+        for engine in (fp32.engine, bf16.engine):
+            engine.load_adapter(probe)
+        for prompt in prompts:
+            for answer in answers:
+                a = fp32.engine.score(probe.name, prompt, answer)
+                b = bf16.engine.score(probe.name, prompt, answer)
+                worst = max(worst, float(np.max(np.abs(np.subtract(a, b)))))
+    return worst
 
 
 if __name__ == "__main__":

@@ -59,13 +59,13 @@ def main() -> None:
         t0 = time.perf_counter()
         jobs = [StepJob(n, [prompt] * 5, [answer] * 5, [1.0, 0.0, 1.0, 0.0, 1.0]) for n in group.names]
         for handle in group.learners.submit(jobs):
-            group.land(group.names.index(handle.name), handle.result())
+            group.serving.land(group.engine, handle.result())
         print(f"{args.agents} PPO steps (Adam moments now exist): {time.perf_counter() - t0:.1f} s", flush=True)
         t0 = time.perf_counter()
         for handle in group.learners.submit(jobs):  # a second round, to time the sync alone
             result = handle.result()
             t1 = time.perf_counter()
-            group.land(group.names.index(handle.name), result)
+            group.serving.land(group.engine, result)
             group.engine.flush()  # the engine serves the new version now
             sync.append(time.perf_counter() - t1)
         print(f"weight sync per adapter version (learner actor -> object store -> vLLM actor, registered): "

@@ -38,14 +38,14 @@ HISTORIES = ("first", "CC", "CD", "DC", "DD")  # own last move, opponent's last 
 
 
 def _cells(full: bool) -> list[tuple[str, str, str, str]]:
-    from actors.llm.prompts import PROMPT_VARIANTS, STRUCTURED
+    from actors.llm.prompts import EVAL_VARIANTS, STRUCTURED
 
     if full:
-        return [("full", g, t, v) for g, t, v in itertools.product(EVAL_GAMES, EVAL_TOKENS, PROMPT_VARIANTS)]
+        return [("full", g, t, v) for g, t, v in itertools.product(EVAL_GAMES, EVAL_TOKENS, EVAL_VARIANTS)]
     return (
         [("game", g, TEST_TOKENS, STRUCTURED) for g in EVAL_GAMES]
         + [("tokens", "IPD", t, STRUCTURED) for t in EVAL_TOKENS]
-        + [("variant", "IPD", TEST_TOKENS, v) for v in PROMPT_VARIANTS]
+        + [("variant", "IPD", TEST_TOKENS, v) for v in EVAL_VARIANTS]
         + [("unrelated", "-", TEST_TOKENS, "unrelated")]
     )
 
@@ -65,9 +65,9 @@ def evaluate(
     answer_mode: str = "free",
 ) -> pl.DataFrame:
     """Run the matrix for one model (+ adapter); write the Parquet and the table; return the table."""
-    from actors.llm.agent import LLMAgentConfig, cooperation_probability, make_engine, resolve_tokens
+    from actors.llm.agent import cooperation_probability, resolve_tokens
     from actors.llm.answers import ANSWER_MODES, AnswerTrie, answer_length, sample_masked
-    from actors.llm.engine import GenerationRequest, legal_share
+    from actors.llm.engine import GenerationRequest, legal_share, make_engine
     from actors.llm.models import resolve_model
     from actors.llm.prompts import UNRELATED_QUESTIONS, chat_ids, game_prompt_text, parse_answer, unrelated_prompt_text
     from actors.llm.weight_sync import peft_dir_to_adapter
@@ -76,7 +76,7 @@ def evaluate(
     if answer_mode not in ANSWER_MODES:
         raise MoralsimError(f"unknown answer_mode {answer_mode!r}; valid: {', '.join(ANSWER_MODES)}")
     model_dir = resolve_model(model)
-    engine = make_engine(LLMAgentConfig(model=str(model_dir), engine=engine_kind, device=device), model_dir, seed, 1)
+    engine = make_engine(engine_kind, model_dir, device=device, seed=seed)
     name = None
     if adapter is not None:
         name = "evaluated"  # not "eval": peft adapter names become module attributes

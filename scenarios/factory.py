@@ -47,7 +47,7 @@ def build_groups(cfg: RunConfig, streams: Sequence[RunStreams]) -> list[AgentGro
             from actors.llm.agent import LLMGroup
             from actors.llm.config import LLMAgentConfig
 
-            groups.append(LLMGroup(slots, n, cfg.game, rngs, agents.llm or LLMAgentConfig(), seed=cfg.seed,
+            groups.append(LLMGroup(slots, n, cfg.game, rngs, agents.llm or LLMAgentConfig(),
                                    codes=[population.agents[s].code for s in slots]))
         else:
             raise ConfigError(f"unknown learner kind {kind!r}; valid: static, dqn, tabularQ, llm")

@@ -46,6 +46,9 @@ class Population:
     text: str
     agents: tuple[AgentSpec, ...]  # one per slot, in the order of the string
 
+    def __post_init__(self) -> None:
+        check_reason_learners(self.text, self.agents)  # the one place the virtue reason rule is checked
+
     @property
     def size(self) -> int:
         return len(self.agents)
@@ -66,13 +69,13 @@ class Population:
         agents = tuple(
             a if a.is_static or a.learner else AgentSpec(a.code, default_learner) for a in self.agents
         )
-        check_reason_learners(self.text, agents)
         return Population(self.text, agents)
 
 
 def check_reason_learners(text: str, agents: tuple[AgentSpec, ...]) -> None:
     """A type that scores a stated reason (VR, Game+VR) needs an LLM learner: ConfigError naming why and the fix."""
-    bad = sorted({f"{a.code}@{a.learner}" for a in agents if a.code in REASON_TYPES and a.learner != "llm"})
+    bad = sorted({f"{a.code}@{a.learner}" for a in agents
+                  if a.code in REASON_TYPES and a.learner is not None and a.learner != "llm"})
     if bad:
         raise ConfigError(
             f"population {text!r}: {', '.join(bad)} cannot learn its reward: {'/'.join(sorted(REASON_TYPES))} score "

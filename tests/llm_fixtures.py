@@ -21,7 +21,7 @@ TINY_MAX_LORAS = 3
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from actors.llm.tiny import build_tiny_model_dir
+    from tests.tiny_model import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama") / "model", seed=0)
 

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from actors.llm.agent import LLMAgentConfig, make_engine
+from actors.llm.agent import LLMAgentConfig, group_engine
 from actors.llm.config import PPOConfig
 from actors.llm.learners import LearnerGroup, StepJob
 from actors.llm.remote import launch, learner_group_factory
@@ -127,7 +127,7 @@ def test_gpu_requests_reach_the_actors_that_need_them(ray_gpu):
 
 def test_the_llm_groups_factories_carry_the_device_to_the_actors(tiny_model_path):
     config = LLMAgentConfig(model=str(tiny_model_path), device="cuda", engine="hf")
-    engine = partial(make_engine, config, tiny_model_path, 0, 2)  # what LLMGroup hands each rollout actor
+    engine = partial(group_engine, config, tiny_model_path, 0, 2)  # what LLMGroup hands each rollout actor
     assert engine.args[0].device == "cuda"
     learners = learner_group_factory(str(tiny_model_path), "cuda")([("a", SMALL_PPO)])
     assert learners.args[2] == "cuda"  # LearnerGroup(model_dir, specs, device)
@@ -175,7 +175,7 @@ def test_weight_sync_across_processes_is_proven_by_logprobs(ray_gpu, tiny_model_
     config = LLMAgentConfig(model=str(tiny_model_path), engine="vllm", ppo=SMALL_PPO)
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     cluster = launch(LLMActors(rollout_actors=1, learner_actors=1), ["a"], [("a", SMALL_PPO)],
-                     lambda names: partial(make_engine, config, tiny_model_path, 0, len(names)),
+                     lambda names: partial(group_engine, config, tiny_model_path, 0, len(names)),
                      learner_group_factory(str(tiny_model_path), "cpu"), tok)
     try:
         engine, learner = cluster.engine, cluster.learner_actors[0]

@@ -15,7 +15,7 @@ from actors.llm import prompts as P
 from actors.llm.agent import LLMAgentConfig, LLMGroup
 from actors.llm.answers import AnswerTrie, answer_length, eos_token_ids, sample_masked
 from actors.llm.config import PPOConfig
-from actors.llm.engine import GenerationRequest, action_probs
+from actors.llm.engine import GenerationRequest, action_probs, legal_share
 from actors.llm.hf_engine import HFEngine
 from scenarios.factory import build_groups
 from scenarios.run import with_agents
@@ -171,6 +171,9 @@ def test_population_prompts_do_not_join_moves_from_different_games():
     assert "points and they got" not in many and "Last time" not in many
     assert "In its most recent game, your opponent played action2." in many
     assert "In your own most recent game, you played action1." in many
+    assert "You have not played this opponent before." in many
+    met = P.game_prompt_text(GAMES["IPD"], A12, Action.C, Action.D, rng, same_game=False, against=Action.C)
+    assert "The last time you met, this opponent played action1 against you." in met
 
 
 def test_a_runs_records_do_not_depend_on_batching(tmp_path, tiny_model_path):
@@ -192,11 +195,13 @@ def test_mask_mode_logprobs_are_the_learners_masked_logprobs(tiny_model_path):
                                                                           ppo=SMALL_PPO))
     prompts = [P.game_prompt_ids(group.tokenizer, GAMES["IPD"], A12, Action.C, Action.D, np.random.default_rng(k))
                for k in range(4)]
-    results, p_c = group._masked([0] * 4, prompts)
+    run = group.runs[0]
+    results, scores = group._masked([0] * 4, prompts, [run.trie] * 4, [run.answers] * 4)
+    p_c = np.array([legal_share(sum(s[0]), sum(s[1])) for s in scores])
     learner = group.learners.learners[group.names[0]]  # type: ignore[attr-defined]
     for prompt, res in zip(prompts, results, strict=True):
         assert res.text in ("action1", "action2")
-        allowed = group.trie.allowed(res.token_ids)  # type: ignore[union-attr]
+        allowed = group.runs[0].trie.allowed(res.token_ids)  # type: ignore[union-attr]
         assert learner.logprobs(prompt, res.token_ids, allowed) == pytest.approx(list(res.logprobs), abs=1e-5)
         assert np.exp(res.logprobs[-1]) < 1.0  # the mask renormalises, it does not make the answer certain
     assert ((p_c > 0) & (p_c < 1)).all()

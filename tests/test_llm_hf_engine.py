@@ -124,7 +124,7 @@ def test_stale_adapter_detection(tiny_model_path: Path) -> None:
         check_fresh(stale, {"agent-0": learner.version})
     engine.load_adapter(learner.export_adapter())
     check_fresh(engine.generate([GenerationRequest(tuple(q[0]), "agent-0", 1)]), {"agent-0": learner.version})
-    with pytest.raises(StaleAdapterError, match="refusing version 0"):
+    with pytest.raises(StaleAdapterError, match="newer than the served v1, got v0"):
         engine.load_adapter(v0)  # a replayed, older sync
     with pytest.raises(UnknownNameError, match="agent-0"):
         engine.generate([GenerationRequest(tuple(q[0]), "agent-9", 1)])

@@ -79,7 +79,7 @@ def test_stale_adapter_is_reported_not_used(tiny_model_path):
     rngs = [[np.random.default_rng(0)]]
     group = LLMGroup(np.array([0]), 2, GAMES["IPD"], rngs, LLMAgentConfig(model=str(tiny_model_path), ppo=SMALL_PPO))
     (job,) = group.learners.submit([StepJob(group.names[0], [[1, 2, 3]] * 2, [[4]] * 2, [1.0, 0.0])])
-    group.served[0] = job.result().version  # the group expects v1 served; the engine was never sent it
+    group.serving.served[group.adapter(0)] = job.result().version  # the group expects v1; the engine never got it
     batch = DilemmaBatch(1, np.zeros(1, int), np.zeros(1, int), np.ones(1, int), np.zeros(1, np.int8),
                          np.zeros(1, np.int8), np.full((1, 2), 0.5))
     with pytest.raises(StaleAdapterError, match="came from version 0, expected >= 1"):
@@ -126,3 +126,20 @@ def test_demo_scenario_parses_and_names_errors(tmp_path):
     proc = subprocess.run([sys.executable, "main.py", "--scenario", "iclr2025/no_such"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2 and "de_vs_tft_smollm2" in proc.stderr
+
+
+def test_random_action_tokens_are_drawn_per_run_from_the_run_streams(tiny_model_path):
+    from simulator.seeding import run_streams
+
+    def group(runs: list[int]) -> LLMGroup:
+        rngs = [[run_streams(5, r, 2).agents[0]] for r in runs]
+        return LLMGroup(np.array([0]), 2, GAMES["IPD"], rngs,
+                        LLMAgentConfig(model=str(tiny_model_path), tokens="random:3", ppo=SMALL_PPO, train=False))
+
+    both, alone = group([0, 1]), group([1])
+    assert both.runs[0].tokens != both.runs[1].tokens  # each run its own pair
+    assert both.runs[1].tokens == alone.runs[0].tokens  # a run's pair does not depend on its batch
+    # the draw comes from a side stream: the agent's own stream draws what it would without it
+    fresh = run_streams(5, 1, 2).agents[0]
+    fresh.integers(2**31)  # the learner's seed, the group's one draw at start-up
+    assert both.rngs[1].random() == fresh.random()

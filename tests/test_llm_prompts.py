@@ -143,20 +143,44 @@ def test_unrelated_questions_ask_for_a_token() -> None:
 
 
 def test_partner_prompt_and_parse() -> None:
-    cands = [(1, C), (3, None), (7, D)]
-    text = P.partner_prompt_text(cands, A12)
-    assert "agent 1: last played action1" in text
-    assert "agent 3: has not played yet" in text
-    assert "agent 7: last played action2" in text
-    shuffled = P.partner_prompt_text(cands, A12, np.random.default_rng(0))
+    cands = [P.Candidate(1, C, D), P.Candidate(3, None, None), P.Candidate(7, D, None)]
+    text = P.partner_prompt_text(GAMES["IPD"], cands, A12)
+    # what the choice is for, with the game's own payoff table first (the prefix the game prompts share)
+    assert text.startswith(P.shared_text(GAMES["IPD"], A12))
+    assert "Before each game you choose the opponent you play it with" in text
+    assert "agent 1: last played action1, played action2 against you" in text
+    assert "agent 3: has not played yet, never met you" in text
+    assert "agent 7: last played action2, never met you" in text
+    shuffled = P.partner_prompt_text(GAMES["IPD"], cands, A12, np.random.default_rng(0))
     assert sorted(shuffled.splitlines()) == sorted(text.splitlines())
     ids = [1, 3, 7]
     table = [("3", 3), (" 7.\n", 7), ("1", 1), ("2", None), ("agent 3", None), ("03", None), ("3 or 7", None),
              ("", None), ("٣", None), ("-1", None)]
     for answer, expected in table:
         assert P.parse_partner(answer, ids) == expected, answer
+    # zero-padded ids in populations of more than ten: "03" is agent 3, "3" is no answer
+    assert P.parse_partner("03", ids, width=2) == 3 and P.parse_partner("3", ids, width=2) is None
+    assert "agent 03: " in P.partner_prompt_text(GAMES["IPD"], cands, A12, width=2)
     with pytest.raises(ConfigError):
-        P.partner_prompt_text([(1, C), (1, D)], A12)
+        P.partner_prompt_text(GAMES["IPD"], [P.Candidate(1, C, None), P.Candidate(1, D, None)], A12)
+
+
+def test_compact_variant_is_shorter_and_says_the_same(tiny_model_path) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    rng = np.random.default_rng(0)
+    full = P.chat_ids(tok, P.game_prompt_text(GAMES["IPD"], A12, C, D, rng, P.STRUCTURED, False, C))
+    compact_text = P.game_prompt_text(GAMES["IPD"], A12, C, D, rng, P.COMPACT, False, C)
+    assert len(P.chat_ids(tok, compact_text)) < 0.75 * len(full)
+    for cell in ("action1+action1 3,3", "action1+action2 0,4", "action2+action1 4,0", "action2+action2 1,1"):
+        assert cell in compact_text
+    assert "(action1 against you when you last met)" in compact_text and compact_text.endswith("Your answer:")
+    cands = [P.Candidate(1, C, D), P.Candidate(2, None, None)]
+    compact_sel = P.partner_prompt_text(GAMES["IPD"], cands, A12, variant=P.COMPACT)
+    assert compact_sel.startswith(P.shared_text(GAMES["IPD"], A12, P.COMPACT))
+    assert "1: last action1, action2 vs you" in compact_sel and "2: no move yet, never met" in compact_sel
+    assert P.COMPACT not in P.EVAL_VARIANTS
 
 
 def test_chat_template_with_tiny_tokenizer(tiny_model_path) -> None:  # type: ignore[no-untyped-def]

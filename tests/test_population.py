@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.errors import PopulationSpecError
+from simulator.errors import ConfigError, PopulationSpecError
 from simulator.population import parse_population
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,3 +64,13 @@ def test_cli_rejects_bad_population_before_any_work(tmp_path, text):
     assert "Valid" in proc.stderr and "TFT" in proc.stderr and "mDE" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_the_virtue_reason_rule_is_checked_when_a_population_is_built():
+    from simulator.population import AgentSpec, Population
+
+    with pytest.raises(ConfigError, match=r"VR@dqn cannot learn its reward.*@llm"):
+        Population("1xVR@dqn", (AgentSpec("VR", "dqn"),))
+    Population("1xVR", (AgentSpec("VR", None),))  # the learner comes later (resolved), checked then
+    with pytest.raises(ConfigError, match="only LLM agents state reasons"):
+        Population("1xVR", (AgentSpec("VR", None),)).resolved("tabularQ")

@@ -28,7 +28,7 @@ EXPECTED = {
     "aies2024_compat": "e1d8786f4ec5b6f3",
     "tabular_random_matching": "1ba8eab233d2b4a9",
     "llm_pair": "5d2a2113eb9d33b6",
-    "llm_population_prompt": "1028955a76e319f6",
+    "llm_population_prompt": "09e54d78ef006d50",  # issue 16: selection prompt with the payoff table + memory
     "vr_pair": "96b142de7c9f1f35",
 }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.llm.agent import LLMAgentConfig, make_engine
+from actors.llm.agent import LLMAgentConfig, group_engine
 from actors.llm.config import LLMActors, PPOConfig
 from actors.llm.remote import launch, learner_group_factory
 from simulator.errors import ClusterError
@@ -42,7 +42,7 @@ def test_llm_actors_spread_over_both_nodes(two_nodes, tiny_model_path):
 
     config = LLMAgentConfig(model=str(tiny_model_path), ppo=SMALL_PPO)
     cluster = launch(LLMActors(rollout_actors=1, learner_actors=1, placement="STRICT_SPREAD"), ["n0"],
-                     [("n0", SMALL_PPO)], lambda names: partial(make_engine, config, tiny_model_path, 0, len(names)),
+                     [("n0", SMALL_PPO)], lambda names: partial(group_engine, config, tiny_model_path, 0, len(names)),
                      learner_group_factory(str(tiny_model_path), "cpu"), AutoTokenizer.from_pretrained(tiny_model_path))
     try:
         nodes = {info["node_id"] for info in cluster.info}

@@ -1,6 +1,6 @@
 """LLM agents in the population: one `LLMGroup` plays every LLM slot of R stacked runs.
 
-    engine (hf | vllm, one for the group)         learners (one PPOLearner per agent, one shared PolicyHost)
+    engine (hf | vllm, one for the group)         learners (one PPOLearner per adapter, one shared PolicyHost)
     ┌──────────────────────────────────────┐      ┌───────────────────────────────────────────────────────┐
     │ act(): every decision of the         │      │ learn(): each agent's (prompt, answer, reward) samples │
     │ iteration in ONE generate call, each │◄─────│ buffer until batch_size, then PPO step, then           │
@@ -19,12 +19,21 @@ copies the last legal move, and `fine_tune_2learners.py` pays the opponent again
 move. The record's action is that carried-over move; its `legal` column is false.
 
 Randomness: every learner's initialisation and every sampling coin comes from its agent's own stream of the run
-(simulator/seeding.py), so a run's records do not depend on how runs are batched into one engine.
+(simulator/seeding.py), so a run's records do not depend on how runs are batched into one engine. Run-level draws
+(a `random:<len>` action-token pair, one per run; the engine's seed) come from a side stream of the run's first LLM
+agent (`seeding.side_stream`), which leaves that agent's own draws unchanged.
 Samples keep the adapter version and the behaviour log pi that produced them: a sample older than its learner is
 trained with the importance ratio (`off_policy = "ratio"`) or dropped and counted (`"drop"`).
 Partner selection: `random` (uniform), `dqn` (a DQN selection head per agent, actors/dqn.py) or `prompt` (the model
-picks an agent id from a list of candidates and their last moves; that answer is trained with PPO too, rewarded with
-the learning reward of the game it led to, or R_illegal).
+picks an agent id from a list of candidates, their most recent moves and their last moves against it; that answer
+is trained with PPO too, rewarded with the learning reward of the game it led to, or R_illegal). In mask mode the
+partner answer is restricted to the candidates' ids, as a move is to the action tokens, and PPO trains that mask.
+
+The group is three plain parts and the engine calls between them (one call per phase of an iteration):
+    Decider (actors/llm/deciding.py)       prompts, partner memory, answers -> decisions
+    SampleBuffers (actors/llm/learning.py) rewarded samples per adapter -> PPO steps
+    Serving (actors/llm/serving.py)        agent -> adapter (per_agent | per_type | shared), served versions, sync
+`clock` adds up the seconds of each phase (prompts, rollouts, scoring, ppo, sync) for benchmarks/llm_population.py.
 Every rollout is checked against the learner's version before use: a stale adapter raises StaleAdapterError.
 Moral types that score a stated reason (VR, Game+VR; actors/llm/virtue/dilemma.py): after the move, the agent is
 asked for a one-sentence reason (a second generate call through the same engine, its own adapter,
@@ -36,7 +45,10 @@ trains the move answer only, on that reward.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,8 +56,9 @@ from typing import Any
 import numpy as np
 
 from actors.dqn import DQNConfig, DQNGroup
-from actors.llm.answers import AnswerTrie, answer_length, sample_masked
+from actors.llm import budget
 from actors.llm.config import LLMAgentConfig, VirtueConfig
+from actors.llm.deciding import Decider, masked_picks, masked_rows
 from actors.llm.engine import (
     GenerationRequest,
     GenerationResult,
@@ -53,29 +66,23 @@ from actors.llm.engine import (
     action_logprobs,
     check_fresh,
     legal_share,
+    make_engine,
 )
-from actors.llm.learners import LearnerGroup, LearnerPool, StepHandle, StepJob, StepResult
-from actors.llm.prompts import (
-    TokenPair,
-    chat_ids,
-    game_prompt_text,
-    parse_answer,
-    parse_partner,
-    partner_prompt_text,
-    random_token_pair,
-    token_pair,
-)
+from actors.llm.learners import LearnerGroup, LearnerPool, StepJob
+from actors.llm.learning import Sample, SampleBuffers
+from actors.llm.prompts import TokenPair, parse_answer, random_token_pair, token_pair
+from actors.llm.serving import Serving, adapter_names
 from actors.llm.virtue.dilemma import reason_context, scored_conversation
 from actors.static import uniform_partner
-from simulator.contracts import Action, Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
+from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError
 from simulator.games import Game
 from simulator.rewards import R_ILLEGAL, REASON_TYPES
+from simulator.seeding import side_stream
 
 log = logging.getLogger(__name__)
 
-
-
+PHASES = ("prompts", "rollouts", "scoring", "ppo", "sync")
 
 
 def resolve_tokens(spec: str, rng: np.random.Generator) -> TokenPair:
@@ -88,17 +95,11 @@ def resolve_tokens(spec: str, rng: np.random.Generator) -> TokenPair:
     return token_pair(spec)
 
 
-def make_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: int) -> RolloutEngine:
-    if config.engine == "vllm":
-        from actors.llm.vllm_engine import VLLMEngine
-
-        gpu: dict[str, Any] = {}
-        if config.device.startswith("cuda"):  # vLLM picks the GPU itself (the one Ray made visible)
-            gpu["gpu_memory_utilization"] = config.actors.gpu_memory_utilization
-        return VLLMEngine(model_dir, max_loras=max(1, max_loras), max_lora_rank=config.ppo.lora_r, seed=seed, **gpu)
-    from actors.llm.hf_engine import HFEngine
-
-    return HFEngine(model_dir, device=config.device, seed=seed)
+def group_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: int) -> RolloutEngine:
+    """`make_engine` with an LLM group's settings (a top-level function: Ray pickles it for the rollout actors)."""
+    return make_engine(config.engine, model_dir, device=config.device, seed=seed, max_loras=max_loras,
+                       max_lora_rank=config.ppo.lora_r, gpu_memory_utilization=config.actors.gpu_memory_utilization,
+                       dtype=config.dtype)
 
 
 def cooperation_probability(
@@ -111,13 +112,19 @@ def cooperation_probability(
     return legal_share(lp[:, 0], lp[:, 1])
 
 
-@dataclass
-class _Sample:
-    prompt: list[int]
-    response: list[int]
-    logprobs: list[float]  # behaviour log pi per response token (masked in mask mode)
-    version: int  # adapter version that produced it
-    allowed: list[list[int]] | None = None  # mask mode: the allowed tokens per response position
+class PhaseClock:
+    """Seconds spent per phase, added up over a run (benchmarks/llm_population.py reads them)."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
 
 
 class LLMGroup:
@@ -134,30 +141,37 @@ class LLMGroup:
         rngs: list[list[np.random.Generator]],
         config: LLMAgentConfig,
         *,
-        seed: int = 0,
         engine: RolloutEngine | None = None,
         model_dir: Path | None = None,
         codes: list[str] | None = None,
     ) -> None:
-        """codes: the moral type of each slot (optional); a reason-scoring type (VR) loads the reward models now,
-        so a missing folder fails before any game; otherwise they are loaded at the first such decision."""
+        """codes: the moral type of each slot (per_type adapters need them); a reason-scoring type (VR) loads the
+        reward models now, so a missing folder fails before any game; otherwise at the first such decision."""
         from actors.llm.models import resolve_model
 
+        config.check_population(num_agents)  # before any model loads
+        if config.adapters == "per_type" and codes is None:
+            raise ConfigError("per_type adapters need each slot's moral type (codes)")
+        model_dir = model_dir or resolve_model(config.model)  # a folder: the weights load later
+        budget.check_memory(config, budget.ModelShape.from_dir(model_dir), codes or ["-"] * len(slots), num_agents,
+                            len(rngs), budget.available_bytes(config))
         self.slots = np.asarray(slots, dtype=np.int64)
         self.cfg = config
+        self.clock = PhaseClock()
         self._scorer: Any = None  # actors.llm.virtue.dilemma.VirtueScorer, loaded once
         if codes is not None and REASON_TYPES & set(codes):
             self.scorer()  # before the policy: a missing reward-model folder fails first
-        self.game = game
         self.R, self.G, self.n_others = len(rngs), len(self.slots), num_agents - 1
-        self.same_game = num_agents == 2  # two agents: both last moves are the moves of one game
         # b = run * G + member. Each agent's own stream of its run: learner seed, option order, sampling coins
         self.rngs = [rng for run in rngs for rng in run]
-        self.tokens = resolve_tokens(config.tokens, np.random.default_rng(seed))
-        model_dir = model_dir or resolve_model(config.model)
-        self.names = [f"run{r}-slot{int(s)}" for r in range(self.R) for s in self.slots]
-        specs = [(name, replace(config.ppo, seed=int(rng.integers(2**31))))
-                 for rng, name in zip(self.rngs, self.names, strict=True)]
+        side = [side_stream(run[0]) for run in rngs]
+        run_tokens = [resolve_tokens(config.tokens, s) for s in side]
+        seed = int(side[0].integers(2**31))  # the engine's own stream (requests carry their agents' seeds)
+        self.names = [f"run{r}-slot{int(s)}" for r in range(self.R) for s in self.slots]  # the agents
+        self.serving = Serving(adapter_names(config.adapters, self.R, self.slots.tolist(), codes or ["-"] * self.G))
+        seeds = [int(rng.integers(2**31)) for rng in self.rngs]  # every agent draws; an adapter takes its first's
+        adapters = self.serving.names
+        specs = [(name, replace(config.ppo, seed=seeds[self.serving.agents(name)[0]])) for name in adapters]
         self.cluster: Any = None  # actors.llm.remote.Cluster when the agents live on Ray actors
         self.learners: LearnerPool
         if config.actors.enabled:
@@ -165,36 +179,40 @@ class LLMGroup:
 
             from actors.llm.remote import launch, learner_group_factory
 
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
             self.cluster = launch(
-                config.actors, self.names, specs,
-                lambda names: partial(make_engine, config, model_dir, seed, len(names)),
-                learner_group_factory(str(model_dir), config.device), self.tokenizer, config.device,
+                config.actors, adapters, specs,
+                lambda names: partial(group_engine, config, model_dir, seed, len(names)),
+                learner_group_factory(str(model_dir), config.device, config.dtype), tokenizer, config.device,
             )
             self.learners = self.cluster.learners
             self.engine = engine or self.cluster.engine
         else:
-            local = LearnerGroup(model_dir, specs, device=config.device)
-            self.learners, self.tokenizer = local, local.tokenizer
-            self.engine = engine or make_engine(config, model_dir, seed, len(self.names))
+            local = LearnerGroup(model_dir, specs, device=config.device, dtype=config.dtype)
+            self.learners, tokenizer = local, local.tokenizer
+            self.engine = engine or group_engine(config, model_dir, seed, len(adapters))
+        self.tokenizer = tokenizer
         self._own_engine = engine is None  # an engine handed in belongs to the caller, who closes it
-        for weights in self.learners.export(self.names):
+        for weights in self.learners.export(adapters):
             self.engine.load_adapter(weights)
-        self.batch_size = config.ppo.batch_size
-        self.served = [0] * len(self.names)  # adapter version the engine serves per agent (the learners' after sync)
-        self.pending: dict[int, StepHandle] = {}  # overlap: the update in flight per agent (at most one)
-        self.answers = (self.tokens.c, self.tokens.d)
-        self.trie = AnswerTrie.from_texts(self.tokenizer, self.answers) if config.answer_mode == "mask" else None
-        self.max_new_tokens = config.max_new_tokens or answer_length(self.tokenizer, self.answers)
-        self.buffers: list[list[tuple[_Sample, float]]] = [[] for _ in self.names]
-        self.last_stats: list[dict[str, float]] = [{} for _ in self.names]
-        self.dropped = 0  # stale samples discarded (off_policy = "drop")
-        self._act_samples: list[_Sample] = []
-        self._sel_samples: dict[int, _Sample] = {}
+        self.decider = Decider(tokenizer, game, config, self.slots.tolist(), num_agents, run_tokens)
+        self.buffers = SampleBuffers(adapters, config.ppo.batch_size, config.off_policy)
+        self._act_samples: list[Sample] = []
+        self._act_opponents: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._sel_samples: dict[int, Sample] = {}
         self._sel_illegal: np.ndarray = np.zeros(0, dtype=bool)
         self.head: DQNGroup | None = None
         if config.selection == "dqn":
             self.head = DQNGroup(self.slots, num_agents, rngs, DQNConfig(learn_dilemma=False))
+
+    @property
+    def runs(self) -> list[Any]:
+        """Each run's legal answers (deciding.RunAnswers)."""
+        return self.decider.runs
+
+    def adapter(self, b: int) -> str:
+        """The adapter agent b plays with."""
+        return self.serving.adapter_of[b]
 
     # -- the virtue reward models (VR types) --------------------------------------------------------------------
     def scorer(self) -> Any:
@@ -234,15 +252,17 @@ class LLMGroup:
         requests = [
             GenerationRequest(
                 tuple(template_ids(self.tokenizer, reason_context(texts[k], answers[k]), add_generation_prompt=True)),
-                self.names[bs[k]], limit, temperature, stop_at_eos=True, seed=int(self.rngs[bs[k]].integers(2**63)))
+                self.adapter(bs[k]), limit, temperature, stop_at_eos=True, seed=int(self.rngs[bs[k]].integers(2**63)))
             for k in ks
         ]
-        results = self.engine.generate(requests)
-        check_fresh(results, {self.names[bs[k]]: self.served[bs[k]] for k in ks})
+        with self.clock("scoring"):
+            results = self.engine.generate(requests)
+        check_fresh(results, self.serving.expected([bs[k] for k in ks]))
         eos = set(self.engine.eos_ids)
         reasons = [res.text.strip() for res in results]
-        virtue, per_model = scorer.score(
-            [scored_conversation(texts[k], answers[k], r) for k, r in zip(ks, reasons, strict=True)])
+        with self.clock("scoring"):
+            virtue, per_model = scorer.score(
+                [scored_conversation(texts[k], answers[k], r) for k, r in zip(ks, reasons, strict=True)])
         for j, (k, res) in enumerate(zip(ks, results, strict=True)):
             ids = res.token_ids
             out["stated_reason"][k] = reasons[j]
@@ -253,43 +273,51 @@ class LLMGroup:
             term[k] = vc.weight * float(np.float32(virtue[j]))  # the recorded (float32) score, so records add up
         return out | {"_term": term}
 
-    # -- engine calls -------------------------------------------------------------------------------------------
-    def _generate(self, bs: list[int], prompts: list[list[int]], max_new_tokens: int) -> list[GenerationResult]:
+    # -- engine calls (one per phase) ------------------------------------------------------------------------------
+    def _generate(self, bs: list[int], prompts: list[list[int]], max_new_tokens: list[int]) -> list[GenerationResult]:
         requests = [
-            GenerationRequest(tuple(p), self.names[b], max_new_tokens, self.cfg.temperature,
+            GenerationRequest(tuple(p), self.adapter(b), n, self.cfg.temperature,
                               stop_at_eos=self.cfg.stop == "eos", seed=int(self.rngs[b].integers(2**63)))
-            for b, p in zip(bs, prompts, strict=True)
+            for b, p, n in zip(bs, prompts, max_new_tokens, strict=True)
         ]
-        results = self.engine.generate(requests)
-        check_fresh(results, {self.names[b]: self.served[b] for b in set(bs)})
+        with self.clock("rollouts"):
+            results = self.engine.generate(requests)
+        check_fresh(results, self.serving.expected(bs))
         return results
 
-    def _masked(self, bs: list[int], prompts: list[list[int]]) -> tuple[list[GenerationResult], np.ndarray]:
-        """Mask mode: score both legal answers per prompt (one call), sample each on the trie with the agent's coins.
-
-        Returns the results (as if generated) and P(C)/(P(C)+P(D)) from the same scores.
-        """
-        assert self.trie is not None
-        seqs = self.trie.sequences
-        names = [self.names[b] for b in bs]
-        raw = self.engine.score_batch(
-            [n for n in names for _ in seqs], [p for p in prompts for _ in seqs], [list(q) for _ in prompts for q in seqs]
-        )
-        results, p_c = [], np.empty(len(bs))
-        width = max(len(q) for q in seqs)
-        for k, (b, name) in enumerate(zip(bs, names, strict=True)):
-            rows = raw[k * len(seqs) : (k + 1) * len(seqs)]
-            pick, logps = sample_masked(self.trie, rows, self.rngs[b].random(width), self.cfg.temperature)
-            p_c[k] = legal_share(float(np.sum(rows[0])), float(np.sum(rows[1])))  # the trie's sequences: (C, D)
-            results.append(GenerationResult(seqs[pick], tuple(logps), self.answers[pick], name,
+    def _masked(
+        self, bs: list[int], prompts: list[list[int]], tries: list[Any], texts: list[tuple[str, ...]]
+    ) -> tuple[list[GenerationResult], list[list[list[float]]]]:
+        """Mask mode: score every legal answer of every prompt (one call), sample each on its trie with the agent's
+        coins. Returns the results (as if generated) and each decision's raw score rows."""
+        rows = masked_rows(tries)
+        with self.clock("rollouts"):
+            raw = self.engine.score_batch(
+                [self.adapter(b) for b, n in zip(bs, rows, strict=True) for _ in range(n)],
+                [p for p, n in zip(prompts, rows, strict=True) for _ in range(n)],
+                [list(q) for t in tries for q in t.sequences],
+            )
+        coins = [self.rngs[b].random(max(len(q) for q in t.sequences)) for b, t in zip(bs, tries, strict=True)]
+        results, scores = [], []
+        for b, trie, answers, (pick, logps, rows_k) in zip(
+                bs, tries, texts, masked_picks(tries, raw, coins, self.cfg.temperature), strict=True):
+            name = self.adapter(b)
+            results.append(GenerationResult(trie.sequences[pick], tuple(logps), answers[pick], name,
                                             self.engine.adapter_version(name)))
-        check_fresh(results, {self.names[b]: self.served[b] for b in set(bs)})
-        return results, p_c
+            scores.append(rows_k)
+        check_fresh(results, self.serving.expected(bs))
+        return results, scores
 
     def _p_cooperate(self, bs: list[int], prompts: list[list[int]]) -> np.ndarray:
         if not self.cfg.p_cooperate:
             return np.full(len(bs), np.nan)
-        return cooperation_probability(self.engine, self.tokenizer, self.tokens, [self.names[b] for b in bs], prompts)
+        p_c = np.empty(len(bs))
+        with self.clock("scoring"):
+            for tokens in {self.decider.run_of(b).tokens for b in bs}:  # one scoring call per distinct token pair
+                ks = [k for k, b in enumerate(bs) if self.decider.run_of(b).tokens == tokens]
+                p_c[ks] = cooperation_probability(self.engine, self.tokenizer, tokens, [self.adapter(bs[k]) for k in ks],
+                                                  [prompts[k] for k in ks])
+        return p_c
 
     # -- decisions ----------------------------------------------------------------------------------------------
     def select(self, batch: SelectionBatch) -> Decisions:
@@ -298,63 +326,63 @@ class LLMGroup:
             return Decisions(random_choice, np.full(random_choice.shape, Reason.STATIC, dtype=np.int8))
         if self.head is not None:
             return self.head.select(batch)
-        bs, prompts, others = [], [], []
-        for r in range(self.R):
-            for g, slot in enumerate(self.slots):
-                b = r * self.G + g
-                ids = [i for i in range(self.n_others + 1) if i != slot]
-                last = [None if batch.iteration == 0 else Action(int(m)) for m in batch.state[r, g]]
-                text = partner_prompt_text(list(zip(ids, last, strict=True)), self.tokens, self.rngs[b])
-                bs.append(b)
-                prompts.append(chat_ids(self.tokenizer, text))
-                others.append(ids)
-        results = self._generate(bs, prompts, max(self.max_new_tokens, len(str(self.n_others))))
+        with self.clock("prompts"):
+            prompts = self.decider.selection_prompts(batch, self.rngs)
+        bs = list(range(self.R * self.G))
+        members = [b % self.G for b in bs]
+        if self.cfg.answer_mode == "mask":
+            tries = [self.decider.partner_trie(g) for g in members]
+            texts = [self.decider.partner_answers(g) for g in members]
+            results, _ = self._masked(bs, prompts, tries, texts)
+            allowed: list[Any] = [t.allowed(res.token_ids) for t, res in zip(tries, results, strict=True)]
+        else:
+            results = self._generate(bs, prompts, [self.decider.selection_tokens()] * len(bs))
+            allowed = [None] * len(bs)
         choice = random_choice.copy()
         reason = np.full(choice.shape, Reason.POLICY, dtype=np.int8)
         self._sel_samples = {}
         self._sel_illegal = np.zeros(choice.shape, dtype=bool)
-        for b, prompt, ids, res in zip(bs, prompts, others, results, strict=True):
-            r, g = divmod(b, self.G)
-            picked = parse_partner(res.text, ids)
+        for b, g, prompt, res, mask in zip(bs, members, prompts, results, allowed, strict=True):
+            r = b // self.G
+            picked = self.decider.partner_choice(g, res.text)
             if picked is None:
                 reason[r, g] = Reason.ILLEGAL
                 self._sel_illegal[r, g] = True
             else:
-                choice[r, g] = ids.index(picked)
-            self._sel_samples[b] = _Sample(prompt, list(res.token_ids), list(res.logprobs), res.adapter_version)
+                choice[r, g] = picked
+            self._sel_samples[b] = Sample(prompt, list(res.token_ids), list(res.logprobs), res.adapter_version, mask)
         return Decisions(choice, reason)
 
     def act(self, batch: DilemmaBatch) -> Decisions:
-        bs = (batch.run * self.G + batch.member).tolist()
-        prompts, texts = [], []
-        for k, b in enumerate(bs):
-            own = None if batch.first else Action(int(batch.own_prev[k]))
-            opp = None if batch.first else Action(int(batch.state[k]))
-            text = game_prompt_text(self.game, self.tokens, own, opp, self.rngs[b], self.cfg.variant, self.same_game)
-            texts.append(text)
-            prompts.append(chat_ids(self.tokenizer, text))
-        if self.trie is not None:
-            results, p_c = self._masked(bs, prompts)
+        with self.clock("prompts"):
+            bs, texts, prompts = self.decider.game_prompts(batch, self.rngs)
+        runs = [self.decider.run_of(b) for b in bs]
+        if self.cfg.answer_mode == "mask":
+            tries = [run.trie for run in runs]
+            results, scores = self._masked(bs, prompts, tries, [run.answers for run in runs])
+            # the trie's sequences are (C, D): P(C | legal) from the same scores
+            p_c = np.array([legal_share(float(np.sum(s[0])), float(np.sum(s[1]))) for s in scores])
             if not self.cfg.p_cooperate:
                 p_c[:] = np.nan
         else:
-            results = self._generate(bs, prompts, self.max_new_tokens)
+            results = self._generate(bs, prompts, [run.max_new_tokens for run in runs])
             p_c = self._p_cooperate(bs, prompts)
-        parsed = [parse_answer(res.text, self.tokens) for res in results]
+        parsed = [parse_answer(res.text, run.tokens) for res, run in zip(results, runs, strict=True)]
         legal = np.array([p is not None for p in parsed])
         # an illegal answer changes nothing: the agent's move stays its snapshot move (module docstring)
         action = np.array([int(p) if p is not None else int(batch.own_prev[k]) for k, p in enumerate(parsed)],
                           dtype=np.int64)
         reason = np.where(legal, Reason.POLICY, Reason.ILLEGAL).astype(np.int8)
         self._act_samples = [
-            _Sample(p, list(res.token_ids), list(res.logprobs), res.adapter_version,
-                    None if self.trie is None else self.trie.allowed(res.token_ids))
-            for p, res in zip(prompts, results, strict=True)
+            Sample(p, list(res.token_ids), list(res.logprobs), res.adapter_version,
+                   None if run.trie is None else run.trie.allowed(res.token_ids))
+            for p, res, run in zip(prompts, results, runs, strict=True)
         ]
-        stats = [self.last_stats[b] for b in bs]
+        self._act_opponents = np.asarray(batch.opponent, dtype=np.int64)
+        stats = [self.serving.stats[self.adapter(b)] for b in bs]
         extra: dict[str, np.ndarray] = {
             "prompt_variant": np.array([self.cfg.variant] * len(bs), dtype=object),
-            "action_tokens": np.array([f"{self.tokens.c}|{self.tokens.d}"] * len(bs), dtype=object),
+            "action_tokens": np.array([f"{run.tokens.c}|{run.tokens.d}" for run in runs], dtype=object),
             "answer_mode": np.array([self.cfg.answer_mode] * len(bs), dtype=object),
             "raw_answer": np.array([res.text for res in results], dtype=object),
             "legal": legal.astype(np.float32),
@@ -373,109 +401,94 @@ class LLMGroup:
 
     # -- learning -----------------------------------------------------------------------------------------------
     def learn(self, tr: Transitions) -> dict[str, Any]:
+        bs = (tr.run * self.G + tr.member).tolist()
+        self.decider.memory.remember(bs, self._act_opponents.tolist(), tr.next_state.tolist())
         if not self.cfg.train:
             return {}
         if self.head is not None:
             self.head.learn(tr)
-        bs = (tr.run * self.G + tr.member).tolist()
         for b, sample, reward in zip(bs, self._act_samples, tr.reward.tolist(), strict=True):
-            self.buffers[b].append((sample, float(reward)))
+            self.buffers.add(self.adapter(b), sample, reward)
         for b, sample in self._sel_samples.items():
             r, g = divmod(b, self.G)
-            reward = R_ILLEGAL if self._sel_illegal[r, g] else float(tr.sel_reward[r, g])
-            self.buffers[b].append((sample, reward))
+            self.buffers.add(self.adapter(b), sample, R_ILLEGAL if self._sel_illegal[r, g] else float(tr.sel_reward[r, g]))
         self._sel_samples = {}
         overlap = self.cfg.actors.overlap
-        updated = self._sync(block=not overlap)  # overlap: only the updates that finished meanwhile
-        jobs: list[StepJob] = []
-        for b in range(len(self.names)):
-            if self.cfg.off_policy == "drop":
-                trained = self.served[b] + (b in self.pending)  # the learner's version once its update lands
-                fresh = [(smp, r) for smp, r in self.buffers[b] if smp.version >= trained]
-                self.dropped += len(self.buffers[b]) - len(fresh)
-                self.buffers[b] = fresh
-            n = self.batch_size
-            while len(self.buffers[b]) >= n:
-                chunk, self.buffers[b] = self.buffers[b][:n], self.buffers[b][n:]
-                jobs.append(StepJob(
-                    self.names[b], [s.prompt for s, _ in chunk], [s.response for s, _ in chunk], [r for _, r in chunk],
-                    behaviour_logprobs=[s.logprobs for s, _ in chunk], versions=[s.version for s, _ in chunk],
-                    allowed=None if self.trie is None else [s.allowed for s, _ in chunk],
-                ))
-        index = {name: b for b, name in enumerate(self.names)}
-        if overlap:
-            for job in jobs:  # at most one update in flight per agent: rollouts are at most one version behind
-                b = index[job.name]
-                if b in self.pending:
-                    updated += self.land(b, self.pending.pop(b).result())
-                (self.pending[b],) = self.learners.submit([job])
-        elif jobs:
-            for job, handle in zip(jobs, self.learners.submit(jobs), strict=True):  # learner actors run in parallel
-                updated += self.land(index[job.name], handle.result())
-        out: dict[str, float] = {"ppo_updates": float(len(updated)), "stale_dropped": float(self.dropped)}
+        with self.clock("sync"):
+            updated = self.serving.sync(self.engine, block=not overlap)  # overlap: the updates that finished
+        jobs = self.buffers.jobs(self.serving.trained_version)
+        updated += self._train(jobs, overlap)
+        out: dict[str, float] = {"ppo_updates": float(len(updated)), "stale_dropped": float(self.buffers.dropped)}
         if updated:  # the mean over this iteration's updates, for live tracking (Parquet keeps per-agent values)
             for key in ("kl", "kl_coef", "policy_loss", "value_loss", "entropy", "mean_score", "stale_samples"):
                 out[key] = float(np.mean([st[key] for st in updated]))
         return out
 
-    def land(self, b: int, result: StepResult) -> list[dict[str, float]]:
-        """Agent b's update finished: keep its statistics and sync its adapter to the engine (the next rollout uses
-        it). Called by learn() and the checkpoint; public for tools that drive the learners directly (benchmarks)."""
-        self.last_stats[b] = result.stats
-        self.engine.load_adapter(result.weights)
-        self.served[b] = result.version
-        return [result.stats]
-
-    def _sync(self, block: bool) -> list[dict[str, float]]:
-        """Land the updates in flight: all of them (block), or those that finished."""
-        out: list[dict[str, float]] = []
-        for b in sorted(self.pending):
-            if block or self.pending[b].done():
-                out += self.land(b, self.pending.pop(b).result())
-        return out
+    def _train(self, jobs: list[StepJob], overlap: bool) -> list[dict[str, float]]:
+        """Run the PPO steps and serve their adapters; with overlap, leave each in flight (at most one per adapter,
+        so rollouts are at most one version behind)."""
+        updated: list[dict[str, float]] = []
+        if overlap:
+            for job in jobs:
+                if job.name in self.serving.pending:
+                    with self.clock("sync"):
+                        updated.append(self.serving.land(self.engine, self.serving.pending.pop(job.name).result()))
+                (self.serving.pending[job.name],) = self.learners.submit([job])
+            return updated
+        if jobs:
+            with self.clock("ppo"):
+                handles = self.learners.submit(jobs)  # learner actors run in parallel
+                results = [h.result() for h in handles]
+            with self.clock("sync"):
+                updated = [self.serving.land(self.engine, res) for res in results]
+        return updated
 
     def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:
         return None
 
     def save(self, run_dirs: list[Path]) -> None:
-        """Each agent's final adapter as a peft folder: <run dir>/adapters/slot<k>/ (PeftModel.from_pretrained reads it)."""
+        """Each adapter as a peft folder: <run dir>/adapters/slot<k>/ per agent, type-<code>/ per type, shared/."""
         from actors.llm.weight_sync import adapter_to_peft_dir, fetch
 
-        self._sync(block=True)  # overlap: the last updates belong to the run
-        for b, weights in enumerate(self.learners.export(self.names)):
-            r, g = divmod(b, self.G)
-            adapter_to_peft_dir(fetch(weights), Path(run_dirs[r]) / "adapters" / f"slot{int(self.slots[g])}")
+        self.serving.sync(self.engine, block=True)  # overlap: the last updates belong to the run
+        for name, weights in zip(self.serving.names, self.learners.export(self.serving.names), strict=True):
+            run, folder = name.split("-", 1)
+            adapter_to_peft_dir(fetch(weights), Path(run_dirs[int(run[3:])]) / "adapters" / folder)
 
     # -- checkpoint (simulator.contracts.Checkpointable) -------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The group's whole learning state at an iteration boundary: learners (adapters, value heads, Adam, KL,
-        score moments, RNGs), sample buffers, the agents' random streams, the DQN selection head."""
-        self._sync(block=True)  # overlap: an update in flight belongs to the checkpoint
+        score moments, RNGs), sample buffers, partner memories, the agents' random streams, the DQN selection head."""
+        self.serving.sync(self.engine, block=True)  # overlap: an update in flight belongs to the checkpoint
         return {
             "learners": self.learners.state_dicts(),
-            "buffers": self.buffers,
-            "last_stats": self.last_stats,
-            "dropped": self.dropped,
-            "served": self.served,
+            "buffers": self.buffers.buffers,
+            "last_stats": self.serving.stats,
+            "dropped": self.buffers.dropped,
+            "served": self.serving.served,
+            "memory": self.decider.memory.against,
             "rngs": [rng.bit_generator.state for rng in self.rngs],
             "head": self.head,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()`; the engine is then served every restored adapter."""
-        if sorted(state["learners"]) != sorted(self.names):
-            raise ConfigError(f"checkpoint holds agents {sorted(state['learners'])}, this group plays {self.names}")
+        names = self.serving.names
+        if sorted(state["learners"]) != sorted(names):
+            raise ConfigError(f"checkpoint holds adapters {sorted(state['learners'])}, this group plays {names}")
         self.learners.load_state_dicts(state["learners"])
-        self.buffers, self.last_stats, self.dropped = state["buffers"], state["last_stats"], int(state["dropped"])
+        self.buffers.buffers, self.buffers.dropped = state["buffers"], int(state["dropped"])
+        self.serving.stats = state["last_stats"]
+        self.decider.memory.against = np.array(state["memory"], dtype=np.int8)
         for rng, st in zip(self.rngs, state["rngs"], strict=True):
             rng.bit_generator.state = st
         self.head = state["head"]
-        self.pending = {}  # updates in flight died with the state they would have changed
-        restored = [int(v) for v in state["served"]]
-        for b, weights in enumerate(self.learners.export(self.names)):
-            if restored[b] != self.served[b]:  # v0 is the initialisation, the same in every process
+        self.serving.pending = {}  # updates in flight died with the state they would have changed
+        restored = {n: int(v) for n, v in state["served"].items()}
+        for name, weights in zip(names, self.learners.export(names), strict=True):
+            if restored[name] != self.serving.served[name]:  # v0 is the initialisation, the same in every process
                 self.engine.load_adapter(weights, restore=True)
-        self.served = restored
+        self.serving.served = restored
 
     def close(self) -> None:
         """Release the engine (vLLM's engine core) and the actors; called by the driver at the end of a batch."""

@@ -20,6 +20,9 @@ from simulator.errors import ConfigError, check_positive
 
 SELECTION_MODES = ("random", "dqn", "prompt")
 ENGINES = ("hf", "vllm")
+ADAPTER_MODES = ("per_agent", "per_type", "shared")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+MAX_MASKED_CANDIDATES = 64  # masked selection scores one answer row per candidate per decision
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PIPELINE_COMMAND = "python -m scenarios.virtue_rlaif all --output {root}"  # its train-rm stage writes the models
 DEFAULT_REWARD_MODELS = "results/virtue_rlaif/reward_models"  # the pipeline's default --output, stage train-rm
@@ -81,6 +84,9 @@ class PPOConfig:
     """LoRA A and value-head init, and the mini-batch shuffle."""
     merge_identical_passes: bool = True
     """compute passes that see the same weights and samples once (see the module docstring); False = every pass"""
+    share_prefix: bool = False
+    """compute the prompt prefix that all samples of a PPO step share (chat template and game text) once, its
+    keys and values broadcast to every sample, gradients included; the same numbers up to float rounding"""
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
@@ -119,6 +125,9 @@ class LLMActors:
     """how long to wait for the cluster to fit every bundle; a bundle that cannot fit would otherwise wait forever"""
     overlap: bool = False
     """train iteration t while iteration t+1 rolls out: one version off-policy at most, with the importance ratio"""
+    gpu_memory_gib: float = 80.0
+    """memory of one GPU (device = cuda), for the estimate that fails a population that cannot fit before any model
+    loads (actors/llm/budget.py)"""
 
     def __post_init__(self) -> None:
         if self.rollout_actors < 0 or self.learner_actors < 1:
@@ -225,6 +234,12 @@ class LLMAgentConfig:
     virtue: VirtueConfig | None = None
     """[llm.virtue]: the reward models that score the stated reasons of VR / Game+VR agents (a table is converted);
     None = VirtueConfig's defaults (the pipeline's default output, results/virtue_rlaif/reward_models)"""
+    adapters: str = "per_agent"
+    """LoRA adapters: per_agent (the paper: one per agent), per_type (one per moral type, trained on the samples of
+    all its agents), shared (one for the run); every agent keeps its own identity, partner memory and records"""
+    dtype: str = "float32"
+    """base-model weights of the HF engine and the learners: float32, or bfloat16 (bf16 matmuls on CPUs with
+    AVX512-BF16/AMX and on GPUs; LoRA weights, value heads and Adam state stay float32)"""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "virtue", VirtueConfig.from_value(self.virtue))
@@ -241,3 +256,29 @@ class LLMAgentConfig:
         check_variant(self.variant)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.adapters not in ADAPTER_MODES:
+            raise ConfigError(f"unknown LLM adapters mode {self.adapters!r}; valid: {', '.join(ADAPTER_MODES)}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"unknown LLM dtype {self.dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
+
+    def check_population(self, num_agents: int) -> None:
+        """Settings that depend on the population size, checked before any model loads (ConfigError naming the
+        valid choices). Masked partner selection answers with a candidate's id (id_width digits, at least one token
+        each on the tokenizers we ship) and scores one row per candidate per decision."""
+        if self.selection != "prompt" or self.answer_mode != "mask":
+            return
+        others, digits = num_agents - 1, id_width(num_agents)
+        if others > MAX_MASKED_CANDIDATES:
+            raise ConfigError(
+                f"masked partner selection among {others} candidates (more than {MAX_MASKED_CANDIDATES}: one scoring "
+                f"row per candidate per decision); valid: selection = dqn or random, or answer_mode = free")
+        if self.max_new_tokens is not None and digits > self.max_new_tokens:
+            raise ConfigError(
+                f"masked partner selection answers with a {digits}-digit agent id, more than max_new_tokens = "
+                f"{self.max_new_tokens}; valid: max_new_tokens >= {digits} (or unset), or selection = dqn or random")
+
+
+def id_width(num_agents: int) -> int:
+    """Digits of an agent id in a selection prompt: every id has this width (zero-padded), so none is a prefix of
+    another and a masked answer can tell them apart."""
+    return len(str(max(0, num_agents - 1)))

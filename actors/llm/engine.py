@@ -11,10 +11,18 @@ Engines take and return plain data (token ids, floats), so a Ray shell can host 
 
 Every agent's LoRA adapter is served on one shared base model; requests for different adapters
 are mixed in one batch. `adapter=None` means the base model (adapter disabled).
+
+Weight sync, the one rule every engine and the Ray proxy apply (`check_version`): an adapter's versions strictly
+increase. A version equal to the served one is refused like an older one: a learner never exports two different
+weights under one version, so an equal version is a replayed or reordered sync. Only `restore` (a run rolled back to
+its checkpoint) may go back. Base-model results carry BASE_VERSION; BASE_ADAPTER is the reserved adapter name under
+which an engine serves the base model itself. `make_engine` is the one factory (main.py's groups, the Ray rollout
+actors, `main.py evaluate` and the virtue pipeline).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -22,7 +30,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from simulator.errors import StaleAdapterError
+from simulator.errors import ConfigError, StaleAdapterError
+
+BASE_ADAPTER = "__base__"  # reserved: peft's "adapter disabled" in a mixed batch, vLLM's all-zero stand-in
+BASE_VERSION = -1  # adapter_version of results from the base model (adapter=None)
+ENGINE_KINDS = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,43 @@ class RolloutEngine(Protocol):
     def close(self) -> None:
         """Release what the engine holds (vLLM's engine core and adapter folders); a no-op where nothing is held."""
         ...
+
+
+def check_version(name: str, version: int, served: int | None, restore: bool = False) -> None:
+    """The weight-sync rule (module docstring): raise StaleAdapterError unless `version` is newer than `served`."""
+    if name == BASE_ADAPTER:
+        raise ConfigError(f"adapter name {BASE_ADAPTER!r} is reserved for the engine's base model")
+    if served is not None and version <= served and not restore:
+        raise StaleAdapterError(f"adapter {name!r}: expected a version newer than the served v{served}, got v{version}")
+
+
+def make_engine(
+    kind: str,
+    model_dir: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    max_loras: int = 1,
+    max_lora_rank: int = 64,
+    gpu_memory_utilization: float | None = None,
+    dtype: str = "float32",
+) -> RolloutEngine:
+    """The one engine factory: `kind` hf (transformers + peft) or vllm, serving up to `max_loras` adapters at once;
+    `dtype` float32 or bfloat16 (the base model's weights)."""
+    if kind == "vllm":
+        from actors.llm.vllm_engine import VLLMEngine
+
+        extra: dict[str, Any] = {}
+        if device.startswith("cuda") and gpu_memory_utilization is not None:  # vLLM picks the GPU Ray made visible
+            extra["gpu_memory_utilization"] = gpu_memory_utilization
+        if dtype != "float32":
+            extra["dtype"] = dtype
+        return VLLMEngine(model_dir, max_loras=max(1, max_loras), max_lora_rank=max_lora_rank, seed=seed, **extra)
+    if kind == "hf":
+        from actors.llm.hf_engine import HFEngine
+
+        return HFEngine(model_dir, device=device, seed=seed, dtype=getattr(torch, dtype))
+    raise ConfigError(f"unknown LLM engine {kind!r}; valid: {', '.join(ENGINE_KINDS)}")
 
 
 def check_fresh(results: Sequence[GenerationResult], latest: Mapping[str, int]) -> None:

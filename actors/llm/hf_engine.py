@@ -26,13 +26,11 @@ from typing import Any
 import torch
 
 from actors.llm.answers import eos_token_ids
-from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
-from simulator.errors import StaleAdapterError, UnknownNameError
+from actors.llm.engine import BASE_ADAPTER, BASE_VERSION, AdapterWeights, GenerationRequest, GenerationResult, check_version
+from simulator.errors import UnknownNameError
 
 logger = logging.getLogger(__name__)
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-BASE_VERSION = -1
 SHARED_KV_TOKENS = 8192  # tokens of KV cache a shared-prompt scoring group may copy (SmolLM2-135M: ~46 KB each)
 
 
@@ -73,14 +71,12 @@ class HFEngine:
     def load_adapter(self, weights: AdapterWeights, restore: bool = False) -> None:
         """Serve `weights` for `weights.name` from now on; creating the adapter on first sight.
 
-        Raises StaleAdapterError for a version older than the one served (a reordered or replayed sync), unless
-        `restore` (a run rolled back to a checkpoint).
+        Raises StaleAdapterError unless the version is newer than the one served (`engine.check_version`).
         """
         from peft import get_peft_model, set_peft_model_state_dict
 
         name, served = weights.name, self._versions.get(weights.name)
-        if served is not None and weights.version < served and not restore:
-            raise StaleAdapterError(f"adapter {name!r}: refusing version {weights.version}, serving {served} already")
+        check_version(name, weights.version, served, restore)
         if self._peft is None:
             cfg = lora_config_from_dict(weights.peft_config, inference_mode=True)
             self._peft = get_peft_model(self._base, cfg, adapter_name=name)
@@ -111,7 +107,7 @@ class HFEngine:
                 raise UnknownNameError("adapter", a, self._versions)
         if self._peft is None:
             return None  # no adapter exists yet: every row is the base model
-        return [BASE if a is None else a for a in adapters]
+        return [BASE_ADAPTER if a is None else a for a in adapters]
 
     def _version(self, adapter: str | None) -> int:
         return BASE_VERSION if adapter is None else self._versions[adapter]
@@ -282,7 +278,7 @@ class HFEngine:
     ) -> list[list[float]]:
         """One prompt forward for `prompts` (U), its cache copied to the rows (row[i] = the prompt of row i), then
         one forward of every row's completion."""
-        u_names = None if names is None else [BASE if a is None else a for a, _ in prompts]
+        u_names = None if names is None else [BASE_ADAPTER if a is None else a for a, _ in prompts]
         ids, mask = self._left_pad([p for _, p in prompts])
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         out = self._call(u_names, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)

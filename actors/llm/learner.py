@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,19 @@ logger = logging.getLogger(__name__)
 
 
 MASKED_LOGIT = -1e9  # logit of a token an answer mask forbids: exp() is exactly 0, and 0 * it stays finite
+
+
+_Forward = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor, torch.Tensor]  # PPOLearner._forward's result
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One PPO step's samples, as `_forward` reads them."""
+
+    queries: Sequence[Sequence[int]]
+    responses: Sequence[Sequence[int]]
+    width: int  # the longest response, in tokens
+    allowed: Sequence[Sequence[Sequence[int]] | None] | None  # per sample its answer mask, None = free
 
 
 def _allowed_mask(allowed: Sequence[Sequence[Sequence[int]] | None], b: int, width: int, vocab: int) -> torch.Tensor:
@@ -188,6 +201,10 @@ class PPOLearner:
         allowed[i]: per response position the tokens an answer mask allowed (None = free); logits outside them are
         set to MASKED_LOGIT, so logp and the entropy are those of the renormalised, masked policy.
         """
+        shared = self._shared_prefix(queries) if self.config.share_prefix else 0
+        if shared:
+            cache = self._prefix_cache(queries[0][:shared], len(queries))
+            queries = [q[shared:] for q in queries]
         seqs = [list(q) + list(r) for q, r in zip(queries, responses, strict=True)]
         L = max(len(s) for s in seqs)
         b = len(seqs)
@@ -206,7 +223,13 @@ class PPOLearner:
         # the output layer only at the positions that predict response tokens (the union over rows, a few dozen of
         # a few hundred): the model's own head, so logit soft-capping (Gemma-2) and the like still apply
         keep = torch.unique(pos)  # (K,) sorted
-        out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep)
+        if shared:  # the suffixes continue the shared prefix's cache: positions and mask start after it
+            attn = torch.cat([torch.ones((b, shared), dtype=attn.dtype, device=self.device), attn], 1)
+            out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep,
+                                  past_key_values=cache, use_cache=True,
+                                  position_ids=torch.arange(shared, shared + L, device=self.device).expand(b, L))
+        else:
+            out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep)
         rows = torch.arange(b, device=self.device)[:, None]
         logits = out.logits[rows, torch.searchsorted(keep, pos)].float()  # (b, width, V)
         if allowed is not None and any(a is not None for a in allowed):
@@ -217,6 +240,26 @@ class PPOLearner:
             hidden = out.hidden_states[-1][rows, pos].float()  # (b, width, H) last layer, after the final norm
             v = self.value_head(hidden).squeeze(-1)  # (b, width)
         return logp, v, mask, logits
+
+    @staticmethod
+    def _shared_prefix(queries: Sequence[Sequence[int]]) -> int:
+        """Tokens every query starts with, leaving each query at least one token of its own (the position that
+        predicts its first answer token must be in the suffix); 0 when there is nothing worth sharing."""
+        first = queries[0]
+        n = min(len(q) for q in queries) - 1
+        for q in queries[1:]:
+            k = 0
+            while k < n and q[k] == first[k]:
+                k += 1
+            n = k
+        return n if n >= 8 and len(queries) > 1 else 0
+
+    def _prefix_cache(self, prefix: Sequence[int], rows: int) -> Any:
+        """The KV cache of `prefix` under the current weights (one row, with its autograd graph), repeated to rows."""
+        ids = torch.as_tensor([list(prefix)], device=self.device)
+        cache = self.host.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     @torch.no_grad()
     def logprobs(
@@ -249,82 +292,29 @@ class PPOLearner:
         sample i; a sample older than this learner is trained with the importance ratio (module docstring).
         allowed[i]: the answer mask of sample i, or None for a freely generated answer.
         """
-        cfg = self.config
-        B = len(queries)
-        if not (B == len(responses) == len(scores) == cfg.batch_size):
-            raise ValueError(
-                f"step needs batch_size={cfg.batch_size} queries, responses and scores; "
-                f"got {B}, {len(responses)}, {len(scores)}"
-            )
-        if any(len(r) == 0 for r in responses) or any(len(q) == 0 for q in queries):
-            raise ValueError("every query and every response needs at least one token")
+        B = self._check_batch(queries, responses, scores)
         stale = self._stale_rows(B, versions, behaviour_logprobs, responses)
         raw = torch.tensor([float(s) for s in scores], dtype=torch.float32, device=self.device)
+        cfg = self.config
         score_t = normalise_scores(raw, self.running, cfg.use_score_scaling, cfg.use_score_norm, cfg.score_clip)
-        width = max(len(r) for r in responses)
-        model = self.host.model
+        batch = _Batch(queries, responses, max(len(r) for r in responses), allowed)
         self._activate()
         windows = self._pass_windows() if self._merge_passes(B) else []
         merged = 0 < len(windows) < cfg.ppo_epochs  # some passes stand for others (with GA = 1 none do)
-
-        # 1-3: old log pi and V (from the first training forward when passes are merged), reference log pi, advantages
-        first: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
-        if merged:  # the first window's forward sees exactly the step's old weights
-            model.train()
-            first = self._forward(queries, responses, width, allowed=allowed)
-            old_logp, old_values, mask = first[0].detach(), first[1].detach(), first[2]  # type: ignore[union-attr]
-        else:
-            model.eval()
-            with torch.no_grad():
-                old_logp, old_values_opt, mask, _ = self._forward(queries, responses, width, allowed=allowed)
-            assert old_values_opt is not None  # values=True
-            old_values = old_values_opt
-        with torch.no_grad():
-            model.eval()
-            with model.disable_adapter():
-                ref_logp, _, _, _ = self._forward(queries, responses, width, values=False, allowed=allowed)
+        first, old_logp, old_values, mask = self._old_policy(batch, merged)
+        ref_logp = self._reference_logprobs(batch)
         if stale.any():
-            assert behaviour_logprobs is not None  # checked by _stale_rows
-            old_logp = old_logp.clone()
-            for i in np.flatnonzero(stale):
-                n = len(responses[i])
-                old_logp[i, :n] = torch.as_tensor(list(behaviour_logprobs[i]), dtype=old_logp.dtype, device=self.device)
+            old_logp = self._behaviour_logprobs(old_logp, stale, behaviour_logprobs, responses)
         kl_coef = self.kl_ctl.value
         rewards, non_score, kl = kl_shaped_rewards(score_t, old_logp, ref_logp, mask, kl_coef)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
         old_values = old_values * mask
-        adv, returns = gae(old_values, rewards, mask, cfg.gamma, cfg.lam)
-        adv = masked_whiten(adv, mask)
-
-        # 4: epochs x mini-batches, or one forward/backward per window of identical passes
-        model.train()
-        acc: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac",
-                                                       "approxkl", "ratio", "vf_clipfrac")}
-        optimizer_steps = 0
-        if merged:
-            for w, passes in enumerate(windows):
-                for _ in range(passes):  # the shuffle the unmerged passes would draw, so later steps match
-                    self._rng.permutation(B)
-                fwd = first if w == 0 else self._forward(queries, responses, width, allowed=allowed)
-                assert fwd is not None
-                optimizer_steps += self._train_pass(fwd, old_logp, old_values, adv, returns, passes, acc)
-        else:
-            for _ in range(cfg.ppo_epochs):
-                perm = self._rng.permutation(B)
-                for start in range(0, B, cfg.mini_batch_size):
-                    idx = perm[start : start + cfg.mini_batch_size]
-                    t = torch.as_tensor(idx, device=self.device)
-                    fwd = self._forward([queries[i] for i in idx], [responses[i] for i in idx], width,
-                                        allowed=None if allowed is None else [allowed[i] for i in idx])
-                    optimizer_steps += self._train_pass(fwd, old_logp[t], old_values[t], adv[t], returns[t], 1, acc)
-        model.eval()
-
+        adv, returns = self._advantages(rewards, old_values, mask)
+        acc, optimizer_steps = self._optimise(batch, first, windows if merged else None, old_logp, old_values, adv,
+                                              returns)
         mean_kl = float(kl.sum(1).mean())  # mean over the batch of the sequence KL, TRL's objective/kl
         self.kl_ctl.update(mean_kl, B)
         self.version += 1
-        stats = {k: float(np.mean(v)) for k, v in acc.items()}
-        stats.update(
+        return {k: float(np.mean(v)) for k, v in acc.items()} | dict(
             kl=mean_kl,
             kl_coef=kl_coef,
             next_kl_coef=self.kl_ctl.value,
@@ -339,7 +329,97 @@ class PPOLearner:
             stale_samples=float(stale.sum()),
             version=float(self.version),
         )
-        return stats
+
+    def _advantages(
+        self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE advantages (whitened) and returns of the KL-shaped rewards."""
+        cfg = self.config
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        adv, returns = gae(values, rewards, mask, cfg.gamma, cfg.lam)
+        return masked_whiten(adv, mask), returns
+
+    def _check_batch(
+        self, queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], scores: Sequence[float]
+    ) -> int:
+        B = len(queries)
+        if not (B == len(responses) == len(scores) == self.config.batch_size):
+            raise ValueError(
+                f"step needs batch_size={self.config.batch_size} queries, responses and scores; "
+                f"got {B}, {len(responses)}, {len(scores)}"
+            )
+        if any(len(r) == 0 for r in responses) or any(len(q) == 0 for q in queries):
+            raise ValueError("every query and every response needs at least one token")
+        return B
+
+    def _old_policy(self, batch: _Batch, merged: bool) -> tuple[_Forward | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(first training forward or None, old log pi, old V, mask) under the step's starting weights. Merged passes
+        take them from the first window's training forward, which sees exactly those weights."""
+        model = self.host.model
+        if merged:
+            model.train()
+            first = self._forward(batch.queries, batch.responses, batch.width, allowed=batch.allowed)
+            assert first[1] is not None  # values=True
+            return first, first[0].detach(), first[1].detach(), first[2]
+        model.eval()
+        with torch.no_grad():
+            old_logp, old_values, mask, _ = self._forward(batch.queries, batch.responses, batch.width,
+                                                          allowed=batch.allowed)
+        assert old_values is not None  # values=True
+        return None, old_logp, old_values, mask
+
+    def _reference_logprobs(self, batch: _Batch) -> torch.Tensor:
+        """log pi_ref: the frozen base (adapter disabled), under the same answer mask."""
+        model = self.host.model
+        with torch.no_grad():
+            model.eval()
+            with model.disable_adapter():
+                ref_logp, _, _, _ = self._forward(batch.queries, batch.responses, batch.width, values=False,
+                                                  allowed=batch.allowed)
+        return ref_logp
+
+    def _behaviour_logprobs(
+        self, old_logp: torch.Tensor, stale: np.ndarray, behaviour: Sequence[Sequence[float]] | None,
+        responses: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Stale rows take their behaviour log pi as the old policy (the importance ratio, module docstring)."""
+        assert behaviour is not None  # checked by _stale_rows
+        old_logp = old_logp.clone()
+        for i in np.flatnonzero(stale):
+            n = len(responses[i])
+            old_logp[i, :n] = torch.as_tensor(list(behaviour[i]), dtype=old_logp.dtype, device=self.device)
+        return old_logp
+
+    def _optimise(
+        self, batch: _Batch, first: _Forward | None, windows: list[int] | None, old_logp: torch.Tensor,
+        old_values: torch.Tensor, adv: torch.Tensor, returns: torch.Tensor,
+    ) -> tuple[dict[str, list[float]], int]:
+        """Epochs x mini-batches, or (windows given) one forward/backward per window of identical passes."""
+        cfg, B = self.config, len(batch.queries)
+        self.host.model.train()
+        acc: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac",
+                                                       "approxkl", "ratio", "vf_clipfrac")}
+        steps = 0
+        if windows is not None:
+            for w, passes in enumerate(windows):
+                for _ in range(passes):  # the shuffle the unmerged passes would draw, so later steps match
+                    self._rng.permutation(B)
+                fwd = first if w == 0 else self._forward(batch.queries, batch.responses, batch.width,
+                                                         allowed=batch.allowed)
+                assert fwd is not None
+                steps += self._train_pass(fwd, old_logp, old_values, adv, returns, passes, acc)
+        else:
+            for _ in range(cfg.ppo_epochs):
+                perm = self._rng.permutation(B)
+                for start in range(0, B, cfg.mini_batch_size):
+                    idx = perm[start : start + cfg.mini_batch_size]
+                    t = torch.as_tensor(idx, device=self.device)
+                    fwd = self._forward([batch.queries[i] for i in idx], [batch.responses[i] for i in idx], batch.width,
+                                        allowed=None if batch.allowed is None else [batch.allowed[i] for i in idx])
+                    steps += self._train_pass(fwd, old_logp[t], old_values[t], adv[t], returns[t], 1, acc)
+        self.host.model.eval()
+        return acc, steps
 
     def _minibatches(self, B: int) -> int:
         return -(-B // self.config.mini_batch_size)

@@ -95,13 +95,17 @@ class LearnerPool(Protocol):
 class LearnerGroup:
     """The learners of some agents on one PolicyHost (see module docstring)."""
 
-    def __init__(self, model_dir: str | os.PathLike[str], specs: Sequence[tuple[str, PPOConfig]], device: str = "cpu"):
+    def __init__(self, model_dir: str | os.PathLike[str], specs: Sequence[tuple[str, PPOConfig]], device: str = "cpu",
+                 dtype: str = "float32"):
+        """dtype: the frozen base's weights (float32 or bfloat16); adapters, value heads and Adam stay float32."""
         if not specs:
             raise ConfigError("a learner group needs at least one agent")
         names = [n for n, _ in specs]
         if len(set(names)) != len(names):
             raise ConfigError(f"agent names must be unique in a learner group, got {names}")
-        self.host = PolicyHost(model_dir, device=device)
+        import torch
+
+        self.host = PolicyHost(model_dir, device=device, dtype=getattr(torch, dtype))
         self.learners = {name: PPOLearner(self.host, name, cfg) for name, cfg in specs}
 
     @property

@@ -34,11 +34,11 @@ from functools import partial
 from typing import Any
 
 from actors.llm.config import PPOConfig
-from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
+from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult, check_version
 from actors.llm.learners import LearnerGroup, StepJob, StepResult
 from actors.llm.resources import LLMActors, Plan, plan
 from actors.llm.weight_sync import AdapterRef
-from simulator.errors import ConfigError, StaleAdapterError, WorkerLostError
+from simulator.errors import ConfigError, WorkerLostError
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +231,7 @@ class RemoteEngine:
     def load_adapter(self, weights: AdapterWeights | AdapterRef, restore: bool = False) -> None:
         """Queue the load on the adapter's engine; it runs before any later call to that engine (Ray keeps one
         caller's calls to one actor in order) and is confirmed with the next call's results."""
-        served = self._versions.get(weights.name)
-        if served is not None and weights.version <= served and not restore:
-            raise StaleAdapterError(
-                f"adapter {weights.name!r}: expected a version newer than the served v{served}, got v{weights.version}"
-            )
+        check_version(weights.name, weights.version, self._versions.get(weights.name), restore)
         payload = weights.ref if isinstance(weights, AdapterRef) else weights
         engine = self._shard(weights.name)
         self._loads.append((engine, self.actors[engine].load_adapter.remote(payload, restore)))
@@ -435,8 +431,10 @@ def launch(
     return Cluster(p, engine, learners, rollout, learner, pg, seconds, info)
 
 
-def learner_group_factory(model_dir: str, device: str) -> Callable[[list[tuple[str, PPOConfig]]], Callable[[], Any]]:
+def learner_group_factory(
+    model_dir: str, device: str, dtype: str = "float32"
+) -> Callable[[list[tuple[str, PPOConfig]]], Callable[[], Any]]:
     def make(specs: list[tuple[str, PPOConfig]]) -> Callable[[], Any]:
-        return partial(LearnerGroup, model_dir, specs, device)
+        return partial(LearnerGroup, model_dir, specs, device, dtype)
 
     return make

@@ -27,7 +27,7 @@ vLLM on CPU, what this module sets or relies on (vllm-cpu 0.32):
 - Base requests mixed with adapter requests: vLLM-CPU's LoRA kernels (`lora/ops/torch_ops`) index the adapter
   slots with the no-LoRA index -1, i.e. Python's LAST slot, so a base request batched with adapter requests silently
   got another agent's adapter (measured: same tokens as that agent). Once any adapter is loaded, base requests go
-  through an all-zero adapter (`ZERO_ADAPTER`, exactly the base model); it takes one extra slot (max_loras + 1).
+  through an all-zero adapter (served under `engine.BASE_ADAPTER`, exactly the base model); it takes one extra slot (max_loras + 1).
 - LoRA speed: actors/llm/vllm_cpu_patch.py replaces vLLM-CPU's per-token-gather LoRA ops (installed before the engine is built).
 - Environment defaults (only when unset): `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache; vLLM's own default sizes it
   from free memory, which is wrong on a shared machine) and, in-process, `VLLM_CPU_OMP_THREADS_BIND=nobind`
@@ -51,7 +51,7 @@ import torch
 
 from actors.llm import vllm_cpu_patch
 from actors.llm.answers import eos_token_ids
-from actors.llm.engine import AdapterWeights, GenerationRequest, GenerationResult
+from actors.llm.engine import BASE_ADAPTER, BASE_VERSION, AdapterWeights, GenerationRequest, GenerationResult, check_version
 from actors.llm.weight_sync import adapter_to_peft_dir
 from simulator.errors import ConfigError, StaleAdapterError, UnknownNameError
 
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BASE_VERSION = -1  # adapter_version of results from the base model (adapter=None)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32): nothing else
 
 
@@ -71,7 +70,6 @@ def served_lora_rank(rank: int) -> int:
         if allowed >= rank:
             return allowed
     raise ConfigError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
-ZERO_ADAPTER = "__base__"  # reserved name of the all-zero adapter that serves base requests
 
 
 @dataclass(frozen=True)
@@ -179,8 +177,6 @@ class VLLMEngine:
         The replaced version is retired (unloaded, folder deleted) once no generate/score call in flight refers to it.
         If loading fails, the previous version stays served.
         """
-        if weights.name == ZERO_ADAPTER:
-            raise ConfigError(f"adapter name {ZERO_ADAPTER!r} is reserved for the engine's base-model stand-in")
         with self._load_lock:
             self._load_adapter(weights, restore)
 
@@ -190,17 +186,14 @@ class VLLMEngine:
             # request batched with adapter requests would get someone's adapter. An all-zero adapter is exactly
             # the base model, so base requests go through it.
             zeros = AdapterWeights(
-                ZERO_ADAPTER, 0, {k: torch.zeros_like(t) for k, t in weights.tensors.items()}, weights.peft_config
+                BASE_ADAPTER, 0, {k: torch.zeros_like(t) for k, t in weights.tensors.items()}, weights.peft_config
             )
-            zero = self._register(ZERO_ADAPTER, zeros, self._root / ZERO_ADAPTER)
+            zero = self._register(BASE_ADAPTER, zeros, self._root / BASE_ADAPTER)
             with self._lock:
                 self._zero = zero
         with self._lock:
             old = self._served.get(weights.name)
-        if old is not None and weights.version <= old.version and not restore:
-            raise StaleAdapterError(
-                f"adapter {weights.name!r}: expected a version newer than the served v{old.version}, got v{weights.version}"
-            )
+        check_version(weights.name, weights.version, None if old is None else old.version, restore)
         # name and folder carry the fresh lora id too: a restored version never meets its earlier load's caches
         uid = self._next_lora_id
         path = self._root / weights.name / f"v{weights.version:08d}-{uid}"

@@ -204,13 +204,9 @@ def _model_dir(name: str) -> Path:
 
 
 def _engine(cfg: PipelineConfig, model_dir: Path, seed: int) -> Any:
-    if cfg.engine == "vllm":
-        from actors.llm.vllm_engine import VLLMEngine
+    from actors.llm.engine import make_engine
 
-        return VLLMEngine(model_dir, max_loras=1, max_lora_rank=cfg.ppo.lora_r, seed=seed)
-    from actors.llm.hf_engine import HFEngine
-
-    return HFEngine(model_dir, device=cfg.device, seed=seed)
+    return make_engine(cfg.engine, model_dir, device=cfg.device, seed=seed, max_lora_rank=cfg.ppo.lora_r)
 
 
 def _close(engine: Any) -> None:
