@@ -106,7 +106,7 @@ class AgentGroup(Protocol):
 
     slots: np.ndarray  # (G,) population indices this group plays
     learns: bool  # whether learn() does anything (static strategies do not)
-    # optional: `states_reasons = True` on a group that can play REASON_TYPES (it returns Decisions.reward_term)
+    # a group that plays REASON_TYPES returns Decisions.reward_term; the Population checks that only LLM agents do
 
     def select(self, batch: SelectionBatch) -> Decisions: ...
 

@@ -205,13 +205,6 @@ class PopulationEngine:
         self.compat_selected = np.array([self.compat == "aies2024" and c in STATE_DEPENDENT for c in learner_codes])
         # types that score a stated reason (VR, Game+VR): their group adds its reward term to the table's payoff part
         self.reasoned = np.array([c in REASON_TYPES for c in learner_codes], dtype=bool)
-        for slot in np.flatnonzero(self.reasoned):
-            if not getattr(self.groups[self.group_of[slot]], "states_reasons", False):
-                raise ConfigError(
-                    f"slot {slot} ({self.codes[slot]}) has the moral type {learner_codes[slot]}, which scores the "
-                    f"reason an LLM agent states for its move; its agent group "
-                    f"({type(self.groups[self.group_of[slot]]).__name__}) states no reasons: play it with @llm"
-                )
 
     # -- randomness ---------------------------------------------------------------------------------------
     def _uniforms(self) -> np.ndarray:

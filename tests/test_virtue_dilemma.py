@@ -136,17 +136,6 @@ def test_a_non_llm_learner_cannot_have_a_reason_type(tmp_path, population):
         RunConfig(population, num_iterations=2, num_runs=1, output=tmp_path)
 
 
-def test_the_engine_refuses_a_reason_type_on_a_group_that_states_none():
-    from actors.static import StaticGroup
-    from simulator.engine import PopulationEngine
-    from simulator.games import GAMES
-
-    groups = [StaticGroup(np.array([0]), ["TFT"], 1), StaticGroup(np.array([1]), ["AC"], 1)]
-    with pytest.raises(ConfigError, match="states no reasons"):
-        PopulationEngine(["VR", "AC"], ["VR", None], groups, GAMES["IPD"], [np.random.default_rng(0)],
-                         np.zeros((1, 2)))
-
-
 def test_missing_reward_models_name_the_pipeline_command(tmp_path, tiny_model_path, capsys, monkeypatch):
     from actors.llm.agent import LLMAgentConfig, LLMGroup
     from actors.llm.virtue.dilemma import VirtueConfig

@@ -131,7 +131,6 @@ class LLMGroup:
     """All LLM slots of a population for R runs (see module docstring)."""
 
     learns = True
-    states_reasons = True  # the engine may give this group VR / Game+VR slots (simulator.rewards.REASON_TYPES)
 
     def __init__(
         self,
