@@ -34,8 +34,9 @@ def test_shared_prompt_scoring_equals_row_by_row(engine, tiny_model_path: Path, 
     prompts = [rng.integers(3, 300, size=n).tolist() for n in (5, 11, 8)]
     completions = [rng.integers(3, 300, size=n).tolist() for n in (1, 3, 2, 4, 1, 2, 3)]
     rows = [prompts[k % 3] for k in range(7)]
-    engine.load_adapter(lora_weights(random_lora_model(tiny_model_path, seed=1), "judge-a", 1))
-    for adapters in ([None] * 7, ["judge-a", None, "judge-a", None, None, "judge-a", "judge-a"]):
+    name = f"judge-a-{kv_budget}"  # the module's engine serves each parametrisation's adapter at version 1
+    engine.load_adapter(lora_weights(random_lora_model(tiny_model_path, seed=1), name, 1))
+    for adapters in ([None] * 7, [name, None, name, None, None, name, name]):
         shared = engine.score_batch(adapters, rows, completions)  # prompts repeat: the shared path
         alone = [engine.score_batch([a], [p], [c])[0] for a, p, c in zip(adapters, rows, completions, strict=True)]
         assert [len(s) for s in shared] == [len(c) for c in completions]
