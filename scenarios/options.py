@@ -76,8 +76,9 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _hint(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _base(hint: Any) -> tuple[Any, bool]:
@@ -112,7 +113,7 @@ def add_table(parser: argparse.ArgumentParser, table: Table) -> None:
             f.default_factory() if f.default_factory is not MISSING else None)
         shown = special.pop("default_text", default)
         doc = docs.get(f.name, "")
-        kind, optional = _base(_hint(table.cls, f.name))
+        kind, optional = _base(_hints(table.cls)[f.name])
         kw: dict[str, Any] = {"dest": table.dest(f.name), "default": argparse.SUPPRESS}
         if kind is bool and not optional:
             kw["action"] = "store_true" if table.flags_only else argparse.BooleanOptionalAction

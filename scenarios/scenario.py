@@ -63,12 +63,13 @@ def majority_populations(types: Sequence[str], majority: int, minority: int = 1)
 class Scenario:
     name: str
     description: str
-    run: dict[str, Any] = field(default_factory=dict)
-    llm: dict[str, Any] = field(default_factory=dict)
-    ppo: dict[str, Any] = field(default_factory=dict)
     sweep: Sweep | None = None  # None: a single population, [run] destination_folder
     path: Path | None = None
     tables: dict[str, Any] = field(default_factory=dict)  # every table of the file; keys checked in scenarios/run.py
+
+    @property
+    def run(self) -> dict[str, Any]:
+        return dict(self.tables.get("run", {}))
 
 
 def available() -> list[str]:
@@ -92,8 +93,7 @@ def load_scenario(name: str) -> Scenario:
             raise ConfigError(f"scenario {path}: unknown table {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
                               + f" Valid: {', '.join(TABLES)}")
     sweep = _sweep(path, doc["sweep"], doc.get("run", {})) if "sweep" in doc else None
-    return Scenario(name, str(doc.get("description", "")), dict(doc.get("run", {})), dict(doc.get("llm", {})),
-                    dict(doc.get("ppo", {})), sweep, path, doc)
+    return Scenario(name, str(doc.get("description", "")), sweep, path, doc)
 
 
 def _sweep(path: Path, table: object, run: dict[str, Any]) -> Sweep:
