@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -35,6 +36,8 @@ from simulator.games import GAMES, Game, get_game
 from simulator.population import STATIC_CODES, Population, parse_population
 from simulator.rewards import MORAL_TYPES
 from simulator.storage import is_uri
+
+log = logging.getLogger("moralsim")
 
 DEFAULT_POPULATION = "1xUT_1xaUT_1xDE"
 LLM_CHECKPOINT_EVERY = 25  # iterations: at most ~2 minutes of the CPU demo lost to a crash
@@ -57,8 +60,9 @@ class AgentConfigs:
         kinds = {a.learner for a in population.agents}
         out: dict[str, Any] = {}
         for kind, name, cfg in (("dqn", "dqn", self.dqn), ("tabularQ", "tabular", self.tabular)):
+            default = type(cfg)()
             changed = {f.name: getattr(cfg, f.name) for f in fields(cfg)
-                       if getattr(cfg, f.name) != getattr(type(cfg)(), f.name)}
+                       if getattr(cfg, f.name) != getattr(default, f.name)}
             if kind in kinds and changed:
                 out[name] = changed
         if "llm" in kinds and self.llm is not None:
@@ -258,12 +262,10 @@ def _check_episodes(cfg: RunConfig) -> None:
 def _job_groups(scenario: Scenario, launch: Launch, tables: dict[str, dict[str, Any]],
                 flags: dict[str, dict[str, Any]], run_values: dict[str, Any]) -> Job:
     """A job scenario: one RunConfig per selected [[job]] group, each its own dataset under <output>/<scenario>/."""
-    import logging
-
     groups = select(parse_groups(f"scenario {scenario.path}", scenario.tables["job"]), launch.only)
     for g in groups:
         if g.needs:
-            logging.getLogger("moralsim").warning("skipping job group %r: it needs %s", g.name, g.needs)
+            log.warning("skipping job group %r: it needs %s", g.name, g.needs)
     groups = tuple(g for g in groups if not g.needs)
     if not groups:
         raise ConfigError("none of the selected job groups can run here (each needs a setting not built yet)")
