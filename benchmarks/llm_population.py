@@ -5,9 +5,11 @@ so a slow minute hits both alike).
     OMP_NUM_THREADS=2 python benchmarks/llm_population.py --iterations 6
 
 Paths (all: masked answers, learning rate 2e-4 as the demo, the paper's PPO otherwise, HF engine, in process):
-    today       structured prompt (~220 tokens), float32, DQN selection head   (issue 16's 20 s/iteration)
+    today       structured prompt (~220 tokens), float32, DQN selection head, no prompt-head cache in the engine
+                (issue 16's 20 s/iteration)
     cpu         compact prompt (~140 tokens), the prompt prefix that a PPO step's samples share computed once
-                (ppo.share_prefix), float32, DQN selection head
+                (ppo.share_prefix; the reference policy's head cached for good), each adapter's prompt head cached
+                by the engine until its next weights (HFEngine.prefix_cache), float32, DQN selection head
     cpu_bf16    the CPU path with bfloat16 base weights (LoRA, value heads and Adam stay float32)
     cpu_prompt  the CPU path with masked partner selection by prompt (the demo's set-up: 1.5x the PPO samples)
 Shares per path: prompts (building and tokenising), rollouts (masked scoring of the decisions), scoring (P(C) and
@@ -64,6 +66,8 @@ def main() -> None:
             cfg = with_agents(RunConfig(POPULATION, num_iterations=args.iterations, num_runs=1, seed=0,
                                         output=Path(tmp) / label), llm=llm)
             engines[label], _ = build_engine(cfg, [0], build_groups)
+            if label == "today":  # today's engine: every scoring call on its own (no cached prompt heads)
+                next(g for g in engines[label].groups if isinstance(g, LLMGroup)).engine.prefix_cache = False
             buffers[label] = RecordBuffer(1, cfg.population.codes, capacity=args.iterations + 1,
                                           llm_columns=True, games=cfg.games_per_iteration)
             steps[label], records[label] = [], 0.0

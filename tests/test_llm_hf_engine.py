@@ -140,3 +140,51 @@ def test_action_probs(tiny_model_path: Path) -> None:
     p = action_probs(engine, [None, None], prompts, c, d)
     assert p.shape == (2, 2) and (p > 0).all() and (p.sum(1) < 1).all()
     np.testing.assert_allclose(np.log(p[0, 0]), engine.score(None, prompts[0], c)[0], atol=1e-5)
+
+
+def test_prefix_cache_scoring_equals_one_forward(tiny_model_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Scoring on cached prompt heads (per adapter and version) gives the numbers of one forward of each whole prompt:
+    on the first call (heads computed), on a later call (heads reused: only the rests run), with heads of different
+    lengths in one call (one adapter's prompts share more than another's), and after a weight sync (the adapter's
+    heads are dropped, so the new weights' numbers come out, not the cached old ones)."""
+    from actors.llm import hf_engine
+
+    a, b = _trained_pair(tiny_model_path)
+    engine = HFEngine(tiny_model_path, seed=3)
+    engine.load_adapter(a.export_adapter())
+    engine.load_adapter(b.export_adapter())
+    tok = engine.tokenizer
+    rng = np.random.default_rng(5)
+    histories = [(None, None), (Action.C, Action.D), (Action.D, Action.D), (Action.C, Action.C)]
+    compact = [P.game_prompt_ids(tok, GAMES["IPD"], A12, *h, rng, "compact") for h in histories]
+    structured = [P.game_prompt_ids(tok, GAMES["IPD"], A12, *h, rng) for h in histories]
+    c, d = P.answer_ids(tok, "action1"), P.answer_ids(tok, "action2")
+
+    def plain(adapters, prompts, completions):  # type: ignore[no-untyped-def]
+        with monkeypatch.context() as m:
+            m.setattr(hf_engine, "PREFIX_MIN_TOKENS", 10**9)  # no heads: one left-padded forward per row
+            return [engine.score_batch([ad], [p], [co])[0] for ad, p, co in zip(adapters, prompts, completions, strict=True)]
+
+    def check(adapters, prompts, completions) -> None:  # type: ignore[no-untyped-def]
+        got = engine.score_batch(adapters, prompts, completions)
+        want = plain(adapters, prompts, completions)
+        assert [len(g) for g in got] == [len(x) for x in completions]
+        np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), atol=2e-5, rtol=0)
+
+    adapters = ["agent-a", "agent-b", None, "agent-a", "agent-b", "agent-a"]
+    prompts = [compact[i % 4] for i in range(6)]
+    answers = [c, d, c, d, c, d]
+    check(adapters, prompts, answers)  # heads computed
+    assert engine.prefixes.misses >= 3 and engine.prefixes.nbytes() > 0
+    hits = engine.prefixes.hits
+    check(adapters[::-1], [compact[(i + 1) % 4] for i in range(6)], answers)  # heads reused
+    assert engine.prefixes.hits >= hits + 3
+    mixed = ["agent-a", "agent-a", "agent-b", "agent-b"]
+    check(mixed, [structured[0], structured[1], compact[2], compact[3]], [c, d, d, c])  # heads of two lengths
+    a.step(structured[:2], [c, d], [0.0, 1.0])  # new weights for agent-a
+    before = engine.score("agent-a", compact[1], c)
+    engine.load_adapter(a.export_adapter())
+    after = engine.score("agent-a", compact[1], c)
+    assert abs(after[0] - before[0]) > 1e-4
+    np.testing.assert_allclose(after, a.logprobs(compact[1], c), atol=SYNC_ATOL, rtol=0)
+    check(adapters, prompts, answers)

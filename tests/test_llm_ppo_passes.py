@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -107,6 +108,10 @@ def test_a_shared_prefix_gives_the_same_update_as_full_prompts(tiny_model_path: 
         b = shared.step(q, r, scores, allowed=allowed)
         for key in ("policy_loss", "value_loss", "kl"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    # the reference policy's head was computed once and served to the second step from the host's cache
+    assert len(host.reference_heads) == 1
+    batch = SimpleNamespace(queries=q, responses=r, width=2, allowed=allowed)
+    torch.testing.assert_close(shared._reference_logprobs(batch), full._reference_logprobs(batch), atol=1e-5, rtol=0)
     wa, wb = full.export_adapter().tensors, shared.export_adapter().tensors
     for k in wa:  # as for merged passes: rounding differences show only where Adam divides a ~0 gradient
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0.05 * PAPER.learning_rate)

@@ -11,6 +11,13 @@ so its tokens do not depend on what else is in the batch; without one, rows draw
 `logprobs` are log pi(token) of the raw model distribution (temperature 1) whatever the sampling temperature,
 i.e. the numbers PPO needs and the ones `score()` returns.
 
+Prefix cache (scoring): the prompts of one agent share a long head (the game's rules and payoffs, the chat template),
+and an adapter's key/value cache of that head does not change until its weights do. `score_batch` keeps, per adapter
+and version, the KV cache of the longest head its prompts shared the first time (`PrefixCache`, at most
+PREFIX_KV_BYTES); a later call whose prompts share at least PREFIX_MIN_TOKENS tokens with it runs only the rest of
+each prompt on top of that slice. A new version of the adapter drops its entry. Same numbers as one forward of the
+whole prompt, to float rounding (tests/test_llm_hf_engine.py).
+
 Weight sync: `load_adapter(AdapterWeights)` writes the learner's LoRA tensors into the named adapter and records
 its version; results carry the version that produced them, so a caller can reject stale rollouts with
 `actors.llm.engine.check_fresh` (raises StaleAdapterError).
@@ -32,6 +39,56 @@ from simulator.errors import UnknownNameError
 logger = logging.getLogger(__name__)
 
 SHARED_KV_TOKENS = 8192  # tokens of KV cache a shared-prompt scoring group may copy (SmolLM2-135M: ~46 KB each)
+PREFIX_MIN_TOKENS = 16  # a shorter shared head is not worth a cached forward of its own
+PREFIX_KV_BYTES = 512 * 2**20  # cached prompt heads, all adapters together (SmolLM2-135M: ~4 MB per 90-token head)
+
+
+def common_prefix(seqs: Sequence[Sequence[int]], limit: int) -> int:
+    """Tokens that every sequence starts with, at most `limit`."""
+    first, n = seqs[0], limit
+    for q in seqs[1:]:
+        k = 0
+        while k < n and q[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+class PrefixCache:
+    """Per (adapter, version): the prompt head and its KV cache (one row per layer: keys and values (1, H, P, D)),
+    least recently used first out beyond `budget` bytes. Pure bookkeeping; the engine computes the tensors."""
+
+    def __init__(self, budget: int = PREFIX_KV_BYTES) -> None:
+        self.budget = budget
+        self._entries: dict[tuple[str, int], tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.hits = self.misses = 0
+
+    def lookup(self, name: str, version: int, head: Sequence[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(k, kv): the cached head's first k tokens equal head's (k = 0: no usable entry)."""
+        entry = self._entries.pop((name, version), None)
+        if entry is None:
+            self.misses += 1
+            return 0, []
+        self._entries[(name, version)] = entry  # most recently used last
+        k = common_prefix([entry[0], head], min(len(entry[0]), len(head)))
+        if k < PREFIX_MIN_TOKENS:
+            self.misses += 1
+            return 0, []
+        self.hits += 1
+        return k, entry[1]
+
+    def store(self, name: str, version: int, head: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._entries.pop((name, version), None)
+        self._entries[(name, version)] = (tuple(head), kv)
+        while self.nbytes() > self.budget and len(self._entries) > 1:
+            del self._entries[next(iter(self._entries))]
+
+    def drop(self, name: str) -> None:
+        for key in [k for k in self._entries if k[0] == name]:
+            del self._entries[key]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, kv in self._entries.values() for pair in kv for t in pair)
 
 
 def lora_config_from_dict(cfg: Mapping[str, object], inference_mode: bool):  # type: ignore[no-untyped-def]
@@ -52,7 +109,10 @@ class HFEngine:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        prefix_cache: bool = True,
     ) -> None:
+        """prefix_cache: keep adapters' prompt heads for later scoring calls (module docstring); False = each call
+        on its own, as before the cache existed (benchmarks/llm_population.py's "today" path)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device)
@@ -61,6 +121,8 @@ class HFEngine:
         self._model = self._base  # becomes the PeftModel once the first adapter is loaded
         self._peft = None
         self._versions: dict[str, int] = {}
+        self.prefix_cache = prefix_cache
+        self.prefixes = PrefixCache()
         self._gen = torch.Generator(device=self.device).manual_seed(seed)
         self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
         self.eos_id = self.eos_ids[0]
@@ -93,6 +155,7 @@ class HFEngine:
             )
         self._model.eval()
         self._versions[name] = weights.version
+        self.prefixes.drop(name)  # its cached prompt heads belong to the old weights
         logger.debug("engine serves adapter %s version %d", name, weights.version)
 
     def adapter_version(self, adapter: str) -> int:
@@ -208,18 +271,21 @@ class HFEngine:
         prompts: Sequence[Sequence[int]],
         completions: Sequence[Sequence[int]],
     ) -> list[list[float]]:
-        """log pi(completion_t | prompt, completion_<t) per token for each row, one left-padded forward.
+        """log pi(completion_t | prompt, completion_<t) per token for each row.
 
-        Rows that repeat a (adapter, prompt) share one forward of that prompt (`_score_shared_prompts`).
+        Rows that repeat an (adapter, prompt) share one forward of that prompt, and an adapter's prompts share its
+        cached prompt head (`_score_on_heads`); otherwise one left-padded forward.
         """
         if not (len(adapters) == len(prompts) == len(completions)):
             raise ValueError("adapters, prompts and completions must have the same length")
         if not prompts:
             return []
         names = self._names(adapters)
-        keys = [(a, tuple(p)) for a, p in zip(adapters, prompts, strict=True)]
-        if len(set(keys)) < len(keys) and all(len(c) for c in completions) and all(len(p) for p in prompts):
-            return self._score_shared_prompts(keys, names, completions)
+        if all(len(c) for c in completions) and all(len(p) for p in prompts):
+            keys = [(BASE_ADAPTER if a is None else a, tuple(p)) for a, p in zip(adapters, prompts, strict=True)]
+            heads = self._heads(keys, names is not None)
+            if len(set(keys)) < len(keys) or any(k for k, _ in heads.values()):
+                return self._score_on_heads(keys, heads, names, completions)
         seqs = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
         ids, mask = self._left_pad(seqs)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
@@ -237,20 +303,54 @@ class HFEngine:
             out.append([float(x) for x in logp[i, k - 1 - n :].tolist()] if n else [])
         return out
 
-    def _score_shared_prompts(
+    def _heads(self, keys: Sequence[tuple[str, tuple[int, ...]]], adapted: bool) -> dict[str, tuple[int, Any]]:
+        """Per served adapter of the call: (k, kv), its prompts' first k tokens served from the prefix cache (k = 0:
+        none). A head the prompts share that is not cached yet (at least PREFIX_MIN_TOKENS, leaving each prompt a
+        token of its own) is computed now, all adapters' in one forward, and stored."""
+        prompts_of: dict[str, list[tuple[int, ...]]] = {}
+        for name, p in keys:
+            prompts_of.setdefault(name, []).append(p)
+        heads: dict[str, tuple[int, Any]] = dict.fromkeys(prompts_of, (0, None))
+        if not self.prefix_cache:
+            return heads
+        missing: list[tuple[str, tuple[int, ...]]] = []
+        for name, ps in prompts_of.items():
+            shared = common_prefix(ps, min(len(p) for p in ps) - 1)
+            k, kv = self.prefixes.lookup(name, self._served_version(name), ps[0][:shared])
+            heads[name] = (k, kv)
+            if not k and shared >= PREFIX_MIN_TOKENS:
+                missing.append((name, ps[0][:shared]))
+        if missing:
+            ids, mask = self._left_pad([h for _, h in missing])
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            cache = self._call([n for n, _ in missing] if adapted else None, input_ids=ids, attention_mask=mask,
+                               position_ids=pos, use_cache=True, logits_to_keep=1).past_key_values
+            for j, (name, head) in enumerate(missing):
+                pad = ids.shape[1] - len(head)  # left padding of this row: not part of its head
+                kv = [(layer.keys[j : j + 1, :, pad:].clone(), layer.values[j : j + 1, :, pad:].clone())
+                      for layer in cache.layers]
+                self.prefixes.store(name, self._served_version(name), head, kv)
+                heads[name] = (len(head), kv)
+        return heads
+
+    def _served_version(self, name: str) -> int:
+        return BASE_VERSION if name == BASE_ADAPTER else self._versions[name]
+
+    def _score_on_heads(
         self,
-        keys: Sequence[tuple[str | None, tuple[int, ...]]],
+        keys: Sequence[tuple[str, tuple[int, ...]]],
+        heads: dict[str, tuple[int, Any]],
         names: list[str] | None,
         completions: Sequence[Sequence[int]],
     ) -> list[list[float]]:
-        """score_batch when prompts repeat (a judge asking several questions about one text, C/D answers of one
-        prompt): each distinct (adapter, prompt) is run once with the KV cache on, the cache is copied to its rows,
-        and one more forward runs every row's completion on top of it. Same numbers as the one-forward path.
+        """score_batch on shared work: each distinct (adapter, prompt) is run once, on top of its adapter's cached
+        head, with the KV cache on; the cache is copied to its rows, and one more forward runs every row's
+        completion on top of it. Same numbers as the one-forward path, to float rounding.
         Prompts go in groups whose copied cache holds at most SHARED_KV_TOKENS tokens (bounded memory)."""
-        rows_of: dict[tuple[str | None, tuple[int, ...]], list[int]] = {}
+        rows_of: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for i, k in enumerate(keys):
             rows_of.setdefault(k, []).append(i)
-        groups: list[list[tuple[str | None, tuple[int, ...]]]] = [[]]
+        groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
         size = 0
         for k, rows in rows_of.items():
             need = sum(len(k[1]) + len(completions[i]) for i in rows)
@@ -263,25 +363,54 @@ class HFEngine:
         for group in groups:
             rows = [i for k in group for i in rows_of[k]]
             local = torch.tensor([u for u, k in enumerate(group) for _ in rows_of[k]], device=self.device)  # row -> prompt
-            scored = self._score_on_cache(group, local, None if names is None else [names[i] for i in rows],
+            scored = self._score_on_cache(group, [heads[name] for name, _ in group], local, names is not None,
                                           [completions[i] for i in rows])
             for i, lp in zip(rows, scored, strict=True):
                 out[i] = lp
         return out
 
+    def _head_cache(self, heads: Sequence[tuple[int, Any]]) -> tuple[Any, torch.Tensor]:
+        """The cached heads of U prompts as one (U, ..., width) KV cache, shorter heads left-padded with zeros, and
+        its (U, width) attention mask. (None, (U, 0)) when no prompt has a head."""
+        width = max(k for k, _ in heads)
+        mask = torch.zeros((len(heads), width), dtype=torch.long)
+        if width == 0:
+            return None, mask.to(self.device)
+        donor = next(kv for k, kv in heads if k)  # its tensors give the shapes of the heads of length 0
+        layers = []
+        for li in range(len(donor)):
+            ks, vs = [], []
+            for k, kv in heads:
+                key, val = kv[li] if k else donor[li]
+                pad = (0, 0, width - k, 0)  # (D, positions): zeros on the left of the positions
+                ks.append(torch.nn.functional.pad(key[:, :, :k], pad))
+                vs.append(torch.nn.functional.pad(val[:, :, :k], pad))
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        for u, (k, _) in enumerate(heads):
+            mask[u, width - k :] = 1  # (k = 0: an empty slice)
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=layers, config=self._base.config), mask.to(self.device)
+
     def _score_on_cache(
         self,
-        prompts: Sequence[tuple[str | None, tuple[int, ...]]],
+        prompts: Sequence[tuple[str, tuple[int, ...]]],
+        heads: Sequence[tuple[int, Any]],
         row: torch.Tensor,
-        names: list[str] | None,
+        adapted: bool,
         completions: Sequence[Sequence[int]],
     ) -> list[list[float]]:
-        """One prompt forward for `prompts` (U), its cache copied to the rows (row[i] = the prompt of row i), then
-        one forward of every row's completion."""
-        u_names = None if names is None else [BASE_ADAPTER if a is None else a for a, _ in prompts]
-        ids, mask = self._left_pad([p for _, p in prompts])
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self._call(u_names, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        """One forward of the U prompts' rests (each after its cached head), its cache copied to the rows
+        (row[i] = the prompt of row i), then one forward of every row's completion."""
+        u_names = [name for name, _ in prompts] if adapted else None
+        names = [u_names[int(u)] for u in row] if u_names is not None else None
+        cache, head_mask = self._head_cache(heads)
+        ids, rest_mask = self._left_pad([p[k:] for (_, p), (k, _) in zip(prompts, heads, strict=True)])
+        starts = torch.tensor([k for k, _ in heads], device=self.device)[:, None]
+        pos = starts + (rest_mask.cumsum(1) - 1).clamp(min=0)
+        mask = torch.cat([head_mask, rest_mask], 1)
+        out = self._call(u_names, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[row]  # (B, V) predicts each completion's token 0
         cache = out.past_key_values
         cache.reorder_cache(row)  # (U, ...) -> (B, ...)
@@ -292,7 +421,8 @@ class HFEngine:
             comp[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
             comp_mask[i, : len(c)] = 1
         comp, comp_mask = comp.to(self.device), comp_mask.to(self.device)
-        c_pos = mask.sum(1)[row][:, None] + torch.arange(width, device=self.device)  # (B, width) after each prompt
+        lengths = torch.tensor([len(p) for _, p in prompts], device=self.device)
+        c_pos = lengths[row][:, None] + torch.arange(width, device=self.device)  # (B, width) after each prompt
         logp = first.gather(1, comp[:, :1])  # (B, 1)
         if width > 1:
             logits = self._call(names, input_ids=comp[:, :-1], attention_mask=torch.cat([mask[row], comp_mask[:, :-1]], 1),

@@ -98,6 +98,18 @@ def _allowed_mask(allowed: Sequence[Sequence[Sequence[int]] | None], b: int, wid
     return m
 
 
+REFERENCE_HEAD_MIN = 16  # tokens a cached reference head must share with a batch's head to be used
+REFERENCE_HEADS = 8  # reference heads a host keeps (SmolLM2-135M: ~4 MB per 90-token head)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
+
+
 def _to_cpu(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu", copy=True)
@@ -121,6 +133,8 @@ class PolicyHost:
         self.model: Any = None  # the PeftModel, once the first adapter exists
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                           else self.tokenizer.eos_token_id)
+        # the frozen base's KV cache of prompt heads (the reference policy's: it never changes), most recent last
+        self.reference_heads: list[tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = []
 
     def add_adapter(self, name: str, lora_config, seed: int) -> None:  # type: ignore[no-untyped-def]
         from peft import get_peft_model
@@ -193,8 +207,10 @@ class PPOLearner:
         width: int,
         values: bool = True,
         allowed: Sequence[Sequence[Sequence[int]] | None] | None = None,
+        reference: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Right-padded forward of query + response rows.
+        """Right-padded forward of query + response rows (`reference`: the caller disabled the adapter, so the
+        shared prompt head comes from the base's cached heads).
 
         Returns logp (b, width) log pi(response_t), values (b, width) V(state before response_t) or None,
         mask (b, width), logits (b, width, V) at the positions that predict the response tokens.
@@ -202,8 +218,11 @@ class PPOLearner:
         set to MASKED_LOGIT, so logp and the entropy are those of the renormalised, masked policy.
         """
         shared = self._shared_prefix(queries) if self.config.share_prefix else 0
-        if shared:
+        if shared and reference:
+            shared, cache = self._reference_cache(queries[0][:shared], len(queries))
+        elif shared:
             cache = self._prefix_cache(queries[0][:shared], len(queries))
+        if shared:
             queries = [q[shared:] for q in queries]
         seqs = [list(q) + list(r) for q, r in zip(queries, responses, strict=True)]
         L = max(len(s) for s in seqs)
@@ -260,6 +279,30 @@ class PPOLearner:
         cache = self.host.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
         cache.batch_repeat_interleave(rows)
         return cache
+
+    def _reference_cache(self, prefix: Sequence[int], rows: int) -> tuple[int, Any]:
+        """(k, cache): the frozen base's KV cache of the first k tokens of `prefix`, repeated to rows. Served from
+        the host's cached heads when one shares at least REFERENCE_HEAD_MIN tokens with `prefix` (the base never
+        changes, so a head stays valid for good); otherwise `prefix` is computed and kept (the last
+        REFERENCE_HEADS of them)."""
+        from transformers import DynamicCache
+
+        heads = self.host.reference_heads
+        best, kv = 0, None
+        for head, head_kv in heads:
+            k = _common_prefix(head, prefix)
+            if k > best:
+                best, kv = k, head_kv
+        if best < REFERENCE_HEAD_MIN or kv is None:
+            ids = torch.as_tensor([list(prefix)], device=self.device)
+            cache = self.host.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            heads.append((tuple(prefix), kv))
+            del heads[:-REFERENCE_HEADS]
+            best = len(prefix)
+        data = [(key[:, :, :best].expand(rows, -1, -1, -1).contiguous(),
+                 val[:, :, :best].expand(rows, -1, -1, -1).contiguous()) for key, val in kv]
+        return best, DynamicCache(ddp_cache_data=data, config=self.host.base.config)
 
     @torch.no_grad()
     def logprobs(
@@ -376,7 +419,7 @@ class PPOLearner:
             model.eval()
             with model.disable_adapter():
                 ref_logp, _, _, _ = self._forward(batch.queries, batch.responses, batch.width, values=False,
-                                                  allowed=batch.allowed)
+                                                  allowed=batch.allowed, reference=True)
         return ref_logp
 
     def _behaviour_logprobs(
