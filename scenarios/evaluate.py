@@ -65,11 +65,12 @@ def evaluate(
     answer_mode: str = "free",
 ) -> pl.DataFrame:
     """Run the matrix for one model (+ adapter); write the Parquet and the table; return the table."""
-    from actors.llm.agent import cooperation_probability, resolve_tokens
+    from actors.llm.agent import resolve_tokens
     from actors.llm.answers import ANSWER_MODES, AnswerTrie, answer_length, sample_masked
     from actors.llm.engine import GenerationRequest, legal_share, make_engine
     from actors.llm.models import resolve_model
     from actors.llm.prompts import UNRELATED_QUESTIONS, chat_ids, game_prompt_text, parse_answer, unrelated_prompt_text
+    from actors.llm.rollouts import cooperation_probability
     from actors.llm.weight_sync import peft_dir_to_adapter
     from simulator.contracts import Action
 

@@ -4,6 +4,7 @@ batches per adapter) and Serving (agent -> adapter, versions, sync). A fake toke
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from actors.llm.config import LLMAgentConfig
 from actors.llm.deciding import Decider, PartnerMemory, masked_picks, masked_rows
 from actors.llm.learners import DoneStep, StepResult
 from actors.llm.learning import Sample, SampleBuffers
-from actors.llm.prompts import TOKEN_PAIRS
+from actors.llm.prompts import TOKEN_PAIRS, TokenPair
 from actors.llm.serving import Serving
 from simulator.contracts import Action, DilemmaBatch, SelectionBatch
 from simulator.games import GAMES
@@ -111,3 +112,77 @@ def test_serving_lands_updates_per_adapter():
     assert serving.sync(engine, block=False) == [{"kl": 0.1}]
     assert loaded == [("run0-type-UT", 1)] and serving.served == {"run0-type-UT": 1, "run0-type-DE": 0}
     assert serving.stats["run0-type-UT"] == {"kl": 0.1} and serving.expected([2]) == {"run0-type-UT": 1}
+
+
+class TableEngine:
+    """A fake RolloutEngine: log pi of a completion is looked up by its first token (one per character), the same
+    whatever the prompt; it records every call and serves a version per adapter."""
+
+    eos_ids = (0,)
+
+    def __init__(self, logp: dict[str, float]) -> None:
+        self.logp = {ord(k): v for k, v in logp.items()}
+        self.versions: dict[str, int] = {}
+        self.calls: list[tuple[str, Any]] = []
+
+    def adapter_version(self, name: str) -> int:
+        return self.versions.get(name, 0)
+
+    def score_batch(self, adapters, prompts, completions):  # type: ignore[no-untyped-def]
+        self.calls.append(("score", list(adapters)))
+        return [[self.logp.get(c[0], -5.0)] + [0.0] * (len(c) - 1) for c in completions]
+
+    def generate(self, requests):  # type: ignore[no-untyped-def]
+        from actors.llm.engine import GenerationResult
+
+        self.calls.append(("generate", [(r.adapter, r.seed) for r in requests]))
+        return [GenerationResult((ord("x"),), (-1.0,), "x", r.adapter, self.adapter_version(r.adapter)) for r in requests]
+
+
+def rollouts(engine: TableEngine, serving: Serving, seed: int = 0) -> Any:
+    from contextlib import nullcontext
+
+    from actors.llm.rollouts import Rollouts
+
+    rngs = [np.random.default_rng(seed + b) for b in range(len(serving.adapter_of))]
+    return Rollouts(engine, CharTokenizer(), serving, rngs, 1.0, True, lambda phase: nullcontext())
+
+
+def test_rollouts_sample_masked_answers_with_each_agents_coins_and_refuse_stale_results():
+    from actors.llm.answers import AnswerTrie
+    from simulator.errors import StaleAdapterError
+
+    tok = CharTokenizer()
+    trie = AnswerTrie.from_texts(tok, ("C", "D"))
+    serving = Serving(["a", "b", "a"])
+    engine = TableEngine({"C": np.log(0.9), "D": np.log(0.1)})  # masked policy: P(C) = 0.9 for everyone
+    ro = rollouts(engine, serving)
+    picks = []
+    for _ in range(200):
+        results, scores = ro.masked([0, 1, 2], [[1, 2]] * 3, [trie] * 3, [("C", "D")] * 3)
+        assert [r.adapter for r in results] == ["a", "b", "a"]
+        picks.append([r.text for r in results])
+        assert scores[0] == [[pytest.approx(np.log(0.9))], [pytest.approx(np.log(0.1))]]
+    share_c = np.mean(np.array(picks) == "C")
+    assert 0.85 < share_c < 0.95  # 600 draws of P(C) = 0.9
+    assert engine.calls[0] == ("score", ["a", "a", "b", "b", "a", "a"])  # one call, every legal answer of every agent
+    # agent 1's draws come from its own stream: the same coins whatever the other agents decide
+    again = rollouts(TableEngine({"C": np.log(0.9), "D": np.log(0.1)}), Serving(["a", "b", "a"]))
+    alone = [again.masked([1], [[1, 2]], [trie], [("C", "D")])[0][0].text for _ in range(200)]
+    assert alone == [p[1] for p in picks]
+    serving.served["a"] = 3  # the learner moved on; the engine still serves v0
+    with pytest.raises(StaleAdapterError):
+        ro.masked([0], [[1, 2]], [trie], [("C", "D")])
+
+
+def test_rollouts_free_answers_carry_each_agents_adapter_and_seed_and_p_cooperate_groups_token_pairs():
+    serving = Serving(["a", "b"])
+    engine = TableEngine({"C": np.log(0.75), "D": np.log(0.25), "K": np.log(0.2), "L": np.log(0.2)})
+    ro = rollouts(engine, serving, seed=7)
+    ro.generate([0, 1], [[1], [2]], [3, 3])
+    seeds = [int(np.random.default_rng(7 + b).integers(2**63)) for b in (0, 1)]
+    assert engine.calls[-1] == ("generate", [("a", seeds[0]), ("b", seeds[1])])
+    pair_of = {0: TokenPair("CD", "C", "D"), 1: TokenPair("KL", "K", "L")}
+    p_c = ro.p_cooperate([0, 1, 0], [[1], [2], [3]], lambda b: pair_of[b])
+    np.testing.assert_allclose(p_c, [0.75, 0.5, 0.75])
+    assert sum(1 for kind, _ in engine.calls if kind == "score") == 2  # one scoring call per token pair

@@ -29,8 +29,9 @@ picks an agent id from a list of candidates, their most recent moves and their l
 is trained with PPO too, rewarded with the learning reward of the game it led to, or R_illegal). In mask mode the
 partner answer is restricted to the candidates' ids, as a move is to the action tokens, and PPO trains that mask.
 
-The group is three plain parts and the engine calls between them (one call per phase of an iteration):
+The group is four plain parts and the calls between them (one engine call per phase of an iteration):
     Decider (actors/llm/deciding.py)       prompts, partner memory, answers -> decisions
+    Rollouts (actors/llm/rollouts.py)      the engine calls: free or masked answers, P(C), any requests
     SampleBuffers (actors/llm/learning.py) rewarded samples per adapter -> PPO steps
     Serving (actors/llm/serving.py)        agent -> adapter (per_agent | per_type | shared), served versions, sync
 `clock` adds up the seconds of each phase (prompts, rollouts, scoring, ppo, sync) for benchmarks/llm_population.py.
@@ -58,21 +59,18 @@ import numpy as np
 from actors.dqn import DQNConfig, DQNGroup
 from actors.llm import budget
 from actors.llm.config import LLMAgentConfig, VirtueConfig
-from actors.llm.deciding import Decider, masked_picks, masked_rows
+from actors.llm.deciding import Decider
 from actors.llm.engine import (
-    GenerationRequest,
-    GenerationResult,
     RolloutEngine,
-    action_logprobs,
-    check_fresh,
     legal_share,
     make_engine,
 )
 from actors.llm.learners import LearnerGroup, LearnerPool, StepJob
 from actors.llm.learning import Sample, SampleBuffers
 from actors.llm.prompts import TokenPair, parse_answer, random_token_pair, token_pair
+from actors.llm.rollouts import Rollouts
 from actors.llm.serving import Serving, adapter_names
-from actors.llm.virtue.dilemma import reason_context, scored_conversation
+from actors.llm.virtue.dilemma import stated_reasons
 from actors.static import uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError
@@ -100,16 +98,6 @@ def group_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: 
     return make_engine(config.engine, model_dir, device=config.device, seed=seed, max_loras=max_loras,
                        max_lora_rank=config.ppo.lora_r, gpu_memory_utilization=config.actors.gpu_memory_utilization,
                        dtype=config.dtype)
-
-
-def cooperation_probability(
-    engine: RolloutEngine, tokenizer: Any, tokens: TokenPair, adapters: list[str | None], prompts: list[list[int]]
-) -> np.ndarray:
-    """(B,) P(C answer) / (P(C answer) + P(D answer)) per prompt, one scoring call on either engine."""
-    c_ids = tokenizer(tokens.c, add_special_tokens=False)["input_ids"]
-    d_ids = tokenizer(tokens.d, add_special_tokens=False)["input_ids"]
-    lp = action_logprobs(engine, adapters, prompts, c_ids, d_ids)
-    return legal_share(lp[:, 0], lp[:, 1])
 
 
 class PhaseClock:
@@ -195,6 +183,8 @@ class LLMGroup:
         for weights in self.learners.export(adapters):
             self.engine.load_adapter(weights)
         self.decider = Decider(tokenizer, game, config, self.slots.tolist(), num_agents, run_tokens)
+        self.rollouts = Rollouts(self.engine, tokenizer, self.serving, self.rngs, config.temperature,
+                                 config.stop == "eos", self.clock)
         self.buffers = SampleBuffers(adapters, config.ppo.batch_size, config.off_policy)
         self._act_samples: list[Sample] = []
         self._act_opponents: np.ndarray = np.zeros(0, dtype=np.int64)
@@ -227,97 +217,6 @@ class LLMGroup:
         """[llm.virtue], or its defaults (the pipeline's default output folder) when the scenario has none."""
         return self.cfg.virtue or VirtueConfig()
 
-    def _state_reasons(
-        self, bs: list[int], texts: list[str], answers: list[str], reasoned: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """Ask the reasoned decisions why (one generate call), score them; the virtue columns and the reward term."""
-        n = len(bs)
-        out: dict[str, np.ndarray] = {
-            "stated_reason": np.full(n, None, dtype=object),
-            "stated_reason_cut": np.full(n, np.nan, dtype=np.float32),
-            **{f"virtue_{t}": np.full(n, np.nan, dtype=np.float32) for t in ("action", "motivation", "consequences")},
-            "virtue_score": np.full(n, np.nan, dtype=np.float32),
-        }
-        term = np.full(n, np.nan)
-        ks = np.flatnonzero(reasoned).tolist()
-        if not ks:
-            return out | {"_term": term}
-        vc = self.virtue_cfg
-        scorer = self.scorer()
-        from actors.llm.virtue.dialogue import template_ids
-
-        limit = vc.reason_tokens
-        temperature = self.cfg.temperature if vc.temperature is None else vc.temperature
-        requests = [
-            GenerationRequest(
-                tuple(template_ids(self.tokenizer, reason_context(texts[k], answers[k]), add_generation_prompt=True)),
-                self.adapter(bs[k]), limit, temperature, stop_at_eos=True, seed=int(self.rngs[bs[k]].integers(2**63)))
-            for k in ks
-        ]
-        with self.clock("scoring"):
-            results = self.engine.generate(requests)
-        check_fresh(results, self.serving.expected([bs[k] for k in ks]))
-        eos = set(self.engine.eos_ids)
-        reasons = [res.text.strip() for res in results]
-        with self.clock("scoring"):
-            virtue, per_model = scorer.score(
-                [scored_conversation(texts[k], answers[k], r) for k, r in zip(ks, reasons, strict=True)])
-        for j, (k, res) in enumerate(zip(ks, results, strict=True)):
-            ids = res.token_ids
-            out["stated_reason"][k] = reasons[j]
-            out["stated_reason_cut"][k] = float(len(ids) >= limit and (not ids or ids[-1] not in eos))
-            for m, name in enumerate(scorer.names):
-                out[f"virtue_{name}"][k] = per_model[j, m]
-            out["virtue_score"][k] = virtue[j]
-            term[k] = vc.weight * float(np.float32(virtue[j]))  # the recorded (float32) score, so records add up
-        return out | {"_term": term}
-
-    # -- engine calls (one per phase) ------------------------------------------------------------------------------
-    def _generate(self, bs: list[int], prompts: list[list[int]], max_new_tokens: list[int]) -> list[GenerationResult]:
-        requests = [
-            GenerationRequest(tuple(p), self.adapter(b), n, self.cfg.temperature,
-                              stop_at_eos=self.cfg.stop == "eos", seed=int(self.rngs[b].integers(2**63)))
-            for b, p, n in zip(bs, prompts, max_new_tokens, strict=True)
-        ]
-        with self.clock("rollouts"):
-            results = self.engine.generate(requests)
-        check_fresh(results, self.serving.expected(bs))
-        return results
-
-    def _masked(
-        self, bs: list[int], prompts: list[list[int]], tries: list[Any], texts: list[tuple[str, ...]]
-    ) -> tuple[list[GenerationResult], list[list[list[float]]]]:
-        """Mask mode: score every legal answer of every prompt (one call), sample each on its trie with the agent's
-        coins. Returns the results (as if generated) and each decision's raw score rows."""
-        rows = masked_rows(tries)
-        with self.clock("rollouts"):
-            raw = self.engine.score_batch(
-                [self.adapter(b) for b, n in zip(bs, rows, strict=True) for _ in range(n)],
-                [p for p, n in zip(prompts, rows, strict=True) for _ in range(n)],
-                [list(q) for t in tries for q in t.sequences],
-            )
-        coins = [self.rngs[b].random(max(len(q) for q in t.sequences)) for b, t in zip(bs, tries, strict=True)]
-        results, scores = [], []
-        for b, trie, answers, (pick, logps, rows_k) in zip(
-                bs, tries, texts, masked_picks(tries, raw, coins, self.cfg.temperature), strict=True):
-            name = self.adapter(b)
-            results.append(GenerationResult(trie.sequences[pick], tuple(logps), answers[pick], name,
-                                            self.engine.adapter_version(name)))
-            scores.append(rows_k)
-        check_fresh(results, self.serving.expected(bs))
-        return results, scores
-
-    def _p_cooperate(self, bs: list[int], prompts: list[list[int]]) -> np.ndarray:
-        if not self.cfg.p_cooperate:
-            return np.full(len(bs), np.nan)
-        p_c = np.empty(len(bs))
-        with self.clock("scoring"):
-            for tokens in {self.decider.run_of(b).tokens for b in bs}:  # one scoring call per distinct token pair
-                ks = [k for k, b in enumerate(bs) if self.decider.run_of(b).tokens == tokens]
-                p_c[ks] = cooperation_probability(self.engine, self.tokenizer, tokens, [self.adapter(bs[k]) for k in ks],
-                                                  [prompts[k] for k in ks])
-        return p_c
-
     # -- decisions ----------------------------------------------------------------------------------------------
     def select(self, batch: SelectionBatch) -> Decisions:
         random_choice = uniform_partner(batch.u[..., 1], self.n_others)
@@ -332,10 +231,10 @@ class LLMGroup:
         if self.cfg.answer_mode == "mask":
             tries = [self.decider.partner_trie(g) for g in members]
             texts = [self.decider.partner_answers(g) for g in members]
-            results, _ = self._masked(bs, prompts, tries, texts)
+            results, _ = self.rollouts.masked(bs, prompts, tries, texts)
             allowed: list[Any] = [t.allowed(res.token_ids) for t, res in zip(tries, results, strict=True)]
         else:
-            results = self._generate(bs, prompts, [self.decider.selection_tokens()] * len(bs))
+            results = self.rollouts.generate(bs, prompts, [self.decider.selection_tokens()] * len(bs))
             allowed = [None] * len(bs)
         choice = random_choice.copy()
         reason = np.full(choice.shape, Reason.POLICY, dtype=np.int8)
@@ -357,15 +256,16 @@ class LLMGroup:
             bs, texts, prompts = self.decider.game_prompts(batch, self.rngs)
         runs = [self.decider.run_of(b) for b in bs]
         if self.cfg.answer_mode == "mask":
-            tries = [run.trie for run in runs]
-            results, scores = self._masked(bs, prompts, tries, [run.answers for run in runs])
+            tries = [run.trie for run in runs if run.trie is not None]  # mask mode: every run has its trie
+            results, scores = self.rollouts.masked(bs, prompts, tries, [run.answers for run in runs])
             # the trie's sequences are (C, D): P(C | legal) from the same scores
             p_c = np.array([legal_share(float(np.sum(s[0])), float(np.sum(s[1]))) for s in scores])
             if not self.cfg.p_cooperate:
                 p_c[:] = np.nan
         else:
-            results = self._generate(bs, prompts, [run.max_new_tokens for run in runs])
-            p_c = self._p_cooperate(bs, prompts)
+            results = self.rollouts.generate(bs, prompts, [run.max_new_tokens for run in runs])
+            p_c = (self.rollouts.p_cooperate(bs, prompts, lambda b: self.decider.run_of(b).tokens)
+                   if self.cfg.p_cooperate else np.full(len(bs), np.nan))
         parsed = [parse_answer(res.text, run.tokens) for res, run in zip(results, runs, strict=True)]
         legal = np.array([p is not None for p in parsed])
         # an illegal answer changes nothing: the agent's move stays its snapshot move (module docstring)
@@ -393,7 +293,8 @@ class LLMGroup:
         }
         # every LLM row carries the virtue columns (null unless its type scores a stated reason)
         reasoned = np.zeros(len(bs), dtype=bool) if batch.reasoned is None else np.asarray(batch.reasoned, dtype=bool)
-        virtue = self._state_reasons(bs, texts, [res.text for res in results], reasoned)
+        virtue = stated_reasons(self.rollouts, self.scorer() if reasoned.any() else None, self.virtue_cfg,
+                                self.cfg.temperature, bs, texts, [res.text for res in results], reasoned)
         term = virtue.pop("_term")
         extra.update(virtue)
         return Decisions(action, reason, extra, term if reasoned.any() else None)

@@ -118,3 +118,52 @@ class VirtueScorer:
             return np.zeros(0), np.zeros((0, len(self.names)))
         return self.ensemble.score(conversations)
 
+
+
+def stated_reasons(
+    rollouts: Any, scorer: VirtueScorer | None, vc: VirtueConfig, temperature: float, bs: Sequence[int],
+    texts: Sequence[str], answers: Sequence[str], reasoned: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Ask the reasoned decisions why (one generate call through `rollouts`, actors/llm/rollouts.py), score the
+    conversations with `scorer`: the virtue columns of every decision (null where not reasoned) and, under "_term",
+    each reasoned decision's reward term weight * ensemble (NaN elsewhere)."""
+    from actors.llm.engine import GenerationRequest
+    from actors.llm.virtue.dialogue import template_ids
+
+    n = len(bs)
+    out: dict[str, np.ndarray] = {
+        "stated_reason": np.full(n, None, dtype=object),
+        "stated_reason_cut": np.full(n, np.nan, dtype=np.float32),
+        **{f"virtue_{t}": np.full(n, np.nan, dtype=np.float32) for t in TURNS},
+        "virtue_score": np.full(n, np.nan, dtype=np.float32),
+    }
+    term = np.full(n, np.nan)
+    ks = np.flatnonzero(reasoned).tolist()
+    if not ks:
+        return out | {"_term": term}
+    if scorer is None:
+        raise ValueError("reasoned decisions need the virtue scorer")
+    limit = vc.reason_tokens
+    temp = temperature if vc.temperature is None else vc.temperature
+    requests = [
+        GenerationRequest(
+            tuple(template_ids(rollouts.tokenizer, reason_context(texts[k], answers[k]), add_generation_prompt=True)),
+            rollouts.serving.adapter_of[bs[k]], limit, temp, stop_at_eos=True,
+            seed=int(rollouts.rngs[bs[k]].integers(2**63)))
+        for k in ks
+    ]
+    results = rollouts.run(requests, [bs[k] for k in ks], "scoring")
+    eos = set(rollouts.engine.eos_ids)
+    reasons = [res.text.strip() for res in results]
+    with rollouts.clock("scoring"):
+        virtue, per_model = scorer.score(
+            [scored_conversation(texts[k], answers[k], r) for k, r in zip(ks, reasons, strict=True)])
+    for j, (k, res) in enumerate(zip(ks, results, strict=True)):
+        ids = res.token_ids
+        out["stated_reason"][k] = reasons[j]
+        out["stated_reason_cut"][k] = float(len(ids) >= limit and (not ids or ids[-1] not in eos))
+        for m, name in enumerate(scorer.names):
+            out[f"virtue_{name}"][k] = per_model[j, m]
+        out["virtue_score"][k] = virtue[j]
+        term[k] = vc.weight * float(np.float32(virtue[j]))  # the recorded (float32) score, so records add up
+    return out | {"_term": term}
