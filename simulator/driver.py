@@ -43,6 +43,7 @@ from simulator.engine import PopulationEngine
 from simulator.errors import ConfigError, CorruptDataError, MoralsimError, WorkerLostError
 from simulator.lock import STAGING, DatasetLock
 from simulator.records import PartWriter, RecordBuffer
+from simulator.resources import stack_workers
 from simulator.schema import SCHEMA_VERSION
 from simulator.seeding import RunStreams, initial_state, run_streams
 from simulator.storage import Store, redact, verify_run
@@ -603,7 +604,7 @@ def _run_locked(
         batches = (
             [pending[j : j + runs_per_batch] for j in range(0, len(pending), runs_per_batch)]
             if runs_per_batch
-            else plan_batches(pending, workers, cfg.population.size)
+            else plan_batches(pending, stack_workers(cfg, workers), cfg.population.size)
         )
         jobs.extend((i, batch) for batch in batches)
     if not jobs:

@@ -129,10 +129,20 @@ def machine_memory() -> tuple[int, int]:
     return total, available
 
 
+def stack_workers(cfg: RunConfig, workers: int) -> int:
+    """The workers cfg's runs are spread over: all of them for classic runs; one for runs with LLM agents on the CPU,
+    whose runs stack in one engine and one learner host (one model copy, every run's decisions in one call), where a
+    batch per core would load a copy per core and split the same cores between them."""
+    if not any(a.learner == "llm" for a in cfg.population.agents):
+        return workers
+    llm = getattr(cfg.agents, "llm", None)
+    return 1 if getattr(llm, "device", "cpu") == "cpu" else workers
+
+
 def batch_sizes(cfg: RunConfig, workers: int, runs_per_batch: int | None) -> dict[int, int]:
     """{runs stacked in a batch: number of such batches}, as simulator.driver.plan_batches splits cfg.num_runs
     pending runs (counted, not listed: --num_runs 10**9 must not build a list here)."""
-    runs = cfg.num_runs
+    runs, workers = cfg.num_runs, stack_workers(cfg, workers)
     # plan_batches: about one batch per worker, at most MAX_STACK_AGENTS agents stacked
     planned = max(1, min(math.ceil(runs / max(1, workers)), MAX_STACK_AGENTS // max(1, cfg.population.size)))
     per = runs_per_batch or planned
