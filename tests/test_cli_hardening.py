@@ -343,3 +343,18 @@ def test_threads_left_behind_do_not_block_exit():
         srv.close()
     extra = [t for t in threading.enumerate() if t.ident not in before and not t.daemon]
     assert not extra, extra
+
+
+def test_llm_runs_on_the_cpu_stack_in_one_batch_and_elsewhere_spread_over_workers():
+    from dataclasses import replace
+
+    from actors.llm.config import LLMAgentConfig
+    from scenarios.run import with_agents
+    from simulator.resources import stack_workers
+
+    classic = RunConfig("1xUT_1xaUT_1xDE", num_runs=3)
+    llm = with_agents(RunConfig("1xUT@llm_1xaUT@llm_1xDE", num_runs=3), llm=LLMAgentConfig())
+    gpu = with_agents(RunConfig("1xUT@llm_1xaUT@llm_1xDE", num_runs=3), llm=replace(LLMAgentConfig(), device="cuda"))
+    assert stack_workers(classic, 2) == 2 and stack_workers(gpu, 2) == 2
+    assert stack_workers(llm, 2) == 1 and batch_sizes(llm, 2, None) == {3: 1}  # one engine for the three runs
+    assert batch_sizes(classic, 2, None) == {2: 1, 1: 1}
