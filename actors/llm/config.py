@@ -86,7 +86,8 @@ class PPOConfig:
     """compute passes that see the same weights and samples once (see the module docstring); False = every pass"""
     share_prefix: bool = False
     """compute the prompt prefix that all samples of a PPO step share (chat template and game text) once, its
-    keys and values broadcast to every sample, gradients included; the same numbers up to float rounding"""
+    keys and values broadcast to every sample, gradients included; and take the frozen reference policy's log pi of a
+    (prompt, answer, mask) seen before from the host's memo. The same numbers up to float rounding"""
 
     def __post_init__(self) -> None:
         positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",

@@ -188,8 +188,17 @@ class HFEngine:
         return ids.to(self.device), mask.to(self.device)
 
     def _call(self, names: list[str] | None, **kwargs):  # type: ignore[no-untyped-def]
-        if names is not None:
-            kwargs["adapter_names"] = names
+        """One forward, each row through its adapter. Rows of one adapter take peft's plain path (the adapter
+        made active), rows of several its mixed-batch path (a sub-batch per adapter in every LoRA layer)."""
+        if names is None:
+            return self._model(**kwargs)
+        if len(set(names)) > 1:
+            return self._model(adapter_names=names, **kwargs)
+        assert self._peft is not None  # names are given once an adapter exists
+        if names[0] == BASE_ADAPTER:
+            with self._peft.disable_adapter():
+                return self._model(**kwargs)
+        self._peft.set_adapter(names[0])
         return self._model(**kwargs)
 
     @torch.no_grad()

@@ -100,6 +100,7 @@ def _allowed_mask(allowed: Sequence[Sequence[Sequence[int]] | None], b: int, wid
 
 REFERENCE_HEAD_MIN = 16  # tokens a cached reference head must share with a batch's head to be used
 REFERENCE_HEADS = 8  # reference heads a host keeps (SmolLM2-135M: ~4 MB per 90-token head)
+REFERENCE_MEMO = 100_000  # reference log pi rows a host keeps (a few tokens each)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -135,6 +136,9 @@ class PolicyHost:
                           else self.tokenizer.eos_token_id)
         # the frozen base's KV cache of prompt heads (the reference policy's: it never changes), most recent last
         self.reference_heads: list[tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = []
+        # the frozen base's log pi per (prompt, answer, mask): a population's prompts repeat (a few histories, two
+        # option orders), and the reference policy never changes
+        self.reference_memo: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def add_adapter(self, name: str, lora_config, seed: int) -> None:  # type: ignore[no-untyped-def]
         from peft import get_peft_model
@@ -413,13 +417,34 @@ class PPOLearner:
         return None, old_logp, old_values, mask
 
     def _reference_logprobs(self, batch: _Batch) -> torch.Tensor:
-        """log pi_ref: the frozen base (adapter disabled), under the same answer mask."""
+        """log pi_ref: the frozen base (adapter disabled), under the same answer mask. With share_prefix, samples
+        seen before come from the host's memo (REFERENCE_MEMO entries at most) and only the others run."""
         model = self.host.model
-        with torch.no_grad():
-            model.eval()
-            with model.disable_adapter():
-                ref_logp, _, _, _ = self._forward(batch.queries, batch.responses, batch.width, values=False,
-                                                  allowed=batch.allowed, reference=True)
+        memo = self.host.reference_memo if self.config.share_prefix else None
+        B = len(batch.queries)
+        masks = batch.allowed if batch.allowed is not None else [None] * B
+        keys = [(tuple(q), tuple(r), None if m is None else tuple(tuple(a) for a in m))
+                for q, r, m in zip(batch.queries, batch.responses, masks, strict=True)]
+        todo = list(range(B)) if memo is None else [i for i, k in enumerate(keys) if k not in memo]
+        ref_logp = torch.zeros((B, batch.width), dtype=torch.float32, device=self.device)
+        if todo:
+            with torch.no_grad():
+                model.eval()
+                with model.disable_adapter():
+                    part, _, _, _ = self._forward(
+                        [batch.queries[i] for i in todo], [batch.responses[i] for i in todo], batch.width,
+                        values=False, allowed=None if batch.allowed is None else [batch.allowed[i] for i in todo],
+                        reference=True)
+            ref_logp[todo] = part
+            if memo is not None:
+                for j, i in enumerate(todo):
+                    memo[keys[i]] = part[j, : len(batch.responses[i])].clone()
+                while len(memo) > REFERENCE_MEMO:
+                    del memo[next(iter(memo))]
+        if memo is not None:
+            for i in set(range(B)) - set(todo):
+                n = len(batch.responses[i])
+                ref_logp[i, :n] = memo[keys[i]]
         return ref_logp
 
     def _behaviour_logprobs(
