@@ -8,17 +8,20 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from scenarios.run import (  # noqa: F401  (re-exported: the entrance's names)
     DEFAULT_POPULATION,
     LLM_CHECKPOINT_EVERY,
     Job,
+    Launch,
     build_parser,
     load_game,
     output_arg,
     resolve,
 )
+from simulator.config import RunConfig
 from simulator.errors import MoralsimError, UnknownNameError
 from simulator.storage import is_uri, redact
 
@@ -57,11 +60,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def gpu_stacks(runs: Sequence[RunConfig], launch: Launch) -> Launch:
+    """LLM runs on CUDA without --runs_per_batch: as many runs per stack as one GPU holds (actors/llm/budget.py's
+    arithmetic, the smallest over the job's populations), each stack a Ray task with a whole GPU
+    (simulator.resources.batch_resources); the stacks queue for the cluster's GPUs. Logged with the arithmetic."""
+    llm_runs = [c for c in runs if c.agents is not None and c.agents.llm is not None
+                and c.agents.llm.device.startswith("cuda") and not c.agents.llm.actors.enabled
+                and any(a.learner == "llm" for a in c.population.agents)]
+    if launch.runs_per_batch is not None or not llm_runs:
+        return launch
+    from actors.llm import budget
+    from actors.llm.models import resolve_model
+
+    fits = []
+    for c in llm_runs:
+        llm = c.agents.llm  # type: ignore[union-attr]
+        shape = budget.ModelShape.from_dir(resolve_model(llm.model))
+        codes = [a.code for a in c.population.agents if a.learner == "llm"]
+        fits.append(budget.runs_per_device(llm, shape, codes, c.population.size, budget.available_bytes(llm)))
+    per = max(1, min(fits))
+    log.info("one GPU holds %d runs of each stack (%s); stacks of %d runs, one GPU each", min(fits),
+             ", ".join(f"{c.destination_folder}: {n}" for c, n in zip(llm_runs, fits, strict=True)), per)
+    return replace(launch, runs_per_batch=per)
+
+
 def run_job(job: Job) -> list[dict[int, dict[str, object]]]:
     """Check, then run every population of the job; returns each dataset's manifest run table."""
     from simulator.resources import check_run_memory
 
-    launch = job.launch
+    launch = gpu_stacks(job.runs, job.launch)
     # refused before any work: runs that cannot fit in memory, an output folder that cannot be written, a cluster
     # that does not answer
     check_run_memory(list(job.runs), launch.backend, launch.ray_address, launch.num_cpus, launch.runs_per_batch)

@@ -8,7 +8,7 @@
                                    │ a classic run that does not match is moved aside and run again from its seed
                                    │ split each dataset's pending runs into batches (several runs stacked per engine)
                                    ├─ inline: run_batch(...) in this process
-                                   └─ ray:    one task per batch (num_cpus=1), progress via a counter actor
+                                   └─ ray:    one task per batch (a CPU; +1 GPU: LLM stack on CUDA), progress via a counter actor
     run_batch: PopulationEngine.step() x num_iterations ─► RecordBuffer ─► PartWriter (a background thread)
                ─► .moralsim-staging/<folder>/writer-<lock generation>/run=<k>/part-*.parquet
                on success each run moves into <output>/<folder>/run=<k>/ with _SUCCESS written last, listing
@@ -43,7 +43,7 @@ from simulator.engine import PopulationEngine
 from simulator.errors import ConfigError, CorruptDataError, MoralsimError, WorkerLostError
 from simulator.lock import STAGING, DatasetLock
 from simulator.records import PartWriter, RecordBuffer
-from simulator.resources import stack_workers
+from simulator.resources import batch_resources, stack_workers
 from simulator.schema import SCHEMA_VERSION
 from simulator.seeding import RunStreams, initial_state, run_streams
 from simulator.storage import Store, redact, verify_run
@@ -729,8 +729,9 @@ def _run_ray(
         for out in dict.fromkeys(str(c.output) for c in cfgs):
             check_shared_output(out)
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
-    refs = {task.remote(cfgs[i], batch, factory, counter, locks[i]): (i, batch) for i, batch in jobs}
+    task = ray.remote(max_retries=0)(_ray_task)  # a CPU each; a GPU each for LLM stacks on CUDA (batch_resources)
+    refs = {task.options(**batch_resources(cfgs[i])).remote(cfgs[i], batch, factory, counter, locks[i]): (i, batch)
+            for i, batch in jobs}
     failures = []
     pending = list(refs)
     while pending:

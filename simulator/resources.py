@@ -139,6 +139,16 @@ def stack_workers(cfg: RunConfig, workers: int) -> int:
     return 1 if getattr(llm, "device", "cpu") == "cpu" else workers
 
 
+def batch_resources(cfg: RunConfig) -> dict[str, float]:
+    """What one batch's Ray task asks of the cluster: a CPU; and a whole GPU when its LLM agents run on CUDA in the
+    task's own process (engine and learners beside the records), so Ray places one stack of runs per GPU and queues
+    the rest. With rollout actors the actors hold the GPUs (llm.actors), and the task needs none."""
+    llm = getattr(cfg.agents, "llm", None)
+    on_gpu = (any(a.learner == "llm" for a in cfg.population.agents) and llm is not None
+              and str(getattr(llm, "device", "cpu")).startswith("cuda") and not llm.actors.enabled)
+    return {"num_cpus": 1.0, "num_gpus": 1.0} if on_gpu else {"num_cpus": 1.0}
+
+
 def batch_sizes(cfg: RunConfig, workers: int, runs_per_batch: int | None) -> dict[int, int]:
     """{runs stacked in a batch: number of such batches}, as simulator.driver.plan_batches splits cfg.num_runs
     pending runs (counted, not listed: --num_runs 10**9 must not build a list here)."""

@@ -358,3 +358,46 @@ def test_llm_runs_on_the_cpu_stack_in_one_batch_and_elsewhere_spread_over_worker
     assert stack_workers(classic, 2) == 2 and stack_workers(gpu, 2) == 2
     assert stack_workers(llm, 2) == 1 and batch_sizes(llm, 2, None) == {3: 1}  # one engine for the three runs
     assert batch_sizes(classic, 2, None) == {2: 1, 1: 1}
+
+
+def test_an_llm_stack_on_cuda_asks_ray_for_a_whole_gpu_and_one_gpu_holds_what_memory_allows():
+    from dataclasses import replace
+
+    from actors.llm.budget import GiB, ModelShape, estimate, runs_per_device
+    from actors.llm.config import LLMActors, LLMAgentConfig
+    from scenarios.run import with_agents
+    from simulator.resources import batch_resources
+
+    pop = "1xDe@llm_1xTFT"
+    cuda = replace(LLMAgentConfig(), device="cuda")
+    assert batch_resources(RunConfig("1xUT_1xaUT_1xDE")) == {"num_cpus": 1.0}
+    assert batch_resources(with_agents(RunConfig(pop), llm=LLMAgentConfig())) == {"num_cpus": 1.0}  # CPU
+    assert batch_resources(with_agents(RunConfig(pop), llm=cuda)) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    actors = replace(cuda, actors=LLMActors(rollout_actors=1))  # the actors hold the GPUs, not the task
+    assert batch_resources(with_agents(RunConfig(pop), llm=actors)) == {"num_cpus": 1.0}
+    # Gemma-2-2B's shape: runs that fit an 80 GiB GPU, by the same estimate that refuses a population too big
+    gemma = ModelShape(hidden=2304, intermediate=9216, layers=26, heads=8, kv_heads=4, head_dim=256, vocab=256000,
+                       tied=True)
+    bf16 = replace(cuda, dtype="bfloat16")
+    n = runs_per_device(bf16, gemma, ["De"], 2, 80 * GiB)
+    assert n >= 1
+    assert sum(estimate(bf16, gemma, ["De"], 2, n).values()) <= 80 * GiB < sum(estimate(bf16, gemma, ["De"], 2, n + 1).values())
+    assert runs_per_device(bf16, gemma, ["De"], 2, 1 * GiB) == 0  # the base weights alone do not fit
+
+
+def test_the_job_command_sizes_gpu_stacks_by_the_memory_arithmetic(tiny_model_path):
+    from dataclasses import replace
+
+    from actors.llm.budget import GiB, ModelShape, runs_per_device
+    from actors.llm.config import LLMActors, LLMAgentConfig
+    from scenarios.cli import gpu_stacks
+    from scenarios.run import Launch, with_agents
+
+    llm = replace(LLMAgentConfig(), model=str(tiny_model_path), device="cuda", actors=LLMActors(gpu_memory_gib=0.05))
+    cfg = with_agents(RunConfig("1xDe@llm_1xTFT", num_runs=100), llm=llm)
+    expected = runs_per_device(llm, ModelShape.from_dir(tiny_model_path), ["De"], 2, int(0.05 * GiB))
+    assert 1 < expected < 100
+    assert gpu_stacks([cfg], Launch()).runs_per_batch == expected
+    assert gpu_stacks([cfg], Launch(runs_per_batch=3)).runs_per_batch == 3  # the user's choice stands
+    on_cpu = with_agents(RunConfig("1xDe@llm_1xTFT", num_runs=100), llm=replace(llm, device="cpu"))
+    assert gpu_stacks([on_cpu], Launch()).runs_per_batch is None

@@ -102,6 +102,17 @@ def check_memory(cfg: LLMAgentConfig, shape: ModelShape, codes: list[str], num_a
         f"(--runs_per_batch), or more devices (llm.actors)")
 
 
+def runs_per_device(cfg: LLMAgentConfig, shape: ModelShape, codes: list[str], num_agents: int, available: int) -> int:
+    """How many runs of this population one device holds when they stack on one engine and one learner host: the
+    base weights once, then per run its adapters, learner state, KV cache (the estimate is linear in runs). 0 when
+    not even one fits."""
+    one = sum(estimate(cfg, shape, codes, num_agents, 1).values())
+    two = sum(estimate(cfg, shape, codes, num_agents, 2).values())
+    per_run = max(1, two - one)
+    fixed = one - per_run
+    return max(0, (available - fixed) // per_run)
+
+
 def available_bytes(cfg: LLMAgentConfig) -> int:
     """What the LLM stack may use: the machine's memory on CPU, the GPUs' on CUDA (LLMActors.gpu_memory_gib each)."""
     if cfg.device.startswith("cuda"):
