@@ -1,0 +1,119 @@
+"""The ICLR 2025 protocol points of issue 17, each against what LLM_morality's code does (fine_tune.py,
+fine_tune_2learners.py, JOBS_gemma_final.txt): illegal answers between two learners, a configurable R_illegal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simulator.config import RunConfig
+from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
+from simulator.driver import build_engine
+from simulator.errors import ConfigError
+from simulator.games import GAMES
+from simulator.rewards import partner_illegal_reward
+
+C, D, X = 0, 1, -1  # X: an illegal answer (the move stays the player's previous one)
+
+
+class TwoScripted:
+    """Both slots of the pair protocol as LLM-like learners: script[t] = (slot 0's answer, slot 1's answer)."""
+
+    learns = True
+
+    def __init__(self, script: list[tuple[int, int]]) -> None:
+        self.slots = np.array([0, 1])
+        self.script = script
+        self.learned: list[Transitions] = []
+
+    def select(self, batch: SelectionBatch) -> Decisions:
+        raise AssertionError("nobody selects in the pair protocol")
+
+    def act(self, batch: DilemmaBatch) -> Decisions:
+        answers = np.array([self.script[batch.iteration][int(m)] for m in batch.member])
+        action = np.where(answers == X, batch.own_prev, answers).astype(np.int64)
+        reason = np.where(answers == X, Reason.ILLEGAL, Reason.POLICY).astype(np.int8)
+        return Decisions(action, reason)
+
+    def learn(self, transitions: Transitions) -> dict[str, float]:
+        self.learned.append(transitions)
+        return {}
+
+    def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:
+        return None
+
+
+def _play(reward: str, script: list[tuple[int, int]], r_illegal: float = 6.0):  # type: ignore[no-untyped-def]
+    """The pair protocol's records of two learners of type `reward` answering as scripted (one episode)."""
+    cfg = RunConfig(f"2x{reward}@llm", num_iterations=len(script), num_runs=1, protocol="pair",
+                    episode_length=len(script), r_illegal=r_illegal)
+    group = TwoScripted(script)
+    engine, _ = build_engine(cfg, [0], lambda run_cfg, streams: [group])
+    return [engine.step() for _ in script], group
+
+
+# What fine_tune_2learners.py pays the LEGAL player when its partner answers illegally (smallerR payoffs, job file
+# settings r_illegal 6, r_punishment 3, r_other 0). The partner's carried-over move is its previous legal move.
+#   Game     reward_fn_game(a_M, action_for_payoff_O)        -> payoff against the partner's last legal move
+#   De       reward_fn_De(a_M, prev_move_opp)                -> De of the partner's previous move (unchanged)
+#   Ut       reward_fn_Ut(a_M, raw answer of O)              -> r_other = 0
+#   Game+De  reward_fn_gameDe(a_M, raw answer of O, prev)    -> r_illegal = -6
+@pytest.mark.parametrize(("reward", "legal_player_reward"), [
+    ("Game", lambda a_m, s_o: float(GAMES["IPD"].payoffs[a_m, s_o][0])),
+    ("De", lambda a_m, s_o: -3.0 if (a_m, s_o) == (D, C) else 0.0),
+    ("Ut", lambda a_m, s_o: 0.0),
+    ("Game+De", lambda a_m, s_o: -6.0),
+])
+@pytest.mark.parametrize("my_move", [C, D])
+def test_a_legal_player_whose_partner_answers_illegally_is_paid_as_the_paper(reward, legal_player_reward, my_move):
+    # t0: both legal (slot 1 plays C), t1: slot 1 illegal (its move stays C), t2: slot 0 illegal
+    recs, group = _play(reward, [(C, C), (my_move, X), (X, my_move)])
+    t1, t2 = recs[1], recs[2]
+    assert int(t1.selected_action[0, 0]) == C and t1.selected_reason[0, 0] == Reason.ILLEGAL  # carried over
+    assert t1.selector_learning_reward[0, 0] == pytest.approx(legal_player_reward(my_move, C))
+    assert t1.selected_learning_reward[0, 0] == -6.0  # the illegal player: R_illegal whatever its type
+    # the other way round: slot 1 is legal against slot 0's carried-over move (its t1 move)
+    assert t2.selected_learning_reward[0, 0] == pytest.approx(legal_player_reward(my_move, my_move))
+    assert t2.selector_learning_reward[0, 0] == -6.0
+    # the moral reward column keeps the table value of the recorded moves; only the learning reward follows the paper
+    game_ut = float(GAMES["IPD"].payoffs[my_move, C].sum())
+    if reward == "Ut":
+        assert t1.selector_moral_reward[0, 0] == pytest.approx(game_ut)
+    # what the learners were given is what the records say
+    assert group.learned[1].reward.tolist() == pytest.approx([t1.selector_learning_reward[0, 0],
+                                                              t1.selected_learning_reward[0, 0]])
+
+
+def test_both_legal_or_both_illegal_is_unchanged():
+    recs, _ = _play("Ut", [(C, D), (X, X)])
+    assert recs[0].selector_learning_reward[0, 0] == pytest.approx(4.0)  # 0 + 4
+    assert (recs[1].selector_learning_reward[0, 0], recs[1].selected_learning_reward[0, 0]) == (-6.0, -6.0)
+
+
+def test_a_static_partner_never_triggers_the_two_learner_rule():
+    assert np.isnan(partner_illegal_reward(None))
+    assert np.isnan(partner_illegal_reward("Game")) and np.isnan(partner_illegal_reward("De"))
+    assert partner_illegal_reward("Ut") == 0.0 and partner_illegal_reward("Game+De", 15.0) == -15.0
+
+
+def test_r_illegal_is_configurable_for_moves_and_the_two_learner_rule():
+    recs, _ = _play("Game+De", [(C, X), (X, X)], r_illegal=15.0)
+    assert recs[0].selected_learning_reward[0, 0] == -15.0  # the job file's extra group: --r_illegal 15
+    assert recs[0].selector_learning_reward[0, 0] == -15.0  # Game+De's legal player, paid r_illegal
+    recs, _ = _play("Game", [(X, C)], r_illegal=100.0)
+    assert recs[0].selector_learning_reward[0, 0] == -100.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_a_bad_r_illegal_is_named(bad):
+    with pytest.raises(ConfigError, match="r_illegal is the magnitude"):
+        RunConfig("2xGame@llm", r_illegal=bad)
+
+
+def test_r_illegal_is_a_flag_and_a_run_key_and_stays_out_of_old_identities():
+    from scenarios.run import resolve
+
+    job = resolve(["--destination_folder", "1xGame@llm_1xTFT", "--r_illegal", "100"])
+    assert job.runs[0].r_illegal == 100.0 and job.runs[0].identity()["r_illegal"] == 100.0
+    default = resolve(["--destination_folder", "1xGame@llm_1xTFT"]).runs[0]
+    assert "r_illegal" not in default.identity()  # datasets written before the option still resume
