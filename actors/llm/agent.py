@@ -77,7 +77,7 @@ from actors.static import uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError
 from simulator.games import Game
-from simulator.rewards import R_ILLEGAL, REASON_TYPES
+from simulator.rewards import REASON_TYPES
 from simulator.seeding import side_stream
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ class LLMGroup:
             self.buffers.add(self.adapter(b), sample, reward)
         for b, sample in self._sel_samples.items():
             r, g = divmod(b, self.G)
-            self.buffers.add(self.adapter(b), sample, R_ILLEGAL if self._sel_illegal[r, g] else float(tr.sel_reward[r, g]))
+            self.buffers.add(self.adapter(b), sample, float(tr.sel_reward[r, g]))  # the engine pays -r_illegal
         self._sel_samples = {}
         overlap = self.cfg.actors.overlap
         with self.clock("sync"):
