@@ -277,9 +277,11 @@ def _job_groups(scenario: Scenario, launch: Launch, tables: dict[str, dict[str, 
         values.update(output=_join(root, g.slug), run_ids=seeds, num_runs=len(seeds), protocol="pair",
                       episode_length=g.batch_size, reward_schedule=g.reward_schedule)
         values["num_iterations"] = flags["run"].get("num_iterations", g.num_iterations)
+        if g.r_illegal is not None and "r_illegal" not in flags["run"]:
+            values["r_illegal"] = g.r_illegal
         values.setdefault("checkpoint_every", LLM_CHECKPOINT_EVERY)
         ppo = {"batch_size": g.batch_size, **tables["ppo"], **g.ppo}
-        llm = _llm({**tables, "ppo": ppo}, flags, "pair")
+        llm = _llm({**tables, "ppo": ppo, "llm": {**tables["llm"], **g.llm}}, flags, "pair")
         runs.append(RunConfig(destination_folder=g.population, agents=AgentConfigs(llm=llm), **values))
     return Job(tuple(runs), launch, None, groups, root)
 

@@ -64,10 +64,10 @@ def test_the_job_expansion_matches_the_job_file():
     assert {g.batch_size for g in groups if "two learners" not in g.name} == {5}
 
 
-def test_the_job_command_resolves_every_runnable_group_into_its_own_dataset(tmp_path):
+def test_the_job_command_resolves_every_group_into_its_own_dataset(tmp_path):
+    need("bitsandbytes")  # the QLoRA group's NF4 base
     job = resolve(["--scenario", "iclr2025/jobs", "--output", str(tmp_path)])
-    # 32 groups; 4 need a setting not built yet (an R_illegal other than 6: 3 groups, 7 runs; NF4: 1 run)
-    assert len(job.runs) == 28 and sum(c.num_runs for c in job.runs) == 147 - 8
+    assert len(job.runs) == 32 and sum(c.num_runs for c in job.runs) == 147  # every group runs, none skipped
     folders = {str(c.dataset_location) for c in job.runs}
     assert len(folders) == len(job.runs)  # no two groups share a folder
     de = next(c for c, g in zip(job.runs, job.jobs, strict=True) if g.name == "De vs TFT")
@@ -76,6 +76,23 @@ def test_the_job_command_resolves_every_runnable_group_into_its_own_dataset(tmp_
     two = next(c for c, g in zip(job.runs, job.jobs, strict=True) if g.name == "Game then De, two learners")
     assert (two.destination_folder, two.episode_length, two.reward_schedule) == ("2xGame@llm", 3, (("Game", 0.5, "De"),))
     assert two.agents.llm.ppo.mini_batch_size == 3
+    by_name = {g.name: c for c, g in zip(job.runs, job.jobs, strict=True)}
+    # the job file's own R_illegal per group: 6 everywhere but the extra groups (100, 15, and fine_tune.py's default)
+    assert {n: c.r_illegal for n, c in by_name.items() if c.r_illegal != 6} == {
+        "extra: Game vs TFT, LoRA r4, R_illegal 100": 100.0,
+        "extra: Game vs TFT, LoRA alpha 128, R_illegal 100": 100.0,
+        "extra: Game vs TFT, initial KL coefficient 0.4": 0.0014,
+        "extra: Game vs TFT, gradient accumulation 4": 0.0014,
+        "extra: Game+De, two learners, R_illegal 15": 15.0,
+    }
+    qlora = by_name["extra: Game vs TFT, QLoRA r4"].agents.llm
+    assert (qlora.quantize, qlora.ppo.lora_r, qlora.ppo.gradient_accumulation_steps) == ("nf4_double", 4, 1)
+    assert not qlora.ppo.use_score_scaling  # no --Rscaling on the extra lines
+    assert {c.agents.llm.quantize for n, c in by_name.items() if "QLoRA" not in n} == {"none"}
+    # a flag wins over the group's own value
+    flagged = resolve(["--scenario", "iclr2025/jobs", "--only", "extra: Game+De, two learners, R_illegal 15",
+                       "--r_illegal", "6"])
+    assert flagged.runs[0].r_illegal == 6.0
 
 
 def test_only_picks_groups_and_names_the_closest_on_a_typo():
