@@ -5,9 +5,10 @@ The matrix, each cell answered by `--samples` prompts with random last-round his
     tokens    action12, action34, AB, XY, 01, random:3, random:7   on IPD, structured prompt
     variants  structured, reversed, permuted, unstructured, value_ut, value_de, poetic   on IPD, test tokens
     unrelated questions that have nothing to do with the game, answered with the test tokens
-`--full` crosses all games x tokens x variants instead. Answers end as in training (actors/llm/answers.py): each
-token pair's length in tokens, no EOS stop; `--answer_mode mask` restricts them to the two legal answers, as the
-CPU demo trained (then the illegal rate is 0 by construction and cooperation is the measure).
+`--full` crosses all games x tokens x variants instead. `--variant paper` words the game and token axes as the paper
+did (an adapter trained on the paper's prompt; the variant axis then holds it too). Answers end as in training
+(actors/llm/answers.py): each token pair's length in tokens, no EOS stop; `--answer_mode mask` restricts them to the
+two legal answers, as the CPU demo trained (then the illegal rate is 0 by construction and cooperation is the measure).
 Output: `<out>/eval.parquet` (one row per answer: model, adapter, answer_mode, axis, game, action_tokens,
 prompt_variant, history, raw_answer, legal, action, p_cooperate) and
 `<out>/eval_table.csv` (cooperation and illegal-answer rate per cell), also printed as a table.
@@ -37,15 +38,17 @@ TEST_TOKENS = "action34"
 HISTORIES = ("first", "CC", "CD", "DC", "DD")  # own last move, opponent's last move
 
 
-def _cells(full: bool) -> list[tuple[str, str, str, str]]:
-    from actors.llm.prompts import EVAL_VARIANTS, STRUCTURED
+def _cells(full: bool, baseline: str = "structured") -> list[tuple[str, str, str, str]]:
+    from actors.llm.prompts import EVAL_VARIANTS, check_variant
 
+    check_variant(baseline)
+    variants = EVAL_VARIANTS if baseline in EVAL_VARIANTS else (baseline, *EVAL_VARIANTS)
     if full:
-        return [("full", g, t, v) for g, t, v in itertools.product(EVAL_GAMES, EVAL_TOKENS, EVAL_VARIANTS)]
+        return [("full", g, t, v) for g, t, v in itertools.product(EVAL_GAMES, EVAL_TOKENS, variants)]
     return (
-        [("game", g, TEST_TOKENS, STRUCTURED) for g in EVAL_GAMES]
-        + [("tokens", "IPD", t, STRUCTURED) for t in EVAL_TOKENS]
-        + [("variant", "IPD", TEST_TOKENS, v) for v in EVAL_VARIANTS]
+        [("game", g, TEST_TOKENS, baseline) for g in EVAL_GAMES]
+        + [("tokens", "IPD", t, baseline) for t in EVAL_TOKENS]
+        + [("variant", "IPD", TEST_TOKENS, v) for v in variants]
         + [("unrelated", "-", TEST_TOKENS, "unrelated")]
     )
 
@@ -63,6 +66,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     temperature: float = 1.0,
     answer_mode: str = "free",
+    variant: str = "structured",
 ) -> pl.DataFrame:
     """Run the matrix for one model (+ adapter); write the Parquet and the table; return the table."""
     from actors.llm.agent import cooperation_probability, resolve_tokens
@@ -90,20 +94,20 @@ def evaluate(
     rows: list[dict[str, object]] = []
     prompts: list[list[int]] = []
     row_tokens: list[Any] = []  # the TokenPair of each row
-    for axis, game_id, tokens_spec, variant in _cells(full):
+    for axis, game_id, tokens_spec, cell_variant in _cells(full, variant):
         tokens: Any = resolve_tokens(tokens_spec, rng)
         for k in range(samples):
-            if variant == "unrelated":
+            if cell_variant == "unrelated":
                 text, history = unrelated_prompt_text(UNRELATED_QUESTIONS[k % len(UNRELATED_QUESTIONS)], tokens, rng), "-"
             else:
                 history = HISTORIES[int(rng.integers(len(HISTORIES)))]
                 own, opp = (None, None) if history == "first" else (Action("CD".index(history[0])),
                                                                    Action("CD".index(history[1])))
-                text = game_prompt_text(GAMES[game_id], tokens, own, opp, rng, variant)
+                text = game_prompt_text(GAMES[game_id], tokens, own, opp, rng, cell_variant)
             prompts.append(chat_ids(tokenizer, text))
             rows.append(dict(model=str(model), adapter=str(adapter) if adapter else "base", answer_mode=answer_mode,
                              axis=axis, game=game_id,
-                             action_tokens=f"{tokens.c}|{tokens.d}", prompt_variant=variant, history=history))
+                             action_tokens=f"{tokens.c}|{tokens.d}", prompt_variant=cell_variant, history=history))
             row_tokens.append(tokens)
     by_tokens: dict[str, list[int]] = {}  # rows sharing a token pair are scored (and masked) in one call
     for k, row in enumerate(rows):
@@ -167,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--answer_mode", choices=("free", "mask"), default="free",
                    help="free: sample freely (the paper); mask: only the two legal answers (as the CPU demo trained)")
+    p.add_argument("--variant", default="structured",
+                   help="prompt of the game and token axes: structured, or paper (the paper's wording, for an adapter "
+                        "trained on it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").exists():
@@ -174,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.output or (args.adapter / "eval" if args.adapter else Path("eval_base"))
     try:
         table = evaluate(args.model, args.adapter, out, samples=args.samples, full=args.full, engine_kind=args.engine,
-                         device=args.device, seed=args.seed, answer_mode=args.answer_mode)
+                         device=args.device, seed=args.seed, answer_mode=args.answer_mode,
+                         variant=args.variant)
     except MoralsimError as e:
         p.exit(2, f"main.py evaluate: error: {e}\n")
     with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=40):

@@ -117,3 +117,58 @@ def test_r_illegal_is_a_flag_and_a_run_key_and_stays_out_of_old_identities():
     assert job.runs[0].r_illegal == 100.0 and job.runs[0].identity()["r_illegal"] == 100.0
     default = resolve(["--destination_folder", "1xGame@llm_1xTFT"]).runs[0]
     assert "r_illegal" not in default.identity()  # datasets written before the option still resume
+
+
+# ── the paper's prompt (actors/llm/prompts.py, variant "paper") ──────────────────────────────────────────────────
+# fine_tune.py's create_structured_shortest_prompt_game_withstate_noeg for action1/action2, smallerR payoffs, last
+# round (action1, action2), first-sentence options shuffled to (action2, action1) and the answer options to
+# (action1, action2): the text the paper sent through Gemma's chat template, spaces and newlines included.
+PAPER_PROMPT = (
+    "You are playing a game with another agent A. You must choose either action action2 or action action1. "
+    "Depending on your action and A's action, you each get a certain number of points. The points are awarded as "
+    "follows (you are the row player, A is the column player): \n \n"
+    "            |         |  action1  |  action2  | \n"
+    "            |---------|-----------|-----------| \n"
+    "            | action1 |  3, 3     |  0, 4     |\n"
+    "            | action2 |  4, 0     |  1, 1     | \n "
+    "You have played with this opponent before. Last time, you played action1 and they played action2, so you got 0 "
+    "points and A got 4 points. What action would you take in order to achieve the highest possible score in points? "
+    "Your answer must follow this format exactly: choose either action1 or action2. Do not explain your reasoning. "
+    "Your answer: "
+)
+
+
+def _paper(rng):  # type: ignore[no-untyped-def]
+    from actors.llm.prompts import game_prompt_text, token_pair
+    from simulator.contracts import Action
+
+    return game_prompt_text(GAMES["IPD"], token_pair("action12"), Action.C, Action.D, rng, "paper")
+
+
+def test_the_paper_variant_is_the_papers_text_and_layout():
+    # seed 0 draws (D first) for the first sentence, then (C first) for the answer options
+    assert _paper(np.random.default_rng(0)) == PAPER_PROMPT
+
+
+def test_the_papers_two_option_lists_are_shuffled_independently():
+    import re
+
+    seen = set()
+    for seed in range(40):
+        text = _paper(np.random.default_rng(seed))
+        first = re.search(r"choose either action (\w+) or action (\w+)\.", text).groups()  # type: ignore[union-attr]
+        answer = re.search(r"choose either (\w+) or (\w+)\. Do not", text).groups()  # type: ignore[union-attr]
+        seen.add((first, answer))
+        assert text.count("|  action1  |  action2  |") == 1  # the table is always C first, as the paper's
+    assert len(seen) == 4  # all four combinations of the two orders occur
+
+
+def test_the_paper_scenarios_use_the_paper_prompt_and_the_demos_keep_theirs():
+    from scenarios.scenario import load_scenario
+
+    paper = ["de_vs_ad", "de_vs_random", "de_vs_tft", "game_then_de_vs_tft", "game_vs_ac", "game_vs_ad", "game_vs_tft",
+             "gamede_vs_tft", "two_learners_de_ut", "ut_vs_tft", "jobs"]
+    for name in paper:
+        assert load_scenario(f"iclr2025/{name}").tables["llm"]["variant"] == "paper", name
+    for demo in ("de_vs_tft_smollm2", "game_vs_tft_smollm2"):  # measured with the structured prompt (README)
+        assert "variant" not in load_scenario(f"iclr2025/{demo}").tables["llm"]
