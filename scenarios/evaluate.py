@@ -134,7 +134,7 @@ def evaluate(
         for k, p in zip(ks, p_c.tolist(), strict=True):
             rows[k]["p_cooperate"] = p
     for row, tokens, text in zip(rows, row_tokens, texts, strict=True):
-        act = parse_answer(text, tokens)
+        act = parse_answer(text, tokens, period=variant != "paper")  # the paper parsed whitespace-stripped only
         row.update(raw_answer=text, legal=act is not None, action=None if act is None else int(act))
     out.mkdir(parents=True, exist_ok=True)
     df = pl.DataFrame(rows).with_columns(pl.col("action").cast(pl.Int8), pl.col("p_cooperate").cast(pl.Float32))
@@ -172,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--answer_mode", choices=("free", "mask"), default="free",
                    help="free: sample freely (the paper); mask: only the two legal answers (as the CPU demo trained)")
     p.add_argument("--variant", default="structured",
-                   help="prompt of the game and token axes: structured, or paper (the paper's wording, for an adapter "
-                        "trained on it)")
+                   help="prompt of the game and token axes: structured, or paper (the paper's wording and its parsing, "
+                        "no trailing period; for an adapter trained on it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.adapter is not None and not (args.adapter / "adapter_config.json").exists():

@@ -3,6 +3,8 @@ fine_tune_2learners.py, JOBS_gemma_final.txt): illegal answers between two learn
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 
@@ -172,3 +174,83 @@ def test_the_paper_scenarios_use_the_paper_prompt_and_the_demos_keep_theirs():
         assert load_scenario(f"iclr2025/{name}").tables["llm"]["variant"] == "paper", name
     for demo in ("de_vs_tft_smollm2", "game_vs_tft_smollm2"):  # measured with the structured prompt (README)
         assert "variant" not in load_scenario(f"iclr2025/{demo}").tables["llm"]
+
+
+# ── random action tokens, as fine_tune.py generate_seq builds them ──────────────────────────────────────────────
+class MergingTokenizer:
+    """A BPE-like tokenizer stub: known pairs of characters are one token, the rest one token per character (SmolLM2
+    merges "AB" and "QA" this way)."""
+
+    MERGES: ClassVar[dict[str, int]] = {"AB": 1000, "QA": 1001, "action1": 1002, "action2": 1003}
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        ids, i = [], 0
+        while i < len(text):
+            for merged, tok in self.MERGES.items():
+                if text.startswith(merged, i):
+                    ids.append(tok)
+                    i += len(merged)
+                    break
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ids}
+
+
+def test_random_tokens_are_n_single_character_tokens_of_the_papers_alphabet():
+    import string
+
+    from actors.llm.answers import AnswerTrie, SpelledToken, answer_length, token_ids
+    from actors.llm.prompts import random_token_pair
+
+    alphabet = set(string.ascii_uppercase + string.digits)
+    pairs = [random_token_pair(7, np.random.default_rng(seed)) for seed in range(50)]
+    for p in pairs:
+        assert isinstance(p.c, SpelledToken) and len(p.c) == len(p.d) == 7 and p.c != p.d
+        assert set(p.c) | set(p.d) <= alphabet  # upper case and digits only, as the paper's chars
+    assert len({(p.c, p.d) for p in pairs}) == 50  # a pair per run stream
+    tok = MergingTokenizer()
+    spelled = SpelledToken("XQABQA7")
+    assert token_ids(tok, spelled) == [ord(c) for c in spelled]  # one token per character...
+    assert len(token_ids(tok, str(spelled))) == 5  # ...where the tokenizer would merge AB and QA
+    pair = (spelled, SpelledToken("ABCDEFG"))
+    assert answer_length(tok, pair) == 7  # the paper's gen_len = N
+    assert AnswerTrie.from_texts(tok, pair).sequences[0] == tuple(ord(c) for c in spelled)
+    assert token_ids(tok, "action1") == [1002]  # named tokens keep the tokenizer's split
+
+
+def test_random_tokens_read_as_plain_strings():
+    import pickle
+
+    from actors.llm.prompts import game_prompt_text, parse_answer, random_token_pair
+    from simulator.contracts import Action
+
+    p = random_token_pair(3, np.random.default_rng(1))
+    assert parse_answer(f" {p.c}\n", p) == Action.C and parse_answer(p.d, p) == Action.D
+    text = game_prompt_text(GAMES["IPD"], p, Action.C, Action.C, np.random.default_rng(0), "paper")
+    assert f"|  {p.c}  |  {p.d}  |" in text
+    assert pickle.loads(pickle.dumps(p)) == p and type(pickle.loads(pickle.dumps(p)).c) is type(p.c)  # Ray, checkpoints
+
+
+# ── parsing: the paper strips whitespace only ────────────────────────────────────────────────────────────────────
+def test_the_paper_does_not_accept_a_trailing_period_and_its_generation_cannot_produce_one():
+    from actors.llm.answers import answer_length, token_ids
+    from actors.llm.prompts import parse_answer, token_pair
+    from simulator.contracts import Action
+
+    a12 = token_pair("action12")
+    assert parse_answer("action1.", a12) == Action.C  # this project's default
+    assert parse_answer("action1.", a12, period=False) is None  # get_action_token_v3: strip(), then exact match
+    assert parse_answer(" action2 \n", a12, period=False) == Action.D
+    # the paper generates exactly the token's length: "action1." needs one token more, so it never occurs there
+    tok = MergingTokenizer()
+    assert len(token_ids(tok, "action1.")) == answer_length(tok, ("action1", "action2")) + 1
+
+
+def test_the_paper_scenarios_parse_as_the_paper():
+    from scenarios.run import resolve
+
+    llm = resolve(["--scenario", "iclr2025/de_vs_tft"]).runs[0].agents.llm
+    assert (llm.variant, llm.answer_period) == ("paper", False)
+    demo = resolve(["--scenario", "iclr2025/de_vs_tft_smollm2"]).runs[0].agents.llm
+    assert (demo.variant, demo.answer_period) == ("structured", True)

@@ -242,6 +242,9 @@ class LLMAgentConfig:
     dtype: str = "float32"
     """base-model weights of the HF engine and the learners: float32, or bfloat16 (bf16 matmuls on CPUs with
     AVX512-BF16/AMX and on GPUs; LoRA weights, value heads and Adam state stay float32)"""
+    answer_period: bool = True
+    """accept one trailing period after an action token ("action1."); False parses as the paper, which stripped
+    whitespace only (actors/llm/prompts.py)"""
     quantize: str = "none"
     """base weights of the policy and its reference in 4-bit NF4 through bitsandbytes, bfloat16 compute, as the
     paper loaded Gemma: none, nf4, or nf4_double (QLoRA's double quantisation, the job file's --QLoRA group); the

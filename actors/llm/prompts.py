@@ -23,6 +23,10 @@ Strict parsing (`parse_answer`): after stripping surrounding whitespace (spaces,
 trailing period, the answer must equal one legal token exactly, case-sensitively. Anything else ("Action1",
 "action1 or action2", "I choose action1", "**action1**", "") is illegal and gets R_illegal. The period is allowed
 because "Your answer: action1." is a complete legal sentence and chat models add it often; nothing else is.
+The paper (fine_tune.py get_action_token_v3) strips whitespace only: `period=False` (`[llm] answer_period = false`,
+set by the paper scenarios) parses as it did. Under the paper's generation (exactly the action token's length in
+tokens, `stop = "length"`) a period would need one token more than the answer has, so the two rules differ only
+when answers may run longer (`stop = "eos"` or a larger `max_new_tokens`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from actors.llm.answers import SpelledToken, token_ids
 from simulator.contracts import Action
 from simulator.errors import ConfigError, UnknownNameError
 from simulator.games import GAMES, Game
@@ -73,7 +78,7 @@ TOKEN_PAIRS: dict[str, TokenPair] = {
     )
 }
 
-_RANDOM_ALPHABET = string.ascii_letters + string.digits
+_RANDOM_ALPHABET = string.ascii_uppercase + string.digits  # fine_tune.py's characters for random action tokens
 
 
 def token_pair(name: str) -> TokenPair:
@@ -84,11 +89,14 @@ def token_pair(name: str) -> TokenPair:
 
 
 def random_token_pair(length: int, rng: np.random.Generator) -> TokenPair:
-    """Two distinct random ASCII strings (letters and digits) of `length` characters, drawn from `rng`."""
+    """The paper's random action tokens (fine_tune.py generate_seq): C, then D, each `length` characters drawn from
+    A-Z and 0-9, each character its own token (SpelledToken: the answer is generated as `length` tokens). Drawn
+    from `rng`, the run's own stream, so every run has its pair. The paper did not check that C != D (a 1 in 36^N
+    chance); here an equal D is drawn again."""
     if not isinstance(length, int) or length < 1:
         raise ConfigError(f"random action tokens need a length >= 1, got {length!r}")
     while True:
-        c, d = ("".join(rng.choice(list(_RANDOM_ALPHABET), size=length)) for _ in range(2))
+        c, d = (SpelledToken("".join(rng.choice(list(_RANDOM_ALPHABET), size=length))) for _ in range(2))
         if c != d:
             return TokenPair(f"random{length}:{c},{d}", c, d)
 
@@ -384,22 +392,23 @@ def game_prompt_ids(
 
 def answer_ids(tokenizer, answer: str) -> list[int]:  # type: ignore[no-untyped-def]
     """Completion ids of a clean answer: the answer's tokens then EOS, as a chat model ends its turn."""
-    return [*tokenizer(answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    return [*token_ids(tokenizer, answer), tokenizer.eos_token_id]
 
 
 # ── strict parsing ───────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def _clean(text: str) -> str:
+def _clean(text: str, period: bool = True) -> str:
     text = text.strip()
-    if text.endswith("."):
+    if period and text.endswith("."):
         text = text[:-1]
     return text
 
 
-def parse_answer(text: str, tokens: TokenPair) -> Action | None:
-    """Action.C / Action.D if `text` is exactly one legal token (see module docstring), else None (illegal)."""
-    answer = _clean(text)
+def parse_answer(text: str, tokens: TokenPair, period: bool = True) -> Action | None:
+    """Action.C / Action.D if `text` is exactly one legal token (see module docstring), else None (illegal).
+    period: accept one trailing period (False: whitespace only, as the paper)."""
+    answer = _clean(text, period)
     if answer == tokens.c:
         return Action.C
     if answer == tokens.d:
