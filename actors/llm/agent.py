@@ -57,6 +57,7 @@ import numpy as np
 
 from actors.dqn import DQNConfig, DQNGroup
 from actors.llm import budget
+from actors.llm.answers import token_ids
 from actors.llm.config import LLMAgentConfig, VirtueConfig
 from actors.llm.deciding import Decider, masked_picks, masked_rows
 from actors.llm.engine import (
@@ -106,8 +107,7 @@ def cooperation_probability(
     engine: RolloutEngine, tokenizer: Any, tokens: TokenPair, adapters: list[str | None], prompts: list[list[int]]
 ) -> np.ndarray:
     """(B,) P(C answer) / (P(C answer) + P(D answer)) per prompt, one scoring call on either engine."""
-    c_ids = tokenizer(tokens.c, add_special_tokens=False)["input_ids"]
-    d_ids = tokenizer(tokens.d, add_special_tokens=False)["input_ids"]
+    c_ids, d_ids = token_ids(tokenizer, tokens.c), token_ids(tokenizer, tokens.d)  # spelled random tokens by char
     lp = action_logprobs(engine, adapters, prompts, c_ids, d_ids)
     return legal_share(lp[:, 0], lp[:, 1])
 
@@ -366,7 +366,8 @@ class LLMGroup:
         else:
             results = self._generate(bs, prompts, [run.max_new_tokens for run in runs])
             p_c = self._p_cooperate(bs, prompts)
-        parsed = [parse_answer(res.text, run.tokens) for res, run in zip(results, runs, strict=True)]
+        period = self.cfg.answer_period
+        parsed = [parse_answer(res.text, run.tokens, period) for res, run in zip(results, runs, strict=True)]
         legal = np.array([p is not None for p in parsed])
         # an illegal answer changes nothing: the agent's move stays its snapshot move (module docstring)
         action = np.array([int(p) if p is not None else int(batch.own_prev[k]) for k, p in enumerate(parsed)],
