@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import polars as pl
 import pytest
 
 from scenarios.run import resolve
@@ -120,3 +121,21 @@ def test_a_job_subset_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_model_path
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
     assert main(argv) == 0  # a second call finds every run done
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")} == before
+
+    # the job file's inference part: every saved adapter evaluated, as its run trained (masked answers, the paper's
+    # wording), then the report's generalisation figure across the seeds
+    from analysis.report import write_report
+    from scenarios.evaluate import evaluate_all, saved_adapters
+
+    adapters = saved_adapters(root)
+    assert len(adapters) == 2 + 2 * 2  # De vs TFT: slot 0 of runs 1, 2; two learners: slots 0 and 1 of runs 1, 2
+    assert len(evaluate_all(root, samples=1)) == 6
+    answers = pl.read_parquet(adapters[0] / "eval" / "eval.parquet")
+    assert set(answers["answer_mode"]) == {"mask"} and "paper" in set(answers["prompt_variant"])
+    assert evaluate_all(root, samples=1) == []  # evaluated already: nothing is done twice
+    folders = [root / "de_vs_tft" / "1xDe@llm_1xTFT", root / "game_then_ut_two_learners" / "2xGame@llm"]
+    write_report(folders, tmp_path / "report", dpi=30, names=["De vs TFT", "Game then Ut, two learners"])
+    gen = pl.read_csv(tmp_path / "report" / "tables" / "compare_llm_generalisation.csv")
+    assert set(gen["n_runs"]) == {2}  # every cell: the mean over the two seeds' adapters
+    for name in ("compare_llm_generalisation", "paper_fine_tuning", "paper_two_learners", "paper_phased"):
+        assert (tmp_path / "report" / "figures" / f"{name}.png").is_file()

@@ -19,11 +19,16 @@ def tiny_gemma2(tmp_path_factory):  # type: ignore[no-untyped-def]
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    cfg = Gemma2Config(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=16, attn_logit_softcapping=0.5, final_logit_softcapping=None,
                        sliding_window=8, max_position_embeddings=64, initializer_range=0.5)
     path = tmp_path_factory.mktemp("gemma2")
     Gemma2ForCausalLM(cfg).save_pretrained(path)
+    from transformers import AutoTokenizer
+
+    from tests.tiny_model import tiny_model_dir
+
+    AutoTokenizer.from_pretrained(tiny_model_dir()).save_pretrained(path)  # the engines load a tokenizer beside it
     return path
 
 
@@ -94,3 +99,33 @@ def test_quantize_is_a_flag(monkeypatch):
 
     job = resolve(["--destination_folder", "1xGame@llm_1xTFT", "--llm_quantize", "nf4_double"])
     assert job.runs[0].agents.llm.quantize == "nf4_double"
+
+
+# The HF engine and the learners load their base in hf_engine.py and learner.py (issue 16's files, being edited while
+# this landed). Once both call models.load_causal_lm, these pass: then drop the marks.
+WIRING = "hf_engine.py and learner.py do not load through actors.llm.models.load_causal_lm yet (issue 17 note)"
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_the_engine_and_the_learners_load_gemma2_eagerly(tiny_gemma2):
+    need("peft")
+    from actors.llm.hf_engine import HFEngine
+    from actors.llm.learner import PolicyHost
+
+    assert HFEngine(tiny_gemma2)._base.config._attn_implementation == "eager"
+    assert PolicyHost(tiny_gemma2).base.config._attn_implementation == "eager"
+
+
+@pytest.mark.xfail(strict=True, reason=WIRING)
+def test_the_engine_and_the_learners_load_nf4(tiny_model_path):
+    need("bitsandbytes")
+    need("peft")
+    import bitsandbytes as bnb
+
+    from actors.llm.hf_engine import HFEngine
+    from actors.llm.learner import PolicyHost
+
+    engine = HFEngine(tiny_model_path, quantize="nf4")  # type: ignore[call-arg]
+    host = PolicyHost(tiny_model_path, quantize="nf4")  # type: ignore[call-arg]
+    for model in (engine._base, host.base):
+        assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)

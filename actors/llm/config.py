@@ -79,7 +79,9 @@ class PPOConfig:
     lora_alpha: int = 32
     """the paper's script default (its jobs never override it); scaling alpha / r = 0.5."""
     lora_dropout: float = 0.0
-    """the paper's script used 0.05; 0 keeps the first PPO epoch's ratio exactly 1 and the learner deterministic."""
+    """the paper's script used 0.05, which acted in its rollouts only (TRL ran every PPO forward pass in eval mode and
+    left the model in train mode for the next rollout); 0 samples from the policy PPO trains, keeps the first
+    epoch's ratio exactly 1 and the learner deterministic (README, the ICLR protocol table)."""
     lora_target_modules: str = "all-linear"
     """modules that get a LoRA (peft target_modules)"""
     seed: int = 0
