@@ -205,4 +205,4 @@ def load_causal_lm(model_dir: str | os.PathLike[str], *, dtype: Any = None, devi
     kwargs = load_kwargs(model_dir, dtype=dtype, quantize=quantize)
     if quantize != "none":
         return AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": device}, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)  # type: ignore[arg-type]
