@@ -45,10 +45,11 @@ class TwoScripted:
         return None
 
 
-def _play(reward: str, script: list[tuple[int, int]], r_illegal: float = 6.0):  # type: ignore[no-untyped-def]
+def _play(reward: str, script: list[tuple[int, int]], r_illegal: float = 6.0,  # type: ignore[no-untyped-def]
+          schedule: tuple[tuple[str, float, str], ...] = ()):
     """The pair protocol's records of two learners of type `reward` answering as scripted (one episode)."""
     cfg = RunConfig(f"2x{reward}@llm", num_iterations=len(script), num_runs=1, protocol="pair",
-                    episode_length=len(script), r_illegal=r_illegal)
+                    episode_length=len(script), r_illegal=r_illegal, reward_schedule=schedule)
     group = TwoScripted(script)
     engine, _ = build_engine(cfg, [0], lambda run_cfg, streams: [group])
     return [engine.step() for _ in script], group
@@ -84,6 +85,13 @@ def test_a_legal_player_whose_partner_answers_illegally_is_paid_as_the_paper(rew
     # what the learners were given is what the records say
     assert group.learned[1].reward.tolist() == pytest.approx([t1.selector_learning_reward[0, 0],
                                                               t1.selected_learning_reward[0, 0]])
+
+
+def test_the_rule_follows_a_phased_reward():
+    # Game then Ut (the job file's two-learner schedule): Game pays against the carried-over C, then Ut pays 0
+    recs, _ = _play("Game", [(C, C), (D, X), (D, X)], schedule=(("Game", 0.6, "Ut"),))  # Ut from iteration 2
+    assert recs[1].selector_learning_reward[0, 0] == pytest.approx(4.0)  # D against the partner's last legal move
+    assert recs[2].selector_learning_reward[0, 0] == 0.0  # Ut: r_other
 
 
 def test_both_legal_or_both_illegal_is_unchanged():
