@@ -65,6 +65,18 @@ def test_the_job_expansion_matches_the_job_file():
     assert {g.batch_size for g in groups if "two learners" not in g.name} == {5}
 
 
+def test_without_bitsandbytes_only_the_qlora_group_is_skipped(monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    job = resolve(["--scenario", "iclr2025/jobs"])
+    assert len(job.runs) == 31 and sum(c.num_runs for c in job.runs) == 146
+    assert "skipping job group 'extra: Game vs TFT, QLoRA r4': quantize = nf4_double needs bitsandbytes" in caplog.text
+    with pytest.raises(ConfigError, match="needs bitsandbytes"):  # asked of every group: refused, not skipped
+        resolve(["--scenario", "iclr2025/jobs", "--llm_quantize", "nf4"])
+
+
 def test_the_job_command_resolves_every_group_into_its_own_dataset(tmp_path):
     need("bitsandbytes")  # the QLoRA group's NF4 base
     job = resolve(["--scenario", "iclr2025/jobs", "--output", str(tmp_path)])
