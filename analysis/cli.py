@@ -45,6 +45,9 @@ def build_parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
                    help="evaluation-suite Parquet (model/adapter, game, action_tokens, prompt_variant, legal, action): "
                    "adds the generalisation matrix")
     p.add_argument("--dpi", type=_positive_int, default=150, help="PNG resolution (default: %(default)s)")
+    p.add_argument("--name", action="append", dest="names", default=None,
+                   help="a label per folder, in order (repeat it; e.g. a job file's group names, which also tell its "
+                   "'extra' and 'unlearning' groups apart in the paper's figures)")
     p.add_argument("--sweep", action="store_true",
                    help="the sweep report of several populations (e.g. the nine AIES ones): comparison figures across "
                    "populations, per-run final cooperation and mode counts, each population's report under "
@@ -103,7 +106,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m analysis") ->
             sweep = write_sweep_report(args.folders, out, args.bin_size, args.dpi, args.max_points)
             sys.stdout.write(f"{sweep.out / 'index.html'}\n")
             return 0
-        report = write_report(args.folders, out, args.bin_size, args.eval_path, args.max_points, args.dpi)
+        report = write_report(args.folders, out, args.bin_size, args.eval_path, args.max_points, args.dpi, args.names)
     except MoralsimError as e:
         log.error("%s", e)
         return 2

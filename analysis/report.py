@@ -21,7 +21,7 @@ from pathlib import Path
 import polars as pl
 from matplotlib.figure import Figure
 
-from analysis import llm_compare, modes, plots
+from analysis import iclr_jobs, llm_compare, modes, plots
 from analysis import metrics as m
 from analysis.dataset import Dataset, deep_check, open_dataset, scan_eval
 from simulator.errors import CorruptDataError, MoralsimError
@@ -309,6 +309,49 @@ def _compare_llm_runs(report: Report, runs: Sequence[tuple[Analysis, llm_compare
                                       dpi)))
 
 
+def _paper_figures(report: Report, runs: Sequence[tuple[Analysis, llm_compare.LLMRun]], tables_dir: Path,
+                   figures_dir: Path, dpi: int) -> None:
+    """The ICLR paper's figures over the pair-protocol LLM datasets (analysis/iclr_jobs.py): fine-tuning by reward
+    and opponent, the two-learner outcomes, the phased and unlearning runs, the extra experiments. Each dataset's
+    episodes are binned alike (the largest bin of the datasets) so that lines of different lengths compare."""
+    pair = [(a, run) for a, run in runs if run.protocol == "pair"]
+    if not pair:
+        return
+    section = "The paper's figures"
+    b = max(run.episode_bin_size(a.bin_size) for a, run in pair)
+    rates, outcomes = [], []
+    for a, run in pair:
+        lf = a.dataset.scan()
+        rates.append(llm_compare.llm_rates(lf, run, b))
+        learners, static = iclr_jobs.llm_codes(run)
+        if len(learners) == 2 and not static:  # two LLM learners: how their games ended
+            outcomes.append(iclr_jobs.pair_outcomes(lf, run, b))
+    frames = pl.collect_all([*rates, *outcomes], engine="streaming")
+    rate_df = iclr_jobs.with_groups(pl.concat(frames[: len(rates)]), [run for _, run in pair])
+    outcome_df = pl.concat(frames[len(rates):]) if outcomes else pl.DataFrame()
+    for name, df in (("paper_rates", rate_df), ("paper_two_learner_outcomes", outcome_df)):
+        if df.height:
+            path = tables_dir / f"{name}.csv"
+            df.write_csv(path)
+            report.tables.append(path)
+    by_name = {run.dataset: run for _, run in pair}
+    figures = [
+        ("paper_fine_tuning", "Cooperation over legal answers (top) and illegal-answer rate (bottom) per episode, one "
+         "column per opponent, one line per reward; mean over seeds with 95% bands",
+         lambda: iclr_jobs.plot_fine_tuning(rate_df, b)),
+        ("paper_two_learners", "Two LLM learners with the same reward: how their games ended, per episode",
+         lambda: iclr_jobs.plot_two_learners(outcome_df, rate_df, by_name, b) if outcome_df.height else None),
+        ("paper_phased", "Phased rewards and the unlearning runs: the reward switches at the dashed line",
+         lambda: iclr_jobs.plot_phased(rate_df, by_name, b)),
+        ("paper_extra", "The job file's extra experiments against the core run",
+         lambda: iclr_jobs.plot_extra(rate_df, b)),
+    ]
+    for name, caption, make in figures:
+        fig = make()
+        if fig is not None:
+            report.figures.append((section, caption, plots.save(fig, figures_dir / f"{name}.png", dpi)))
+
+
 def write_report(
     folders: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -316,14 +359,19 @@ def write_report(
     eval_path: str | os.PathLike[str] | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
     dpi: int = 150,
+    names: Sequence[str] | None = None,
 ) -> Report:
     """Analyse each folder and write the report under `out`. A folder with no readable part is listed as a problem
-    (and raises CorruptDataError only if no folder at all can be read). `dpi` sets the PNG resolution."""
+    (and raises CorruptDataError only if no folder at all can be read). `dpi` sets the PNG resolution. `names`: one
+    label per folder (a job's group names), instead of the folders' own names."""
     if not folders:
         raise MoralsimError("write_report needs at least one destination folder")
+    if names is not None and len(names) != len(folders):
+        raise MoralsimError(f"{len(names)} names for {len(folders)} folders: give one --name per folder, in order")
     report = Report(Path(out))
     datasets: list[Dataset] = []
-    for folder in folders:
+    kept: list[str] = []
+    for k, folder in enumerate(folders):
         try:
             ds = open_dataset(folder)
         except CorruptDataError as e:
@@ -333,6 +381,8 @@ def write_report(
             report.problems.append(str(e))
             continue
         datasets.append(ds)
+        if names is not None:
+            kept.append(names[k])
     if not datasets:
         raise CorruptDataError(f"none of the {len(folders)} folders has a readable part file")
 
@@ -340,7 +390,7 @@ def write_report(
     tables_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
     several = len(datasets) > 1
-    for ds, label in zip(datasets, _labels(datasets), strict=True):
+    for ds, label in zip(datasets, kept if names is not None else _labels(datasets), strict=True):
         a = analyse(ds, label, bin_size, max_points)
         report.analyses.append(a)
         report.problems.extend(f"{b.path} (skipped: {b.reason})" for b in a.dataset.bad_parts)
@@ -372,6 +422,7 @@ def write_report(
     llm_runs = [(a, a.llm_run) for a in report.analyses if a.llm_run is not None and "llm_rates" in a.frames]
     if len(llm_runs) >= 2:
         _compare_llm_runs(report, llm_runs, tables_dir, figures_dir, dpi)
+        _paper_figures(report, llm_runs, tables_dir, figures_dir, dpi)
 
     if eval_path is not None:
         gm = m.generalisation_matrix(scan_eval(eval_path)).collect(engine="streaming")

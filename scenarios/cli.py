@@ -122,7 +122,8 @@ def finish(job: Job, tables: list[dict[int, dict[str, object]]]) -> None:
 
                 locations = [str(c.dataset_location) for c in job.runs]
                 root = Path("moralsim-reports") / "jobs_report" if is_uri(cfg.output) else Path(job.jobs_root or ".")
-                analyze([*locations, "--out", str(root / "report")] if len(locations) > 1 else locations)
+                names = [arg for g in job.jobs for arg in ("--name", g.name)]  # the groups' names label the figures
+                analyze([*locations, *names, "--out", str(root / "report")] if len(locations) > 1 else locations)
         elif job.sweep is not None:  # the point of a sweep is the comparison; render it now that every run is there
             if report is not False:
                 from analysis.dataset import local_copy

@@ -8,7 +8,9 @@ RunConfig per group (`python main.py --scenario iclr2025/jobs`, `--only "<group>
     episodes = 1000                                         episode_length = batch_size,
     batch_size = 5            (default 5)                   reward_schedule = ...,
     reward_schedule = [["Game", 0.5, "De"]]                 agents.llm.ppo = [ppo] + ppo + batch_size)
-    ppo = { lora_r = 4 }      (optional)
+    ppo = { lora_r = 4 }      (optional)                      r_illegal = the group's, else [run]'s,
+    llm = { quantize = "nf4" } (optional)                    agents.llm = [llm] + llm
+    r_illegal = 100           (optional)
     needs = "..."             (optional: a setting not built yet; the group is listed and skipped)
 
 Every group is its own dataset, so groups that share a population (Game vs TFT, Game then De vs TFT) never share a
@@ -24,7 +26,8 @@ from typing import Any
 
 from simulator.errors import ConfigError, UnknownNameError
 
-GROUP_KEYS = ("name", "population", "seeds", "episodes", "batch_size", "reward_schedule", "ppo", "needs")
+GROUP_KEYS = ("name", "population", "seeds", "episodes", "batch_size", "reward_schedule", "ppo", "llm", "r_illegal",
+              "needs")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class JobGroup:
     batch_size: int = 5  # games per episode = samples per PPO update (5 against a static opponent, 3 for two learners)
     reward_schedule: tuple[tuple[str, float, str], ...] = ()
     ppo: Mapping[str, Any] = field(default_factory=dict)  # [ppo] overrides of this group
+    llm: Mapping[str, Any] = field(default_factory=dict)  # [llm] overrides of this group (e.g. quantize)
+    r_illegal: float | None = None  # the illegal-answer penalty's magnitude; None = the [run] table's
     needs: str = ""  # a setting this repository does not have yet: the group is skipped
 
     @property
@@ -70,7 +75,9 @@ def parse_groups(where: str, entries: object) -> tuple[JobGroup, ...]:
             name=str(entry["name"]), population=str(entry["population"]), seeds=tuple(seeds),
             episodes=int(entry["episodes"]), batch_size=int(entry.get("batch_size", 5)),
             reward_schedule=tuple(tuple(e) for e in entry.get("reward_schedule", ())),
-            ppo=dict(entry.get("ppo", {})), needs=str(entry.get("needs", "")),
+            ppo=dict(entry.get("ppo", {})), llm=dict(entry.get("llm", {})),
+            r_illegal=None if entry.get("r_illegal") is None else float(entry["r_illegal"]),
+            needs=str(entry.get("needs", "")),
         ))
     names = [g.name for g in groups]
     repeated = sorted({n for n in names if names.count(n) > 1})

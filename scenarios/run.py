@@ -16,6 +16,7 @@ Everything downstream receives the Job or the part of it it needs; nothing parse
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import tomllib
@@ -266,7 +267,7 @@ def _job_groups(scenario: Scenario, launch: Launch, tables: dict[str, dict[str, 
     for g in groups:
         if g.needs:
             log.warning("skipping job group %r: it needs %s", g.name, g.needs)
-    groups = tuple(g for g in groups if not g.needs)
+    groups = tuple(g for g in groups if not g.needs and not _lacks_bitsandbytes(g, flags))
     if not groups:
         raise ConfigError("none of the selected job groups can run here (each needs a setting not built yet)")
     root = _join(run_values.get("output", RunConfig.output), scenario.name.replace("/", "_"))
@@ -277,11 +278,25 @@ def _job_groups(scenario: Scenario, launch: Launch, tables: dict[str, dict[str, 
         values.update(output=_join(root, g.slug), run_ids=seeds, num_runs=len(seeds), protocol="pair",
                       episode_length=g.batch_size, reward_schedule=g.reward_schedule)
         values["num_iterations"] = flags["run"].get("num_iterations", g.num_iterations)
+        if g.r_illegal is not None and "r_illegal" not in flags["run"]:
+            values["r_illegal"] = g.r_illegal
         values.setdefault("checkpoint_every", LLM_CHECKPOINT_EVERY)
         ppo = {"batch_size": g.batch_size, **tables["ppo"], **g.ppo}
-        llm = _llm({**tables, "ppo": ppo}, flags, "pair")
+        llm = _llm({**tables, "ppo": ppo, "llm": {**tables["llm"], **g.llm}}, flags, "pair")
         runs.append(RunConfig(destination_folder=g.population, agents=AgentConfigs(llm=llm), **values))
     return Job(tuple(runs), launch, None, groups, root)
+
+
+def _lacks_bitsandbytes(g: JobGroup, flags: dict[str, dict[str, Any]]) -> bool:
+    """A group whose own [llm] asks for a 4-bit base (the QLoRA group) where bitsandbytes is not installed: it is
+    skipped with a warning, so the other groups still run (a --llm_quantize flag for every group fails them all)."""
+    if g.llm.get("quantize", "none") == "none" or "quantize" in flags["llm"]:
+        return False
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        return False
+    log.warning("skipping job group %r: quantize = %s needs bitsandbytes (pip install 'moralsim[nf4]')", g.name,
+                g.llm["quantize"])
+    return True
 
 
 def _join(base: Path | str, *parts: str) -> Path | str:

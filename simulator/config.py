@@ -9,7 +9,7 @@ from typing import Any
 from simulator.errors import ConfigError
 from simulator.games import Game
 from simulator.population import FIXED_LAST_MOVE, Population, parse_population
-from simulator.rewards import check_compat, get_moral_type
+from simulator.rewards import DEFAULT_R_ILLEGAL, check_compat, check_r_illegal, get_moral_type
 from simulator.seeding import check_seed
 from simulator.storage import is_uri
 from simulator.tracking import check_tracker
@@ -59,6 +59,9 @@ class RunConfig:
     0 = one episode"""
     run_ids: tuple[int, ...] = ()
     """explicit run indices (a job file's seeds, e.g. 1, 2, 3, 5, 6); () = 0 .. num_runs - 1"""
+    r_illegal: float = DEFAULT_R_ILLEGAL
+    """an LLM answer that is not a legal action token learns -r_illegal (the paper's --r_illegal: 6; the job file's
+    extra groups 100 and 15)"""
     population: Population = field(init=False, repr=False, compare=False)
     """the parsed population, each moral-type slot with its learner kind (parsed once, in __post_init__)"""
 
@@ -78,6 +81,7 @@ class RunConfig:
             object.__setattr__(self, "run_ids", ids)
         check_seed(self.seed)
         check_compat(self.compat)
+        object.__setattr__(self, "r_illegal", check_r_illegal(self.r_illegal))
         check_tracker(self.log_to)
         # parsed once; resolving validates the learner kinds (and that reason types have LLM learners)
         object.__setattr__(self, "population", parse_population(self.destination_folder).resolved(self.method))
@@ -144,7 +148,7 @@ class RunConfig:
         d["game"] = {"id": self.game.id, "cells": [list(c) for c in self.game.cells]}
         d["reward_schedule"] = [list(e) for e in self.reward_schedule]
         d["agent_options"] = self.agents.identity(self.population) if self.agents is not None else {}
-        for k, default in (("protocol", "population"), ("episode_length", 0)):
+        for k, default in (("protocol", "population"), ("episode_length", 0), ("r_illegal", DEFAULT_R_ILLEGAL)):
             if d[k] == default:  # datasets written before these options existed still resume
                 d.pop(k)
         return d

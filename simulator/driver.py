@@ -100,6 +100,7 @@ def build_engine(
         pop.codes, pop.moral_codes, factory(cfg, streams), cfg.game, [s.protocol for s in streams], init,
         compat=cfg.compat, random_matching=cfg.random_matching, reward_phases=cfg.reward_phases(),
         protocol=cfg.protocol, episode_length=cfg.episode_length, episode_moves=cfg.episode_moves(),
+        r_illegal=cfg.r_illegal,
     )
     return engine, streams
 

@@ -15,6 +15,11 @@ Two protocols (`protocol=`):
                 (the paper's batch_size games, then one PPO update) env_state is drawn afresh: random, except that
                 AC starts from C and AD from D (the paper's `generate_initial_state`); the draw reads the
                 order column of the uniform block, which one game per iteration leaves unused.
+                With two LLM learners, a legal player whose partner answered illegally learns what
+                fine_tune_2learners.py pays it: Ut r_other = 0, Game+De R_illegal (simulator/rewards.py
+                PARTNER_ILLEGAL); other types their table reward against the partner's carried-over move.
+
+An illegal answer (reason ILLEGAL, an LLM's) learns -r_illegal, for a move and for a partner selection alike.
 
 Randomness: each run has its own protocol generator. Per iteration it yields one (N, 7) block of uniforms,
 column meaning below; the plain reference loop in tests/ reads the same block, so the two can be compared
@@ -38,7 +43,16 @@ from simulator.contracts import (
 )
 from simulator.errors import ConfigError
 from simulator.games import Game
-from simulator.rewards import R_ILLEGAL, REASON_TYPES, STATE_DEPENDENT, check_compat, equality, reward_fn
+from simulator.rewards import (
+    DEFAULT_R_ILLEGAL,
+    REASON_TYPES,
+    STATE_DEPENDENT,
+    check_compat,
+    check_r_illegal,
+    equality,
+    partner_illegal_reward,
+    reward_fn,
+)
 
 # columns of the per-iteration uniform block, indexed by the selector i of pair i
 U_SEL_EXPLORE, U_SEL_PARTNER, U_M_EXPLORE, U_M_ACTION, U_O_EXPLORE, U_O_ACTION, U_ORDER = range(7)
@@ -115,13 +129,14 @@ class PopulationEngine:
         protocol: str = "population",
         episode_length: int = 0,
         episode_moves: Sequence[int] | None = None,
+        r_illegal: float = DEFAULT_R_ILLEGAL,
     ) -> None:
         """codes[i]: slot i's type code. learner_codes[i]: its moral type, None for static strategies.
 
         reward_phases: (first iteration, moral type per slot) pairs that switch the rewards mid-run, for
         phased schedules such as Game for the first half, then De.
         protocol, episode_length: see the module docstring. episode_moves[i]: slot i's move in a fresh episode
-        state (0 = C, 1 = D), or -1 for a random one.
+        state (0 = C, 1 = D), or -1 for a random one. r_illegal: an illegal answer learns -r_illegal.
         """
         self.N, self.R = len(codes), len(protocol_rngs)
         if self.N < 2:
@@ -133,6 +148,7 @@ class PopulationEngine:
         if episode_length < 0 or (episode_length and protocol != "pair"):
             raise ConfigError(f"episode_length must be >= 0 and is used by the pair protocol only, got {episode_length}")
         self.protocol, self.episode_length = protocol, int(episode_length)
+        self.r_illegal = check_r_illegal(r_illegal)
         self.episode_moves = np.asarray(episode_moves if episode_moves is not None else [-1] * self.N, dtype=np.int64)
         self.S = self.N if protocol == "population" else 1  # games per iteration: every agent selects, or slot 0
 
@@ -205,6 +221,9 @@ class PopulationEngine:
         self.compat_selected = np.array([self.compat == "aies2024" and c in STATE_DEPENDENT for c in learner_codes])
         # types that score a stated reason (VR, Game+VR): their group adds its reward term to the table's payoff part
         self.reasoned = np.array([c in REASON_TYPES for c in learner_codes], dtype=bool)
+        # pair protocol: each slot's learning reward when it answered legally and its partner did not (NaN: table)
+        self.partner_illegal = np.array([partner_illegal_reward(c, self.r_illegal) if self.protocol == "pair"
+                                         else np.nan for c in learner_codes])
 
     # -- randomness ---------------------------------------------------------------------------------------
     def _uniforms(self) -> np.ndarray:
@@ -336,7 +355,11 @@ class PopulationEngine:
             ],
             axis=2,
         ) + term.reshape(R, S, 2)
-        learning = np.where(reason.reshape(R, S, 2) == Reason.ILLEGAL, R_ILLEGAL, moral)
+        illegal = reason.reshape(R, S, 2) == Reason.ILLEGAL
+        learning = np.where(illegal, -self.r_illegal, moral)
+        if self.protocol == "pair":  # the legal player of a game its partner answered illegally (module docstring)
+            paid = self.partner_illegal[games.player].reshape(R, S, 2)
+            learning = np.where(illegal[..., ::-1] & ~illegal & ~np.isnan(paid), paid, learning)
         return pay, moral, learning
 
     def _latest_moves(self, games: _Games, action: np.ndarray) -> np.ndarray:
@@ -364,7 +387,8 @@ class PopulationEngine:
                 iteration=t,
                 sel_state=sel_state,
                 sel_choice=sel.choice[:, gs],
-                sel_reward=np.where(own >= 0, learning[runs, np.maximum(own, 0), 0], np.nan),
+                sel_reward=np.where(sel.reason[:, gs] == Reason.ILLEGAL, -self.r_illegal,
+                                    np.where(own >= 0, learning[runs, np.maximum(own, 0), 0], np.nan)),
                 sel_next_state=new_state[:, others],
                 run=self._run_d[d],
                 member=games.member[d],

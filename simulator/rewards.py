@@ -32,7 +32,16 @@ from simulator.errors import ConfigError, UnknownNameError
 XI = 5.0  # strength of the norm-based rewards (DE, VEk, mDE, Vagg)
 VM_BETA = 0.5
 ICLR_DE_PENALTY = -3.0  # De in the ICLR fine-tuning rewards
-R_ILLEGAL = -6.0  # an LLM answer that is not a legal action token
+DEFAULT_R_ILLEGAL = 6.0  # the paper's --r_illegal 6 (every job-file run but two extra groups: 100 and 15)
+R_ILLEGAL = -DEFAULT_R_ILLEGAL  # an LLM answer that is not a legal action token (RunConfig.r_illegal sets another)
+R_OTHER = 0.0  # the paper's r_other under its smallerR payoffs: De's "no violation" and Ut's partner-illegal reward
+
+# Two LLM learners in the pair protocol (LLM_morality fine_tune_2learners.py): the reward of a player that answered
+# legally when its partner did not. The paper's reward functions read the partner's raw answer: Ut (reward_fn_Ut)
+# pays r_other, Game+De (reward_fn_gameDe) pays r_illegal. Game pays against the partner's last legal move (its
+# `action_for_payoff`) and De judges the partner's previous move, which is what the carried-over move gives here,
+# so those two types and every AIES type keep their table reward.
+PARTNER_ILLEGAL = {"Ut": "r_other", "Game+De": "r_illegal"}
 
 COMPAT_MODES = ("none", "aies2024")
 
@@ -123,6 +132,24 @@ MORAL_TYPES: dict[str, MoralType] = {t.code: t for t in _TYPES}
 STATE_DEPENDENT = frozenset({"DE", "mDE"})
 # Types whose reward scores the agent's stated reason: only an agent group that states reasons (LLM) can play them.
 REASON_TYPES = frozenset(t.code for t in _TYPES if t.reason)
+
+
+def check_r_illegal(r_illegal: float) -> float:
+    """R_illegal's magnitude, as the paper's --r_illegal gives it (the reward is -r_illegal): a finite number >= 0."""
+    value = float(r_illegal)
+    if not np.isfinite(value) or value < 0:
+        raise ConfigError(f"r_illegal is the magnitude of the illegal-answer penalty (reward -r_illegal): a finite "
+                          f"number >= 0, got {r_illegal!r}")
+    return value
+
+
+def partner_illegal_reward(code: str | None, r_illegal: float = DEFAULT_R_ILLEGAL) -> float:
+    """Learning reward of a legal player of type `code` whose partner (an LLM learner of the pair protocol) answered
+    illegally, as fine_tune_2learners.py pays it; NaN where the paper pays the table reward (see PARTNER_ILLEGAL)."""
+    rule = PARTNER_ILLEGAL.get(code or "")
+    if rule is None:
+        return float("nan")
+    return R_OTHER if rule == "r_other" else -check_r_illegal(r_illegal)
 
 
 def check_compat(compat: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import polars as pl
 import pytest
 
 from scenarios.run import resolve
@@ -64,10 +65,22 @@ def test_the_job_expansion_matches_the_job_file():
     assert {g.batch_size for g in groups if "two learners" not in g.name} == {5}
 
 
-def test_the_job_command_resolves_every_runnable_group_into_its_own_dataset(tmp_path):
+def test_without_bitsandbytes_only_the_qlora_group_is_skipped(monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    job = resolve(["--scenario", "iclr2025/jobs"])
+    assert len(job.runs) == 31 and sum(c.num_runs for c in job.runs) == 146
+    assert "skipping job group 'extra: Game vs TFT, QLoRA r4': quantize = nf4_double needs bitsandbytes" in caplog.text
+    with pytest.raises(ConfigError, match="needs bitsandbytes"):  # asked of every group: refused, not skipped
+        resolve(["--scenario", "iclr2025/jobs", "--llm_quantize", "nf4"])
+
+
+def test_the_job_command_resolves_every_group_into_its_own_dataset(tmp_path):
+    need("bitsandbytes")  # the QLoRA group's NF4 base
     job = resolve(["--scenario", "iclr2025/jobs", "--output", str(tmp_path)])
-    # 32 groups; 4 need a setting not built yet (an R_illegal other than 6: 3 groups, 7 runs; NF4: 1 run)
-    assert len(job.runs) == 28 and sum(c.num_runs for c in job.runs) == 147 - 8
+    assert len(job.runs) == 32 and sum(c.num_runs for c in job.runs) == 147  # every group runs, none skipped
     folders = {str(c.dataset_location) for c in job.runs}
     assert len(folders) == len(job.runs)  # no two groups share a folder
     de = next(c for c, g in zip(job.runs, job.jobs, strict=True) if g.name == "De vs TFT")
@@ -76,6 +89,23 @@ def test_the_job_command_resolves_every_runnable_group_into_its_own_dataset(tmp_
     two = next(c for c, g in zip(job.runs, job.jobs, strict=True) if g.name == "Game then De, two learners")
     assert (two.destination_folder, two.episode_length, two.reward_schedule) == ("2xGame@llm", 3, (("Game", 0.5, "De"),))
     assert two.agents.llm.ppo.mini_batch_size == 3
+    by_name = {g.name: c for c, g in zip(job.runs, job.jobs, strict=True)}
+    # the job file's own R_illegal per group: 6 everywhere but the extra groups (100, 15, and fine_tune.py's default)
+    assert {n: c.r_illegal for n, c in by_name.items() if c.r_illegal != 6} == {
+        "extra: Game vs TFT, LoRA r4, R_illegal 100": 100.0,
+        "extra: Game vs TFT, LoRA alpha 128, R_illegal 100": 100.0,
+        "extra: Game vs TFT, initial KL coefficient 0.4": 0.0014,
+        "extra: Game vs TFT, gradient accumulation 4": 0.0014,
+        "extra: Game+De, two learners, R_illegal 15": 15.0,
+    }
+    qlora = by_name["extra: Game vs TFT, QLoRA r4"].agents.llm
+    assert (qlora.quantize, qlora.ppo.lora_r, qlora.ppo.gradient_accumulation_steps) == ("nf4_double", 4, 1)
+    assert not qlora.ppo.use_score_scaling  # no --Rscaling on the extra lines
+    assert {c.agents.llm.quantize for n, c in by_name.items() if "QLoRA" not in n} == {"none"}
+    # a flag wins over the group's own value
+    flagged = resolve(["--scenario", "iclr2025/jobs", "--only", "extra: Game+De, two learners, R_illegal 15",
+                       "--r_illegal", "6"])
+    assert flagged.runs[0].r_illegal == 6.0
 
 
 def test_only_picks_groups_and_names_the_closest_on_a_typo():
@@ -103,3 +133,21 @@ def test_a_job_subset_runs_on_a_tiny_model_and_resumes(tmp_path, tiny_model_path
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
     assert main(argv) == 0  # a second call finds every run done
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")} == before
+
+    # the job file's inference part: every saved adapter evaluated, as its run trained (masked answers, the paper's
+    # wording), then the report's generalisation figure across the seeds
+    from analysis.report import write_report
+    from scenarios.evaluate import evaluate_all, saved_adapters
+
+    adapters = saved_adapters(root)
+    assert len(adapters) == 2 + 2 * 2  # De vs TFT: slot 0 of runs 1, 2; two learners: slots 0 and 1 of runs 1, 2
+    assert len(evaluate_all(root, samples=1)) == 6
+    answers = pl.read_parquet(adapters[0] / "eval" / "eval.parquet")
+    assert set(answers["answer_mode"]) == {"mask"} and "paper" in set(answers["prompt_variant"])
+    assert evaluate_all(root, samples=1) == []  # evaluated already: nothing is done twice
+    folders = [root / "de_vs_tft" / "1xDe@llm_1xTFT", root / "game_then_ut_two_learners" / "2xGame@llm"]
+    write_report(folders, tmp_path / "report", dpi=30, names=["De vs TFT", "Game then Ut, two learners"])
+    gen = pl.read_csv(tmp_path / "report" / "tables" / "compare_llm_generalisation.csv")
+    assert set(gen["n_runs"]) == {2}  # every cell: the mean over the two seeds' adapters
+    for name in ("compare_llm_generalisation", "paper_fine_tuning", "paper_two_learners", "paper_phased"):
+        assert (tmp_path / "report" / "figures" / f"{name}.png").is_file()

@@ -94,12 +94,13 @@ def test_random_token_pair_is_seeded_and_distinct() -> None:
 def test_every_variant_names_both_tokens_and_every_payoff(variant: str, game_id: str) -> None:
     game = GAMES[game_id]
     text = P.game_prompt_text(game, A12, C, D, np.random.default_rng(0), variant)
-    assert text.endswith("Your answer:")
+    assert text.endswith("Your answer: " if variant == P.PAPER else "Your answer:")  # the paper's trailing space
     assert "choose either action1 or action2" in text or "choose either action2 or action1" in text
     for r_m, r_o in game.cells:
         assert f"{r_m:g}" in text and f"{r_o:g}" in text
     r_m, r_o = game.outcome(C, D)
-    assert f"you got {r_m:g} points and they got {r_o:g} points" in text
+    they = "A" if variant == P.PAPER else "they"  # the paper calls the opponent "another agent A"
+    assert f"you got {r_m:g} points and {they} got {r_o:g} points" in text
 
 
 def test_first_round_and_history() -> None:

@@ -75,7 +75,7 @@ from actors.static import uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError
 from simulator.games import Game
-from simulator.rewards import R_ILLEGAL, REASON_TYPES
+from simulator.rewards import REASON_TYPES
 from simulator.seeding import side_stream
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,8 @@ class LLMGroup:
             results = self.rollouts.generate(bs, prompts, [run.max_new_tokens for run in runs])
             p_c = (self.rollouts.p_cooperate(bs, prompts, lambda b: self.decider.run_of(b).tokens)
                    if self.cfg.p_cooperate else np.full(len(bs), np.nan))
-        parsed = [parse_answer(res.text, run.tokens) for res, run in zip(results, runs, strict=True)]
+        period = self.cfg.answer_period
+        parsed = [parse_answer(res.text, run.tokens, period) for res, run in zip(results, runs, strict=True)]
         legal = np.array([p is not None for p in parsed])
         # an illegal answer changes nothing: the agent's move stays its snapshot move (module docstring)
         action = np.array([int(p) if p is not None else int(batch.own_prev[k]) for k, p in enumerate(parsed)],
@@ -311,7 +312,7 @@ class LLMGroup:
             self.buffers.add(self.adapter(b), sample, reward)
         for b, sample in self._sel_samples.items():
             r, g = divmod(b, self.G)
-            self.buffers.add(self.adapter(b), sample, R_ILLEGAL if self._sel_illegal[r, g] else float(tr.sel_reward[r, g]))
+            self.buffers.add(self.adapter(b), sample, float(tr.sel_reward[r, g]))  # the engine pays -r_illegal
         self._sel_samples = {}
         overlap = self.cfg.actors.overlap
         with self.clock("sync"):

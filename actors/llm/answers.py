@@ -62,9 +62,25 @@ def eos_token_ids(tokenizer: Any, model_dir: str | os.PathLike[str] | None = Non
     return tuple(ids)
 
 
+class SpelledToken(str):
+    """An action token made of single-character tokens, as the paper built its random tokens (fine_tune.py's
+    generate_seq: N characters, each its own token): its token ids are its characters' ids one after the other, not
+    the tokenizer's merges of the whole string. It reads and compares as the plain string (prompts, parsing, records);
+    only `token_ids` (generation length, masked answers, P(C)) sees the difference."""
+
+    __slots__ = ()
+
+
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """A legal answer's token ids: a SpelledToken character by character, anything else as the tokenizer splits it."""
+    if isinstance(text, SpelledToken):
+        return [i for ch in text for i in tokenizer(ch, add_special_tokens=False)["input_ids"]]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def answer_length(tokenizer: Any, answers: Sequence[str]) -> int:
-    """Tokens of the longest legal answer: the paper's fixed generation length."""
-    return max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    """Tokens of the longest legal answer: the paper's fixed generation length (N for N-character random tokens)."""
+    return max(len(token_ids(tokenizer, a)) for a in answers)
 
 
 @dataclass(frozen=True)
@@ -85,7 +101,7 @@ class AnswerTrie:
 
     @classmethod
     def from_texts(cls, tokenizer: Any, answers: Sequence[str]) -> AnswerTrie:
-        return cls(tuple(tuple(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers))
+        return cls(tuple(tuple(token_ids(tokenizer, a)) for a in answers))
 
     def children(self, prefix: Sequence[int]) -> list[int]:
         """Allowed next tokens after `prefix`, in first-seen order."""

@@ -11,6 +11,7 @@ its docstring is the --help text.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
@@ -22,6 +23,7 @@ SELECTION_MODES = ("random", "dqn", "prompt")
 ENGINES = ("hf", "vllm")
 ADAPTER_MODES = ("per_agent", "per_type", "shared")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+QUANTIZE_MODES = ("none", "nf4", "nf4_double")  # actors/llm/models.py load_kwargs
 MAX_MASKED_CANDIDATES = 64  # masked selection scores one answer row per candidate per decision
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PIPELINE_COMMAND = "python -m scenarios.virtue_rlaif all --output {root}"  # its train-rm stage writes the models
@@ -77,7 +79,9 @@ class PPOConfig:
     lora_alpha: int = 32
     """the paper's script default (its jobs never override it); scaling alpha / r = 0.5."""
     lora_dropout: float = 0.0
-    """the paper's script used 0.05; 0 keeps the first PPO epoch's ratio exactly 1 and the learner deterministic."""
+    """the paper's script used 0.05, which acted in its rollouts only (TRL ran every PPO forward pass in eval mode and
+    left the model in train mode for the next rollout); 0 samples from the policy PPO trains, keeps the first
+    epoch's ratio exactly 1 and the learner deterministic (README, the ICLR protocol table)."""
     lora_target_modules: str = "all-linear"
     """modules that get a LoRA (peft target_modules)"""
     seed: int = 0
@@ -241,6 +245,13 @@ class LLMAgentConfig:
     dtype: str = "float32"
     """base-model weights of the HF engine and the learners: float32, or bfloat16 (bf16 matmuls on CPUs with
     AVX512-BF16/AMX and on GPUs; LoRA weights, value heads and Adam state stay float32)"""
+    answer_period: bool = True
+    """accept one trailing period after an action token ("action1."); False parses as the paper, which stripped
+    whitespace only (actors/llm/prompts.py)"""
+    quantize: str = "none"
+    """base weights of the policy and its reference in 4-bit NF4 through bitsandbytes, bfloat16 compute, as the
+    paper loaded Gemma: none, nf4, or nf4_double (QLoRA's double quantisation, the job file's --QLoRA group); the
+    HF engine and the learners (actors/llm/models.py)"""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "virtue", VirtueConfig.from_value(self.virtue))
@@ -261,6 +272,20 @@ class LLMAgentConfig:
             raise ConfigError(f"unknown LLM adapters mode {self.adapters!r}; valid: {', '.join(ADAPTER_MODES)}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"unknown LLM dtype {self.dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
+        self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        """Before any model loads: a known mode, an engine that loads through transformers, bitsandbytes present."""
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"unknown LLM quantize {self.quantize!r}; valid: {', '.join(QUANTIZE_MODES)}")
+        if self.quantize == "none":
+            return
+        if self.engine != "hf":
+            raise ConfigError(f"quantize = {self.quantize} loads the base through transformers + bitsandbytes; "
+                              f"valid with engine = hf (got {self.engine})")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"quantize = {self.quantize} needs bitsandbytes: pip install 'moralsim[nf4]' "
+                              "(bitsandbytes 0.50 runs NF4 on CPU and CUDA)")
 
     def check_population(self, num_agents: int) -> None:
         """Settings that depend on the population size, checked before any model loads (ConfigError naming the

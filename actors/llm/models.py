@@ -11,6 +11,13 @@ HF (`AutoModelForCausalLM.from_pretrained`) and vLLM (`LLM(model=...)`) load the
 
 The GGUF is Q4_1; de-quantised weights are kept in float32, which holds every de-quantised value exactly
 (bfloat16 would round them). The folder is 538 MB; the build takes about 30 s of CPU.
+
+Loading a base (`load_causal_lm`, `load_kwargs`), as LLM_morality's fine_tune.py loaded Gemma-2-2b-it:
+    attention   eager where the model type needs it (gemma2: its attention-logit soft-capping exists only in the
+                eager path; transformers' default SDPA path drops it without a word)
+    quantize    none, or the paper's 4-bit NF4 (bitsandbytes, bfloat16 compute) of the policy's base, which is also
+                the reference (adapter disabled); nf4_double adds QLoRA's double quantisation (the job file's
+                --QLoRA group). bitsandbytes >= 0.46 runs NF4 on CPU too.
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from simulator.errors import ModelUnavailableError, UnknownNameError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+EAGER_ATTENTION = frozenset({"gemma2"})  # model types whose attention is only right in transformers' eager path
 _MARKER = "moralsim_model.json"  # written last into a finished cache folder
 
 
@@ -165,3 +174,35 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> Path:
     for file in out.iterdir():
         file.chmod(0o644)  # the safetensors writer leaves 0600; a shared cache must be readable by all
     return out
+
+
+def model_type(model_dir: str | os.PathLike[str]) -> str:
+    """The `model_type` of a local HF folder's config.json ("" when it has none)."""
+    return str(json.loads((Path(model_dir) / "config.json").read_text()).get("model_type", ""))
+
+
+def load_kwargs(model_dir: str | os.PathLike[str], *, dtype: Any = None, quantize: str = "none") -> dict[str, Any]:
+    """from_pretrained keyword arguments for a policy base, as the paper loaded it (module docstring)."""
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if model_type(model_dir) in EAGER_ATTENTION:
+        kwargs["attn_implementation"] = "eager"
+    if quantize != "none":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=quantize == "nf4_double")
+    return kwargs
+
+
+def load_causal_lm(model_dir: str | os.PathLike[str], *, dtype: Any = None, device: str = "cpu",
+                   quantize: str = "none") -> Any:
+    """AutoModelForCausalLM of a local folder on `device`, with `load_kwargs`. A 4-bit model is placed while it
+    loads (bitsandbytes weights cannot be moved with .to() afterwards)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = load_kwargs(model_dir, dtype=dtype, quantize=quantize)
+    if quantize != "none":
+        return AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": device}, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.llm.answers import AnswerTrie
+from actors.llm.answers import AnswerTrie, token_ids
 from actors.llm.deciding import masked_picks, masked_rows
 from actors.llm.engine import GenerationRequest, GenerationResult, action_logprobs, check_fresh, legal_share
 from actors.llm.prompts import TokenPair
@@ -29,8 +29,7 @@ def cooperation_probability(
     engine: Any, tokenizer: Any, tokens: TokenPair, adapters: list[str | None], prompts: list[list[int]]
 ) -> np.ndarray:
     """(B,) P(C answer) / (P(C answer) + P(D answer)) per prompt, one scoring call on either engine."""
-    c_ids = tokenizer(tokens.c, add_special_tokens=False)["input_ids"]
-    d_ids = tokenizer(tokens.d, add_special_tokens=False)["input_ids"]
+    c_ids, d_ids = token_ids(tokenizer, tokens.c), token_ids(tokenizer, tokens.d)  # spelled random tokens by char
     lp = action_logprobs(engine, adapters, prompts, c_ids, d_ids)
     return legal_share(lp[:, 0], lp[:, 1])
 
