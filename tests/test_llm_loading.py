@@ -101,12 +101,9 @@ def test_quantize_is_a_flag(monkeypatch):
     assert job.runs[0].agents.llm.quantize == "nf4_double"
 
 
-# The HF engine and the learners load their base in hf_engine.py and learner.py (issue 16's files, being edited while
-# this landed). Once both call models.load_causal_lm, these pass: then drop the marks.
-WIRING = "hf_engine.py and learner.py do not load through actors.llm.models.load_causal_lm yet (issue 17 note)"
+# The HF engine and the learners load their base through models.load_causal_lm.
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_the_engine_and_the_learners_load_gemma2_eagerly(tiny_gemma2):
     need("peft")
     from actors.llm.hf_engine import HFEngine
@@ -116,7 +113,6 @@ def test_the_engine_and_the_learners_load_gemma2_eagerly(tiny_gemma2):
     assert PolicyHost(tiny_gemma2).base.config._attn_implementation == "eager"
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_the_engine_and_the_learners_load_nf4(tiny_model_path):
     need("bitsandbytes")
     need("peft")
@@ -125,7 +121,7 @@ def test_the_engine_and_the_learners_load_nf4(tiny_model_path):
     from actors.llm.hf_engine import HFEngine
     from actors.llm.learner import PolicyHost
 
-    engine = HFEngine(tiny_model_path, quantize="nf4")  # type: ignore[call-arg]
-    host = PolicyHost(tiny_model_path, quantize="nf4")  # type: ignore[call-arg]
+    engine = HFEngine(tiny_model_path, quantize="nf4")
+    host = PolicyHost(tiny_model_path, quantize="nf4")
     for model in (engine._base, host.base):
         assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)

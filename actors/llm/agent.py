@@ -97,7 +97,7 @@ def group_engine(config: LLMAgentConfig, model_dir: Path, seed: int, max_loras: 
     """`make_engine` with an LLM group's settings (a top-level function: Ray pickles it for the rollout actors)."""
     return make_engine(config.engine, model_dir, device=config.device, seed=seed, max_loras=max_loras,
                        max_lora_rank=config.ppo.lora_r, gpu_memory_utilization=config.actors.gpu_memory_utilization,
-                       dtype=config.dtype)
+                       dtype=config.dtype, quantize=config.quantize)
 
 
 class PhaseClock:
@@ -170,12 +170,13 @@ class LLMGroup:
             self.cluster = launch(
                 config.actors, adapters, specs,
                 lambda names: partial(group_engine, config, model_dir, seed, len(names)),
-                learner_group_factory(str(model_dir), config.device, config.dtype), tokenizer, config.device,
+                learner_group_factory(str(model_dir), config.device, config.dtype, config.quantize), tokenizer,
+                config.device,
             )
             self.learners = self.cluster.learners
             self.engine = engine or self.cluster.engine
         else:
-            local = LearnerGroup(model_dir, specs, device=config.device, dtype=config.dtype)
+            local = LearnerGroup(model_dir, specs, device=config.device, dtype=config.dtype, quantize=config.quantize)
             self.learners, tokenizer = local, local.tokenizer
             self.engine = engine or group_engine(config, model_dir, seed, len(adapters))
         self.tokenizer = tokenizer

@@ -122,9 +122,11 @@ def make_engine(
     max_lora_rank: int = 64,
     gpu_memory_utilization: float | None = None,
     dtype: str = "float32",
+    quantize: str = "none",
 ) -> RolloutEngine:
     """The one engine factory: `kind` hf (transformers + peft) or vllm, serving up to `max_loras` adapters at once;
-    `dtype` float32 or bfloat16 (the base model's weights)."""
+    `dtype` float32 or bfloat16 (the base model's weights); `quantize` nf4 / nf4_double: a 4-bit base (hf only,
+    LLMAgentConfig refuses it with vllm)."""
     if kind == "vllm":
         from actors.llm.vllm_engine import VLLMEngine
 
@@ -137,7 +139,7 @@ def make_engine(
     if kind == "hf":
         from actors.llm.hf_engine import HFEngine
 
-        return HFEngine(model_dir, device=device, seed=seed, dtype=getattr(torch, dtype))
+        return HFEngine(model_dir, device=device, seed=seed, dtype=getattr(torch, dtype), quantize=quantize)
     raise ConfigError(f"unknown LLM engine {kind!r}; valid: {', '.join(ENGINE_KINDS)}")
 
 

@@ -110,14 +110,18 @@ class HFEngine:
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         prefix_cache: bool = True,
+        quantize: str = "none",
     ) -> None:
         """prefix_cache: keep adapters' prompt heads for later scoring calls (module docstring); False = each call
-        on its own, as before the cache existed (benchmarks/llm_population.py's "today" path)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        on its own, as before the cache existed (benchmarks/llm_population.py's "today" path). quantize: nf4 /
+        nf4_double loads a 4-bit base (actors/llm/models.py, load_causal_lm: also eager attention for Gemma-2)."""
+        from transformers import AutoTokenizer
+
+        from actors.llm.models import load_causal_lm
 
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()  # type: ignore[arg-type]
+        self._base = load_causal_lm(model_dir, dtype=dtype, device=str(self.device), quantize=quantize).eval()
         self._model = self._base  # becomes the PeftModel once the first adapter is loaded
         self._peft = None
         self._versions: dict[str, int] = {}

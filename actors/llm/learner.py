@@ -124,12 +124,16 @@ def _to_cpu(x: Any) -> Any:
 class PolicyHost:
     """One frozen base causal LM that carries the LoRA adapters of any number of learners."""
 
-    def __init__(self, model_dir: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, model_dir: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 quantize: str = "none"):
+        """quantize: nf4 / nf4_double, the paper's 4-bit base for the policy and the reference (load_causal_lm)."""
+        from transformers import AutoTokenizer
+
+        from actors.llm.models import load_causal_lm
 
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)  # type: ignore[arg-type]
+        self.base = load_causal_lm(model_dir, dtype=dtype, device=str(self.device), quantize=quantize)
         self.base.requires_grad_(False)
         self.model: Any = None  # the PeftModel, once the first adapter exists
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None

@@ -96,8 +96,9 @@ class LearnerGroup:
     """The learners of some agents on one PolicyHost (see module docstring)."""
 
     def __init__(self, model_dir: str | os.PathLike[str], specs: Sequence[tuple[str, PPOConfig]], device: str = "cpu",
-                 dtype: str = "float32"):
-        """dtype: the frozen base's weights (float32 or bfloat16); adapters, value heads and Adam stay float32."""
+                 dtype: str = "float32", quantize: str = "none"):
+        """dtype: the frozen base's weights (float32 or bfloat16); adapters, value heads and Adam stay float32;
+        quantize: nf4 / nf4_double, a 4-bit base (PolicyHost)."""
         if not specs:
             raise ConfigError("a learner group needs at least one agent")
         names = [n for n, _ in specs]
@@ -105,7 +106,7 @@ class LearnerGroup:
             raise ConfigError(f"agent names must be unique in a learner group, got {names}")
         import torch
 
-        self.host = PolicyHost(model_dir, device=device, dtype=getattr(torch, dtype))
+        self.host = PolicyHost(model_dir, device=device, dtype=getattr(torch, dtype), quantize=quantize)
         self.learners = {name: PPOLearner(self.host, name, cfg) for name, cfg in specs}
 
     @property

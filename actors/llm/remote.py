@@ -432,9 +432,9 @@ def launch(
 
 
 def learner_group_factory(
-    model_dir: str, device: str, dtype: str = "float32"
+    model_dir: str, device: str, dtype: str = "float32", quantize: str = "none"
 ) -> Callable[[list[tuple[str, PPOConfig]]], Callable[[], Any]]:
     def make(specs: list[tuple[str, PPOConfig]]) -> Callable[[], Any]:
-        return partial(LearnerGroup, model_dir, specs, device, dtype)
+        return partial(LearnerGroup, model_dir, specs, device, dtype, quantize)
 
     return make
