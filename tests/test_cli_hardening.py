@@ -401,3 +401,17 @@ def test_the_job_command_sizes_gpu_stacks_by_the_memory_arithmetic(tiny_model_pa
     assert gpu_stacks([cfg], Launch(runs_per_batch=3)).runs_per_batch == 3  # the user's choice stands
     on_cpu = with_agents(RunConfig("1xDe@llm_1xTFT", num_runs=100), llm=replace(llm, device="cpu"))
     assert gpu_stacks([on_cpu], Launch()).runs_per_batch is None
+
+
+def test_llm_stacks_on_this_cpu_run_one_after_the_other_in_process_and_classic_batches_on_ray():
+    from actors.llm.config import LLMAgentConfig
+    from scenarios.run import with_agents
+    from simulator.driver import local_backend
+
+    llm = with_agents(RunConfig("1xDe@llm_1xTFT", num_runs=3), llm=LLMAgentConfig())
+    classic = RunConfig("1xUT_1xaUT_1xDE", num_runs=3)
+    assert local_backend("ray", None, [llm, llm]) == "inline"  # two groups of a job: one after the other
+    assert local_backend("ray", None, [classic, classic]) == "ray"
+    assert local_backend("ray", None, [llm, classic]) == "ray"
+    assert local_backend("ray", None, [classic]) == "inline"  # one batch: nothing to spread
+    assert local_backend("ray", "10.0.0.5:6379", [llm, llm]) == "ray"  # a cluster places them itself
