@@ -159,8 +159,11 @@ def test_shipped_labelled_sets():
 
     assert not items(check) & items(train)  # the supervised judge never sees a check item
     assert (df["good"] != df["bad"]).all()
-    assert hand.height >= 40 and (hand["split"] == "check").all()
-    assert hand.filter(pl.col("subset") == "dilemma_game").height >= 15
+    hand_check = hand.filter(pl.col("split") == "check")
+    assert hand_check.height >= 150 and hand_check.filter(pl.col("subset") == "dilemma_game").height >= 50
+    hand_train = hand.filter(pl.col("split") == "train")
+    assert hand_train.height >= 100
+    assert not set(hand_check["question"]) & set(hand_train["question"])  # split by prompt (test_virtue_labelled)
     prompts = {p.prompt for p in load_prompts(SHIPPED_PROMPTS)}
     assert set(hand["question"]) <= prompts  # replies to the shipped prompts, dilemma-game ones included
     readme = (LABELLED_DIR / "README.md").read_text()

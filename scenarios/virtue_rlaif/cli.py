@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="judge-check: at most N check pairs per labelled set (default all)")
     p.add_argument("--judge_rm_epochs", type=float, default=2.0, help="supervised judge: epochs (default 2)")
     p.add_argument("--judge_rm_lr", type=float, default=1e-4, help="supervised judge: learning rate (default 1e-4)")
+    p.add_argument("--judge_rm_lora_r", type=int, default=16,
+                   help="supervised judge: LoRA rank under its linear score head, alpha = 2 x rank (default 16)")
     p.add_argument("--eval_reward_models", type=Path, default=None,
                    help="evaluate with these reward models (action/motivation/consequences adapters, or one adapter) "
                         "instead of those that trained PPO")
@@ -154,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         lam=args.lam, bootstrap=args.bootstrap, judge_mode=args.judge_mode, judge_rule=args.judge_rule,
         judge_adapter=args.judge_adapter, labelled=tuple(args.labelled), check_max_pairs=args.check_max_pairs,
         judge_rm=RewardModelConfig(max_length=128, epochs=args.judge_rm_epochs, learning_rate=args.judge_rm_lr,
-                                   gradient_accumulation_steps=1, batch_size=8, seed=args.seed),
+                                   gradient_accumulation_steps=1, batch_size=8, lora_r=args.judge_rm_lora_r,
+                                   lora_alpha=2 * args.judge_rm_lora_r, seed=args.seed),
         eval_reward_models=args.eval_reward_models, eval_judge=args.eval_judge,
         rm=RewardModelConfig(max_length=args.rm_max_length, epochs=args.rm_epochs, learning_rate=args.rm_lr,
                              gradient_accumulation_steps=args.rm_grad_accum, batch_size=args.rm_batch_size,
