@@ -249,3 +249,27 @@ def test_the_cli_runs_llm_agents_on_actors_and_names_bad_actor_settings(ray_gpu,
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--llm_overlap", "--output", str(tmp_path / "bad")])
     assert exit_info.value.code == 2  # overlap without rollout actors: a ConfigError naming the fix, no traceback
+
+
+def _stack_probe(seconds: float) -> tuple[list[str], float, float]:
+    import time
+
+    import ray
+
+    t0 = time.time()
+    time.sleep(seconds)
+    return [str(g) for g in ray.get_gpu_ids()], t0, time.time()
+
+
+def test_llm_stacks_on_cuda_take_a_whole_gpu_each_and_queue_for_it(ray_gpu):
+    """What simulator.driver asks for each stack of an LLM dataset on CUDA (batch_resources): on a cluster with one
+    (logical) GPU, two stacks get GPU 0 each, one after the other."""
+    from scenarios.run import with_agents
+    from simulator.config import RunConfig
+    from simulator.resources import batch_resources
+
+    cfg = with_agents(RunConfig("1xDe@llm_1xTFT", num_runs=2), llm=LLMAgentConfig(device="cuda"))
+    task = ray_gpu.remote(max_retries=0)(_stack_probe).options(**batch_resources(cfg))
+    (ids_a, start_a, end_a), (ids_b, start_b, end_b) = ray_gpu.get([task.remote(1.0), task.remote(1.0)])
+    assert ids_a == ids_b == ["0"]
+    assert end_a <= start_b or end_b <= start_a  # never both on the one GPU at once
