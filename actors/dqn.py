@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.dqn_fused import adam_step, dilemma_step, hidden_to_q, selection_step
+from actors.dqn_fused import adam_step, dilemma_step, selection_step
 from actors.egreedy import epsilon_choice, epsilon_reasons, greedy
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
@@ -138,25 +138,19 @@ class FlatAdam:
 
 
 @functools.cache
-def compiled_matches_torch(n_others: int, hidden: int, dtype: str) -> tuple[bool, bool]:
-    """Whether actors/dqn_fused.py reproduces torch's bits here: (its output layer, its Adam). MKL picks its kernel
-    by shape (the output layer's sums are in order, one fused multiply-add a hidden unit, for float32 with 2 to 15
-    partners, float64 with 2 or more, on this machine), and torch's fused Adam is compiled per CPU. Checked once per
-    shape on random numbers; where one differs, DQNGroup keeps torch for that part."""
+def compiled_matches_torch(dtype: str) -> bool:
+    """Whether actors/dqn_fused.py's Adam gives torch._fused_adam_'s bits on this CPU (torch compiles its kernel per CPU
+    kind, and its compiler chose where to fuse multiply-adds). Checked once on random numbers, the scalar tail
+    included; where it differs, DQNGroup keeps the torch path."""
     rng = np.random.default_rng(0)
     f = np.float64 if dtype == "float64" else np.float32
-    h = np.maximum(rng.standard_normal((3, hidden)), 0).astype(f)
-    w2, b2 = rng.uniform(-0.1, 0.1, (3, hidden, n_others)).astype(f), rng.uniform(-0.1, 0.1, (3, n_others)).astype(f)
-    q = torch.baddbmm(torch.from_numpy(b2[:, None, :]), torch.from_numpy(h[:, None, :]), torch.from_numpy(w2))
-    output_layer = bool(np.array_equal(hidden_to_q(h, w2, b2), q.numpy()[:, 0]))
     p, g = rng.standard_normal(8 * 5 + 3).astype(f), (rng.standard_normal((4, 8 * 5 + 3)) * 1e-2).astype(f)
     ours, opt = [p.copy(), np.zeros_like(p), np.zeros_like(p)], FlatAdam([torch.from_numpy(p.copy())], lr=1e-3)
     for k, grad in enumerate(g, start=1):
         opt.step([torch.from_numpy(grad)])
         adam_step(ours[0], grad, ours[1], ours[2], float(k), opt.lr, opt.betas, opt.eps)
     theirs = (opt.buffers[0], opt.exp_avg[0], opt.exp_avg_sq[0])
-    adam = all(np.array_equal(a, b.numpy()) for a, b in zip(ours, theirs, strict=True))
-    return output_layer, adam
+    return all(np.array_equal(a, b.numpy()) for a, b in zip(ours, theirs, strict=True))
 
 
 class DQNGroup:
@@ -192,8 +186,7 @@ class DQNGroup:
         self.grads: dict[str, torch.Tensor] = {}  # (B, ...), or (chunk, ...) for the selection net
         self._flat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._views: dict[str, tuple[int, int, tuple[int, ...]]] = {}  # offset, size, shape in the net's buffer
-        self._fused_q, adam_ok = compiled_matches_torch(self.n_others, hid, config.dtype) if config.fused else (False, False)
-        self._fused = config.fused and config.learn_selection and adam_ok
+        self._fused = config.fused and config.learn_selection and compiled_matches_torch(config.dtype)
         for net in ("sel", "dil"):
             names = [k for k in PARAM_NAMES if k.startswith(net)]
             rows = 0 if self._fused else self.chunk if net == "sel" else B  # fused: no gradients held
@@ -227,11 +220,8 @@ class DQNGroup:
         p = self.params
         x = torch.from_numpy(state.reshape(self.R * self.G, 1, self.n_others).astype(self.np_dtype))
         h = torch.baddbmm(p["sel_b1"], x, p["sel_w1"]).relu_()
-        B = self.R * self.G
-        if self._fused_q:  # the same sums as torch's, without its per-matrix call overhead
-            return x, h, hidden_to_q(h.numpy().reshape(B, -1), p["sel_w2"].numpy(), p["sel_b2"].numpy().reshape(B, -1))
         q = torch.baddbmm(p["sel_b2"], h, p["sel_w2"])
-        return x, h, q.numpy().reshape(B, self.n_others)
+        return x, h, q.numpy().reshape(self.R * self.G, self.n_others)
 
     def _dilemma_q(self) -> tuple[torch.Tensor, np.ndarray]:
         """Q_d on both states at once: h (B, 2, H), q (B, 2, 2) = [state, action] as numpy."""

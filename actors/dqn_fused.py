@@ -12,8 +12,7 @@ one-hot (one transition per agent: the partner c it chose, dq = 2 * td):
     d sel_b2[k]    = dq_k
 
 and the dilemma net's are two-term sums over its two states. The kernels compute each gradient where the Adam update
-needs it; no gradient buffer is left. The selection net's output layer (hidden_to_q) is here too: torch's batched
-matrix call costs more in overhead than its 15 x 256 sums.
+needs it; no gradient buffer is left.
 
 Same bits as the torch path (DQNConfig(fused=False); tests/test_equivalence.py compares weights, moments and records
 over whole runs): the products are the ones torch computes in the same order, the two-term sums are MKL's
@@ -26,9 +25,9 @@ multiply-adds its compiler made:
     p = p + (-step_size * m) / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
 with every constant rounded to the weights' dtype as torch rounds it, and denormals flushed by the caller (the CPU's
-flush-to-zero mode set by FlatAdam.stepping holds for this thread's compiled code too). MKL picks its kernels by shape
-and torch's Adam is compiled per CPU, so actors.dqn.compiled_matches_torch checks the output layer and the Adam
-arithmetic against torch once per shape; where they differ, DQNGroup keeps the torch path.
+flush-to-zero mode set by FlatAdam.stepping holds for this thread's compiled code too). torch's Adam is compiled per
+CPU, so actors.dqn.compiled_matches_torch checks the Adam arithmetic against torch once per dtype; where it differs,
+DQNGroup keeps the torch path.
 """
 
 from __future__ import annotations
@@ -88,21 +87,19 @@ def _selection_step(p, m, v, x, h, choice, dq, g, n_agents, tail_from, one, zero
     o_b2 = o_w2 + n_agents * hid * n
     gw1, gb1 = g[: n * hid], g[n * hid : n * hid + hid]
     gw2, gb2 = g[n * hid + hid : 2 * n * hid + hid], g[2 * n * hid + hid :]
+    gw2[:] = zero  # h[j] * 0 = +0 off the chosen column (h >= 0): only that column is written, and reset after use
+    gb2[:] = zero
     for b in range(n_agents):
         c, d = choice[b], dq[b]
         w2 = p[o_w2 + b * hid * n : o_w2 + (b + 1) * hid * n]
         for j in range(hid):  # dpre, before sel_w2 is updated: the gradient reads this iteration's weights
             gb1[j] = w2[j * n + c] * d * (one if h[b, j] > zero else zero)
+            gw2[j * n + c] = h[b, j] * d
+        gb2[c] = d
         for i in range(n):
             xi = x[b, i]
             for j in range(hid):
                 gw1[i * hid + j] = xi * gb1[j]
-        gb2[:] = zero
-        gb2[c] = d
-        for j in range(hid):
-            hj = h[b, j]
-            for k in range(n):
-                gw2[j * n + k] = hj * gb2[k]
         for o, size, gr in ((b * n * hid, n * hid, gw1), (o_b1 + b * hid, hid, gb1), (o_w2 + b * hid * n, hid * n, gw2),
                             (o_b2 + b * n, n, gb2)):
             cut = min(max(tail_from - o, 0), size)  # elements from tail_from on take the scalar tail
@@ -110,6 +107,9 @@ def _selection_step(p, m, v, x, h, choice, dq, g, n_agents, tail_from, one, zero
             if cut < size:
                 e = o + size
                 _adam(p[o + cut : e], m[o + cut : e], v[o + cut : e], gr[cut:], True, c1, b2, c2, bc2s, eps, neg_ss)
+        for j in range(hid):
+            gw2[j * n + c] = zero
+        gb2[c] = zero
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -151,20 +151,6 @@ def _dilemma_step(p, m, v, h, dq, g, n_agents, tail_from, fma_dpre, one, zero,  
                 _adam(p[o + cut : e], m[o + cut : e], v[o + cut : e], gr[cut:], True, c1, b2, c2, bc2s, eps, neg_ss)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def _hidden_to_q(h, w2, b2, out):  # type: ignore[no-untyped-def]
-    """out[b] = b2[b] + h[b] @ w2[b], each sum from the bias on, one fused multiply-add per hidden unit in order
-    (what MKL's batched matrix-vector kernel computes for torch.baddbmm)."""
-    n_agents, hid = h.shape
-    for b in range(n_agents):
-        acc = out[b]
-        acc[:] = b2[b]
-        for k in range(hid):
-            hk = h[b, k]
-            for j in range(acc.size):
-                acc[j] = _fma(hk, w2[b, k, j], acc[j])
-
-
 def adam_constants(step: float, lr: float, betas: tuple[float, float], eps: float,
                    dtype: np.dtype) -> tuple[np.floating, ...]:
     """c1, beta2, c2, sqrt(bias correction 2), eps, -step_size: computed in double as torch computes them, then
@@ -191,13 +177,6 @@ def dilemma_step(p: np.ndarray, m: np.ndarray, v: np.ndarray, h: np.ndarray, dq:
     f, hid = p.dtype.type, h.shape[2]
     _dilemma_step(p, m, v, h, dq, np.empty(4 * hid + 2, p.dtype), len(h), p.size - p.size % LANES[p.dtype],
                   p.dtype == np.float32, f(1), f(0), *adam_constants(step, lr, betas, eps, p.dtype))
-
-
-def hidden_to_q(h: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> np.ndarray:
-    """(B, n) = b2 + h @ w2 for h (B, H), w2 (B, H, n), b2 (B, n): the selection net's output layer."""
-    out = np.empty(b2.shape, dtype=b2.dtype)
-    _hidden_to_q(h, w2, b2, out)
-    return out
 
 
 def adam_step(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, step: float, lr: float,
