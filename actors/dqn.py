@@ -140,8 +140,8 @@ class FlatAdam:
 @functools.cache
 def compiled_matches_torch(dtype: str) -> bool:
     """Whether actors/dqn_fused.py's Adam gives torch._fused_adam_'s bits on this CPU (torch compiles its kernel per CPU
-    kind, and its compiler chose where to fuse multiply-adds). Checked once on random numbers, the scalar tail
-    included; where it differs, DQNGroup keeps the torch path."""
+    kind, and its compiler chose where to fuse multiply-adds). Checked once a process on random numbers, the scalar
+    tail included; where it differs, DQNGroup keeps the torch path."""
     rng = np.random.default_rng(0)
     f = np.float64 if dtype == "float64" else np.float32
     p, g = rng.standard_normal(8 * 5 + 3).astype(f), (rng.standard_normal((4, 8 * 5 + 3)) * 1e-2).astype(f)
@@ -150,6 +150,13 @@ def compiled_matches_torch(dtype: str) -> bool:
         opt.step([torch.from_numpy(grad)])
         adam_step(ours[0], grad, ours[1], ours[2], float(k), opt.lr, opt.betas, opt.eps)
     theirs = (opt.buffers[0], opt.exp_avg[0], opt.exp_avg_sq[0])
+    # compile (or load from numba's cache) the step kernels now, with the types DQNGroup passes, so no run's first
+    # iteration pays for it
+    sel = np.zeros((3, 2 * 2 + 2 + 1), f)  # one agent, one partner, two hidden units
+    selection_step(sel[0], sel[1], sel[2], np.zeros((1, 1), f), np.zeros((1, 2), f), np.zeros(1, np.int64), np.zeros(1, f), 1, 2, 1.0,
+                   1e-3, (0.9, 0.999), 1e-8)
+    dilemma_step(np.zeros(4 * 2 + 2, f), np.zeros(10, f), np.zeros(10, f), np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f),
+                 1.0, 1e-3, (0.9, 0.999), 1e-8)
     return all(np.array_equal(a, b.numpy()) for a, b in zip(ours, theirs, strict=True))
 
 

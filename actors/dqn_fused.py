@@ -75,18 +75,30 @@ def _adam(p, m, v, g, tail, c1, b2, c2, bc2s, eps, neg_ss):  # type: ignore[no-u
         p[i] = p[i] + neg_ss * mi / (np.sqrt(vi) / bc2s + eps)
 
 
+@njit(error_model="numpy")
+def _adam_scaled(p, m, v, dpre, x, c1, b2, c2, bc2s, eps, neg_ss):  # type: ignore[no-untyped-def]
+    """Adam on equal-length 1-D views with the gradient x * dpre (a row of sel_w1), never in the scalar tail."""
+    for i in range(p.size):
+        gi = x * dpre[i]
+        mi = _fma(c1, gi - m[i], m[i])
+        vi = _fma(c2 * gi, gi, v[i] * b2)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] + neg_ss * mi / (np.sqrt(vi) / bc2s + eps)
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _selection_step(p, m, v, x, h, choice, dq, g, n_agents, tail_from, one, zero,  # type: ignore[no-untyped-def]
                     c1, b2, c2, bc2s, eps, neg_ss):
     """Every agent's selection gradients and Adam update, in the flat layout of DQNGroup's selection buffer:
     sel_w1 (B, n, H), sel_b1 (B, 1, H), sel_w2 (B, H, n), sel_b2 (B, 1, n), one after the other. g: scratch for
-    one agent's gradients, (n * H + H + H * n + n,), which stays in the L1 cache between its writes and reads."""
+    one agent's gradients of sel_b1, sel_w2, sel_b2, (H + H * n + n,), in the L1 cache between its writes and reads;
+    sel_w1's are made inside its update."""
     n, hid = x.shape[1], h.shape[1]
     o_b1 = n_agents * n * hid
     o_w2 = o_b1 + n_agents * hid
     o_b2 = o_w2 + n_agents * hid * n
-    gw1, gb1 = g[: n * hid], g[n * hid : n * hid + hid]
-    gw2, gb2 = g[n * hid + hid : 2 * n * hid + hid], g[2 * n * hid + hid :]
+    gb1, gw2, gb2 = g[:hid], g[hid : hid + hid * n], g[hid + hid * n :]
     gw2[:] = zero  # h[j] * 0 = +0 off the chosen column (h >= 0): only that column is written, and reset after use
     gb2[:] = zero
     for b in range(n_agents):
@@ -96,12 +108,10 @@ def _selection_step(p, m, v, x, h, choice, dq, g, n_agents, tail_from, one, zero
             gb1[j] = w2[j * n + c] * d * (one if h[b, j] > zero else zero)
             gw2[j * n + c] = h[b, j] * d
         gb2[c] = d
-        for i in range(n):
-            xi = x[b, i]
-            for j in range(hid):
-                gw1[i * hid + j] = xi * gb1[j]
-        for o, size, gr in ((b * n * hid, n * hid, gw1), (o_b1 + b * hid, hid, gb1), (o_w2 + b * hid * n, hid * n, gw2),
-                            (o_b2 + b * n, n, gb2)):
+        for i in range(n):  # sel_w1 ends before the scalar tail (sel_b2 comes last)
+            o = (b * n + i) * hid
+            _adam_scaled(p[o : o + hid], m[o : o + hid], v[o : o + hid], gb1, x[b, i], c1, b2, c2, bc2s, eps, neg_ss)
+        for o, size, gr in ((o_b1 + b * hid, hid, gb1), (o_w2 + b * hid * n, hid * n, gw2), (o_b2 + b * n, n, gb2)):
             cut = min(max(tail_from - o, 0), size)  # elements from tail_from on take the scalar tail
             _adam(p[o : o + cut], m[o : o + cut], v[o : o + cut], gr[:cut], False, c1, b2, c2, bc2s, eps, neg_ss)
             if cut < size:
@@ -165,8 +175,13 @@ def selection_step(p: np.ndarray, m: np.ndarray, v: np.ndarray, x: np.ndarray, h
                    eps: float) -> None:
     """One fused gradient + Adam step of B agents' selection nets. p, m, v: the flat buffers (modified in place);
     x (B, n) states, h (B, H) hidden activations, choice (B,) chosen partner, dq (B,) dL/dQ at that partner."""
+    B = len(choice)
+    # the kernels do not check bounds: a wrong shape would write outside the buffers
+    if not (p.size == m.size == v.size == B * (2 * n * hid + hid + n) and x.shape == (B, n) and h.shape == (B, hid)
+            and dq.shape == (B,) and p.dtype == m.dtype == v.dtype == x.dtype == h.dtype == dq.dtype):
+        raise ValueError(f"selection_step: shapes {p.shape} {x.shape} {h.shape} {dq.shape} do not fit B={B}, n={n}, H={hid}")
     f = p.dtype.type
-    _selection_step(p, m, v, x, h, choice, dq, np.empty(2 * n * hid + hid + n, p.dtype), len(choice),
+    _selection_step(p, m, v, x, h, choice, dq, np.empty(hid + hid * n + n, p.dtype), len(choice),
                     p.size - p.size % LANES[p.dtype], f(1), f(0), *adam_constants(step, lr, betas, eps, p.dtype))
 
 
@@ -174,7 +189,10 @@ def dilemma_step(p: np.ndarray, m: np.ndarray, v: np.ndarray, h: np.ndarray, dq:
                  betas: tuple[float, float], eps: float) -> None:
     """One fused gradient + Adam step of B agents' dilemma nets. p, m, v: the flat buffers (modified in place);
     h (B, 2, H) the hidden activations on both states, dq (B, 2, 2) dL/dQ."""
-    f, hid = p.dtype.type, h.shape[2]
+    f, (B, _, hid) = p.dtype.type, h.shape
+    if not (p.size == m.size == v.size == B * (4 * hid + 2) and h.shape == (B, 2, hid) and dq.shape == (B, 2, 2)
+            and p.dtype == m.dtype == v.dtype == h.dtype == dq.dtype):
+        raise ValueError(f"dilemma_step: shapes {p.shape} {h.shape} {dq.shape} do not fit B={B}, H={hid}")
     _dilemma_step(p, m, v, h, dq, np.empty(4 * hid + 2, p.dtype), len(h), p.size - p.size % LANES[p.dtype],
                   p.dtype == np.float32, f(1), f(0), *adam_constants(step, lr, betas, eps, p.dtype))
 
