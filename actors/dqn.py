@@ -153,8 +153,8 @@ def compiled_matches_torch(dtype: str) -> bool:
     # compile (or load from numba's cache) the step kernels now, with the types DQNGroup passes, so no run's first
     # iteration pays for it
     sel = np.zeros((3, 2 * 2 + 2 + 1), f)  # one agent, one partner, two hidden units
-    selection_step(sel[0], sel[1], sel[2], np.zeros((1, 1), f), np.zeros((1, 2), f), np.zeros(1, np.int64), np.zeros(1, f), 1, 2, 1.0,
-                   1e-3, (0.9, 0.999), 1e-8)
+    selection_step(sel[0], sel[1], sel[2], np.zeros((1, 1), f), np.zeros((1, 2), f), np.zeros(1, np.int64),
+                   np.zeros(1, f), 1, 2, 1.0, 1e-3, (0.9, 0.999), 1e-8)
     dilemma_step(np.zeros(4 * 2 + 2, f), np.zeros(10, f), np.zeros(10, f), np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f),
                  1.0, 1e-3, (0.9, 0.999), 1e-8)
     return all(np.array_equal(a, b.numpy()) for a, b in zip(ours, theirs, strict=True))
