@@ -10,12 +10,14 @@ of that iteration's transitions; the buffers are then cleared.
 Why hand-written gradients: the nets are tiny, so per-operation overhead decides the speed. All B = R x G
 networks are stacked along a leading axis and every step is a handful of batched matmuls. Because the
 dilemma state is binary, Q_d is evaluated once per iteration on both states and every decision and TD target
-is a lookup. Adam is elementwise, so one fused Adam over the stacked tensors equals B separate optimisers.
+is a lookup. Adam is elementwise, so one fused Adam over the stacked tensors equals B separate optimisers; by
+default the gradients are computed inside that Adam pass (actors/dqn_fused.py, numba), with the same bits.
 tests/test_equivalence.py checks all of this against per-agent torch.nn modules with autograd.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actors.dqn_fused import adam_step, dilemma_step, selection_step
 from actors.egreedy import epsilon_choice, epsilon_reasons, greedy
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
@@ -40,6 +43,7 @@ class DQNConfig:
     learn_dilemma: bool = True  # False when the group is only a partner-selection head (LLM agents)
     dtype: str = "float32"  # "float64" for equivalence tests
     threads: int = 1  # torch intra-op threads; tiny matmuls gain nothing from more, and lose a lot when cores are shared
+    fused: bool = True  # gradients made inside the Adam step, one compiled pass (actors/dqn_fused.py); False: torch
 
     def __post_init__(self) -> None:
         check_positive("dqn", self, ("hidden", "lr", "threads"))
@@ -133,12 +137,36 @@ class FlatAdam:
             p.addcdiv_(m, denom, value=-self.lr / (1 - b1**n))
 
 
+@functools.cache
+def compiled_matches_torch(dtype: str) -> bool:
+    """Whether actors/dqn_fused.py's Adam gives torch._fused_adam_'s bits on this CPU (torch compiles its kernel per CPU
+    kind, and its compiler chose where to fuse multiply-adds). Checked once a process on random numbers, the scalar
+    tail included; where it differs, DQNGroup keeps the torch path."""
+    rng = np.random.default_rng(0)
+    f = np.float64 if dtype == "float64" else np.float32
+    p, g = rng.standard_normal(8 * 5 + 3).astype(f), (rng.standard_normal((4, 8 * 5 + 3)) * 1e-2).astype(f)
+    ours, opt = [p.copy(), np.zeros_like(p), np.zeros_like(p)], FlatAdam([torch.from_numpy(p.copy())], lr=1e-3)
+    for k, grad in enumerate(g, start=1):
+        opt.step([torch.from_numpy(grad)])
+        adam_step(ours[0], grad, ours[1], ours[2], float(k), opt.lr, opt.betas, opt.eps)
+    theirs = (opt.buffers[0], opt.exp_avg[0], opt.exp_avg_sq[0])
+    # compile (or load from numba's cache) the step kernels now, with the types DQNGroup passes, so no run's first
+    # iteration pays for it
+    sel = np.zeros((3, 2 * 2 + 2 + 1), f)  # one agent, one partner, two hidden units
+    selection_step(sel[0], sel[1], sel[2], np.zeros((1, 1), f), np.zeros((1, 2), f), np.zeros(1, np.int64),
+                   np.zeros(1, f), 1, 2, 1.0, 1e-3, (0.9, 0.999), 1e-8)
+    dilemma_step(np.zeros(4 * 2 + 2, f), np.zeros(10, f), np.zeros(10, f), np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f),
+                 1.0, 1e-3, (0.9, 0.999), 1e-8)
+    return all(np.array_equal(a, b.numpy()) for a, b in zip(ours, theirs, strict=True))
+
+
 class DQNGroup:
     """G DQN agents of a population, in R runs: B = R * G stacked networks, index b = run * G + member.
 
     Weights live in two flat buffers (selection, dilemma), laid out parameter by parameter so every
-    parameter is a contiguous (B, fan_in, fan_out) view; gradients are written into a twin buffer. In large
-    populations the selection gradients' twin holds one chunk of agents (GRAD_CHUNK_BYTES).
+    parameter is a contiguous (B, fan_in, fan_out) view. By default (DQNConfig.fused) each net's gradients are made
+    inside its Adam step (actors/dqn_fused.py) and never stored. The torch path writes them into a twin buffer; in
+    large populations the selection gradients' twin holds one chunk of agents (GRAD_CHUNK_BYTES).
     """
 
     learns = True
@@ -165,9 +193,10 @@ class DQNGroup:
         self.grads: dict[str, torch.Tensor] = {}  # (B, ...), or (chunk, ...) for the selection net
         self._flat: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._views: dict[str, tuple[int, int, tuple[int, ...]]] = {}  # offset, size, shape in the net's buffer
+        self._fused = config.fused and config.learn_selection and compiled_matches_torch(config.dtype)
         for net in ("sel", "dil"):
             names = [k for k in PARAM_NAMES if k.startswith(net)]
-            rows = self.chunk if net == "sel" else B
+            rows = 0 if self._fused else self.chunk if net == "sel" else B  # fused: no gradients held
             flat = torch.empty(sum(B * int(np.prod(shapes[k])) for k in names), dtype=self.dtype)
             gflat = torch.zeros(sum(rows * int(np.prod(shapes[k])) for k in names), dtype=self.dtype)
             offset = goffset = 0
@@ -226,27 +255,30 @@ class DQNGroup:
         return Decisions(epsilon_choice(reason, greedy(qtab[b, batch.state]), uniform_action(batch.u[:, 1])), reason)
 
     # -- learning -----------------------------------------------------------------------------------------
-    def _dilemma_grads(self, tr: Transitions) -> dict[str, float]:
-        """Dilemma net: mean squared TD error over each agent's k_b transitions of this iteration.
-
-        The TD errors are tiny (B, 2, 2) lookups, cheaper in numpy than as torch ops.
-        """
+    def _dilemma_targets(self, tr: Transitions) -> tuple[np.ndarray, dict[str, float]]:
+        """Dilemma net: mean squared TD error over each agent's k_b transitions of this iteration; (B, 2, 2) dL/dQ as
+        [state, action]. The TD errors are tiny (B, 2, 2) lookups, cheaper in numpy than as torch ops."""
         assert self._qd is not None, "learn() before act() in this iteration"
-        p, g, gamma, B = self.params, self.grads, self.cfg.gamma, self.R * self.G
-        h, q = self._qd
+        gamma, B = self.cfg.gamma, self.R * self.G
+        q = self._qd[1]
         b = tr.run * self.G + tr.member
         s, a = tr.state.astype(np.int64), tr.action.astype(np.int64)
         td = q[b, s, a] - (tr.reward + gamma * q[b, tr.next_state].max(axis=-1))
         k = np.bincount(b, minlength=B)
-        dq_np = np.zeros(q.shape, dtype=self.np_dtype)
-        np.add.at(dq_np, (b, s, a), 2.0 * td / k[b])  # dL/dQ
+        dq = np.zeros(q.shape, dtype=self.np_dtype)
+        np.add.at(dq, (b, s, a), 2.0 * td / k[b])  # dL/dQ
+        return dq, {"dilemma_td2": float(np.mean(td * td))}
+
+    def _dilemma_grads(self, dq_np: np.ndarray) -> None:
+        """The torch path: the dilemma gradients into their buffer."""
+        assert self._qd is not None
+        p, g, h = self.params, self.grads, self._qd[0]
         dq = torch.from_numpy(dq_np)
         torch.bmm(h.transpose(1, 2), dq, out=g["dil_w2"])
         torch.sum(dq, dim=1, keepdim=True, out=g["dil_b2"])
         dpre = torch.bmm(dq, p["dil_w2"].transpose(1, 2)).mul_(h.sign())  # (B, 2, H); sign(h) = 1.0 where h > 0, else 0.0
         g["dil_w1"].copy_(dpre[:, 1:2, :])  # the input is s: 0 for row 0, 1 for row 1
         torch.sum(dpre, dim=1, keepdim=True, out=g["dil_b1"])
-        return {"dilemma_td2": float(np.mean(td * td))}
 
     def _selection_targets(self, tr: Transitions) -> tuple[np.ndarray, np.ndarray, float]:
         """Selection net: one transition per agent (the partner it chose), so dL/dQ is one-hot: (B,) 2 * td at the
@@ -279,6 +311,29 @@ class DQNGroup:
         g["sel_b1"].copy_(dpre_s[:, None, :])
         dq_np[rows, choice[b0:b1]] = 0
 
+    def _dilemma_update(self) -> None:
+        """The dilemma net's Adam update on its gradient buffer, inside opt.stepping(), when the selection net's
+        step is made apart."""
+        if "dil" in self._trained:
+            opt, d = self.opt, self._trained.index("dil")
+            opt.update([opt.buffers[d]], [self._flat["dil"][1]], [opt.exp_avg[d]], [opt.exp_avg_sq[d]], [opt.steps[d]])
+
+    def _fused_step(self, dq_dil: np.ndarray | None, dq_row: np.ndarray, choice: np.ndarray) -> None:
+        """Each net's gradients and Adam update in one compiled pass (actors/dqn_fused.py)."""
+        opt, B, hid = self.opt, self.R * self.G, self.cfg.hidden
+        assert self._sel_cache is not None
+        x, h = self._sel_cache[0].numpy(), self._sel_cache[1].numpy()
+        sel = self._trained.index("sel")
+        with opt.stepping():
+            if dq_dil is not None:
+                assert self._qd is not None
+                d = self._trained.index("dil")
+                dilemma_step(opt.buffers[d].numpy(), opt.exp_avg[d].numpy(), opt.exp_avg_sq[d].numpy(),
+                             self._qd[0].numpy(), dq_dil, float(opt.steps[d]), opt.lr, opt.betas, opt.eps)
+            selection_step(opt.buffers[sel].numpy(), opt.exp_avg[sel].numpy(), opt.exp_avg_sq[sel].numpy(),
+                           x.reshape(B, self.n_others), h.reshape(B, hid), choice, dq_row, self.n_others, hid,
+                           float(opt.steps[sel]), opt.lr, opt.betas, opt.eps)
+
     def _chunked_step(self, dq_row: np.ndarray, choice: np.ndarray) -> None:
         """Adam for a population too large for all selection gradients at once: the dilemma net in one call, then
         chunk by chunk the selection gradients and their Adam step (before the next chunk overwrites them)."""
@@ -286,10 +341,7 @@ class DQNGroup:
         sel = self._trained.index("sel")
         m, v, step = opt.exp_avg[sel], opt.exp_avg_sq[sel], opt.steps[sel]
         with opt.stepping():
-            if "dil" in self._trained:
-                d = self._trained.index("dil")
-                opt.update([opt.buffers[d]], [self._flat["dil"][1]], [opt.exp_avg[d]], [opt.exp_avg_sq[d]],
-                           [opt.steps[d]])
+            self._dilemma_update()
             for b0 in range(0, B, self.chunk):
                 b1 = min(B, b0 + self.chunk)
                 self._selection_grads(dq_row, choice, b0, b1)
@@ -300,13 +352,19 @@ class DQNGroup:
 
     def learn(self, tr: Transitions) -> dict[str, float]:
         stats: dict[str, float] = {}
+        dq_dil = None
         if self.cfg.learn_dilemma:
-            stats.update(self._dilemma_grads(tr))
+            dq_dil, dil_stats = self._dilemma_targets(tr)
+            stats.update(dil_stats)
+            if not self._fused:
+                self._dilemma_grads(dq_dil)
         if not self.cfg.learn_selection:
             self.opt.step(self._grad_buffers)
         else:
             dq_row, choice, stats["selection_td2"] = self._selection_targets(tr)
-            if self.chunk >= self.R * self.G:
+            if self._fused:
+                self._fused_step(dq_dil, dq_row, choice)
+            elif self.chunk >= self.R * self.G:
                 self._selection_grads(dq_row, choice, 0, self.R * self.G)
                 self.opt.step(self._grad_buffers)
             else:

@@ -11,6 +11,9 @@ import numpy as np
 
 from simulator.contracts import Reason
 
+# as numpy scalars once: converting the IntEnum members on every call costs more than the comparisons
+_FIRST, _EXPLORE, _GREEDY = np.int8(Reason.FIRST), np.int8(Reason.EXPLORE), np.int8(Reason.GREEDY)
+
 
 def greedy(q: np.ndarray) -> np.ndarray:
     """argmax over the last axis; ties go to the lowest index."""
@@ -20,10 +23,10 @@ def greedy(q: np.ndarray) -> np.ndarray:
 def epsilon_reasons(iteration: int, explore_coin: np.ndarray, eps: float) -> np.ndarray:
     """int8 Reason per decision: FIRST at iteration 0, EXPLORE where explore_coin < eps, GREEDY elsewhere."""
     if iteration == 0:
-        return np.full(explore_coin.shape, Reason.FIRST, dtype=np.int8)
-    return np.where(explore_coin < eps, np.int8(Reason.EXPLORE), np.int8(Reason.GREEDY))
+        return np.full(explore_coin.shape, _FIRST, dtype=np.int8)
+    return np.where(explore_coin < eps, _EXPLORE, _GREEDY)
 
 
 def epsilon_choice(reason: np.ndarray, greedy_choice: np.ndarray, random_choice: np.ndarray) -> np.ndarray:
     """The greedy choice where the reason is GREEDY, the random one elsewhere."""
-    return np.where(reason == Reason.GREEDY, greedy_choice, random_choice)
+    return np.where(reason == _GREEDY, greedy_choice, random_choice)

@@ -92,7 +92,10 @@ def main() -> None:
                 clock.wrap(g, "select", "selection forward")
                 clock.wrap(g, "act", "dilemma forward")
                 clock.wrap(g, "learn", "gradients")
-                clock.wrap(g.opt, "update" if hasattr(g.opt, "update") else "step", "Adam")  # the kernel calls
+                if getattr(g, "_fused", False):  # the selection gradients are made inside the fused Adam pass
+                    clock.wrap(g, "_fused_step", "Adam")
+                else:
+                    clock.wrap(g.opt, "update" if hasattr(g.opt, "update") else "step", "Adam")  # the kernel calls
             elif not g.learns:
                 for name in ("select", "act", "end_iteration"):
                     clock.wrap(g, name, "static strategies")

@@ -8,20 +8,27 @@ iterations. The sweep's estimate is that start-up once plus 86.4M games at that 
 about 200 days.
 
     python benchmarks/sweep_estimate.py --iterations 3000     # last line: sweep_hours=<n>
-    python benchmarks/interleaved.py --rounds 3 /path/to/base . -- benchmarks/sweep_estimate.py --figure games_per_s
+    python benchmarks/interleaved.py --rounds 3 --figure games_per_s /path/to/base . -- benchmarks/sweep_estimate.py
+
+With interleaved.py this script runs against another checkout's code (MORALSIM_SRC), back to 2f15ff0, whose
+build_groups still took the agent settings apart: both checkouts are then measured by the same rule.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.environ.get("MORALSIM_SRC") or str(Path(__file__).resolve().parents[1]))  # see interleaved.py
 
+import scenarios.factory
 from scenarios.factory import build_groups
 from simulator.config import RunConfig
 from simulator.driver import run_sweep
@@ -44,7 +51,10 @@ def main() -> None:
             import ray
 
             ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
-        done = run_sweep(cfg, build_groups, backend=args.backend,
+        factory: Any = build_groups
+        if "settings" in inspect.signature(build_groups).parameters:  # before the resolved RunConfig (2f15ff0)
+            factory = partial(build_groups, settings=scenarios.factory.AgentSettings())  # type: ignore[attr-defined,call-arg]
+        done = run_sweep(cfg, factory, backend=args.backend,
                          num_cpus=args.num_cpus, show_progress=False)
         dt = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))

@@ -2,9 +2,9 @@
 
 What grows with the population size N (per batch of R runs stacked in one engine, S games an iteration):
     partner selection   every agent sees the other N-1: the engine's (N, N-1) index, (R, N, N-1) states a step
-    DQN networks        per agent a selection net (N-1) -> H -> (N-1): about 2 (N-1) H floats, held four times
-                        (weights, gradients, two Adam moments); so R N^2 H * 32 bytes in all, the term that
-                        makes '2000xS' need hundreds of GiB
+    DQN networks        per agent a selection net (N-1) -> H -> (N-1): about 2 (N-1) H floats, held three times
+                        (weights, two Adam moments; the torch path, DQNConfig(fused=False), adds the gradients):
+                        so R N^2 H * 24 bytes in all, the term that makes '2000xS' need hundreds of GiB
     tabular Q tables    one row of N-1 values per visited selection state, up to min(iterations, 2^(N-1)) an agent
     record buffer       flush_rows rows per run (at least one iteration, N rows), plus one run's copy at a flush
     random numbers      256 iterations of (N, 7) uniforms per run
@@ -95,8 +95,10 @@ def estimate_batch(cfg: RunConfig, runs: int, hidden: int = 256) -> MemoryEstima
         B = R * kinds["dqn"]
         sel, dil = 2 * n * hidden + hidden + n, 4 * hidden + 2
         copies = 2 if cfg.random_matching else 3  # weights and gradients; trained: weights and two Adam moments
-        parts["DQN networks"] = 4 * B * (copies * sel + 4 * dil + 3 * n + 2 * hidden)
-        if not cfg.random_matching:  # the selection gradients: whole, or one chunk of agents at a time (actors/dqn.py)
+        # DQNConfig.fused (the default): gradients are made inside the Adam step (actors/dqn_fused.py), none held
+        fused = getattr(getattr(cfg.agents, "dqn", None), "fused", True) and not cfg.random_matching
+        parts["DQN networks"] = 4 * B * (copies * sel + (3 if fused else 4) * dil + 3 * n + 2 * hidden)
+        if not (cfg.random_matching or fused):  # selection gradients: whole, or one chunk of agents at a time
             whole = 4 * B * sel
             parts["DQN selection gradients"] = min(whole, DQN_GRAD_CHUNK_BYTES) if B % 16 == 0 else whole
     if kinds["tabularQ"] and not cfg.random_matching:

@@ -179,7 +179,7 @@ def test_cli_population_too_large_for_memory_states_estimate_and_memory(tmp_path
 def test_memory_estimate_refuses_and_advises():
     cfg = RunConfig("300xS", num_runs=1)
     est = estimate_batch(cfg, 1)
-    assert 0.5 * GiB < est.parts["DQN networks"] < 1 * GiB  # 300 x (2 x 299 x 256) floats, four copies
+    assert 0.5 * GiB < est.parts["DQN networks"] < 1 * GiB  # 300 x (2 x 299 x 256) floats, three copies
     with pytest.raises(ConfigError, match=r"needs about .* more than this machine has: 0.5 GiB in all, 0.4 GiB "
                                           r"available now\. Use a smaller population"):
         check_run_memory([cfg], backend="inline", memory=(GiB // 2, 2 * GiB // 5))

@@ -10,6 +10,7 @@ from polars.testing import assert_frame_equal
 from actors.dqn import DQNConfig
 from scenarios.run import with_agents
 from simulator.config import RunConfig
+from simulator.contracts import Reason
 from simulator.games import GAMES
 from tests.helpers import engine_records, reference_frame
 from tests.reference import reference_run
@@ -104,6 +105,7 @@ def test_selection_gradients_in_chunks_give_the_same_weights(tmp_path, monkeypat
         actions = [engine.step().selector_action for _ in range(30)]
         return engine.groups[0], actions
 
+    cfg = with_agents(cfg, dqn=DQNConfig(fused=False))  # the torch path: the fused step holds no gradients at all
     whole, whole_actions = run()
     monkeypatch.setattr(actors.dqn, "GRAD_CHUNK_BYTES", 1)  # the smallest chunk: CHUNK_AGENTS agents
     chunked, chunked_actions = run()
@@ -112,3 +114,56 @@ def test_selection_gradients_in_chunks_give_the_same_weights(tmp_path, monkeypat
     for name, t in whole.params.items():
         assert torch.equal(t, chunked.params[name]), name
     assert all(np.array_equal(a, b) for a, b in zip(whole_actions, chunked_actions, strict=True))
+
+
+def _dqn_engines(cfg: RunConfig, runs: list[int], iterations: int, **dqn: object) -> tuple[list[object], list[object]]:
+    """Every DQN group of an engine after `iterations` steps, and every iteration's records."""
+    from scenarios.factory import build_groups
+    from simulator.driver import build_engine
+
+    engine, _ = build_engine(with_agents(cfg, dqn=DQNConfig(**dqn)), runs, build_groups)  # type: ignore[arg-type]
+    records = [engine.step() for _ in range(iterations)]
+    return [g for g in engine.groups if hasattr(g, "opt")], records
+
+
+def _assert_same_bits(fast: list[object], plain: list[object]) -> None:
+    assert fast and len(fast) == len(plain)
+    for f, p in zip(fast, plain, strict=True):
+        for name, t in p.params.items():
+            assert torch.equal(t, f.params[name]), name
+        for k in range(len(p.opt.buffers)):
+            assert torch.equal(p.opt.exp_avg[k], f.opt.exp_avg[k]) and torch.equal(p.opt.exp_avg_sq[k], f.opt.exp_avg_sq[k])
+
+
+@pytest.mark.parametrize(("pop", "runs", "iterations", "dtype"), [
+    ("8xS_1xUT_1xaUT_1xDE_1xmDE_1xVEe_1xVie_1xVEk_1xVagg", 2, 900, "float32"),  # the sweep's; past ~800: denormals
+    ("2xS_1xUT_1xaUT_1xDE_1xTFT_1xAD", 3, 200, "float32"),  # 15 agents x 6 partners: Adam's scalar tail (90 % 8)
+    ("2xS_1xUT_1xaUT_1xDE_1xTFT_1xAD", 3, 200, "float64"),
+    ("1xUT_1xDE", 1, 200, "float32"),  # one partner
+])
+def test_fused_selection_step_equals_the_torch_path(tmp_path, pop, runs, iterations, dtype):
+    """actors/dqn_fused.py computes the selection gradients inside the Adam step; the torch path (gradients into a
+    buffer, then torch._fused_adam_) is its plain reference. Weights, Adam moments and records: the same bits."""
+    cfg = RunConfig(pop, num_iterations=iterations, num_runs=runs, seed=9, output=tmp_path)
+    fast, fast_rec = _dqn_engines(cfg, list(range(runs)), iterations, dtype=dtype, fused=True)
+    plain, plain_rec = _dqn_engines(cfg, list(range(runs)), iterations, dtype=dtype, fused=False)
+    assert fast[0]._fused and not plain[0]._fused  # type: ignore[attr-defined]
+    _assert_same_bits(fast, plain)
+    for a, b in zip(fast_rec, plain_rec, strict=True):
+        for col in ("selected", "selector_action", "selected_action", "selection_reason"):
+            assert np.array_equal(getattr(a, col), getattr(b, col)), col
+    greedy = sum(int((r.selection_reason == Reason.GREEDY).sum()) for r in fast_rec)
+    assert greedy > 0, "no greedy selection: the selection nets were never used"
+
+
+def test_fused_selection_step_equals_the_chunked_torch_path(tmp_path, monkeypatch):
+    """Where the torch path takes the selection gradients chunk by chunk (large populations), the fused step, which
+    holds none, still gives the same bits."""
+    import actors.dqn
+
+    cfg = RunConfig("2xS_1xUT_1xaUT_1xDE_1xmDE_1xVEe_1xVie", num_iterations=40, num_runs=4, seed=5, output=tmp_path)
+    fast, _ = _dqn_engines(cfg, [0, 1, 2, 3], 40, fused=True)
+    monkeypatch.setattr(actors.dqn, "GRAD_CHUNK_BYTES", 1)
+    chunked, _ = _dqn_engines(cfg, [0, 1, 2, 3], 40, fused=False)
+    assert chunked[0].chunk == actors.dqn.CHUNK_AGENTS < 32  # type: ignore[attr-defined]
+    _assert_same_bits(fast, chunked)
