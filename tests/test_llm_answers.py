@@ -196,7 +196,7 @@ def test_mask_mode_logprobs_are_the_learners_masked_logprobs(tiny_model_path):
     prompts = [P.game_prompt_ids(group.tokenizer, GAMES["IPD"], A12, Action.C, Action.D, np.random.default_rng(k))
                for k in range(4)]
     run = group.runs[0]
-    results, scores = group._masked([0] * 4, prompts, [run.trie] * 4, [run.answers] * 4)
+    results, scores = group.rollouts.masked([0] * 4, prompts, [run.trie] * 4, [run.answers] * 4)
     p_c = np.array([legal_share(sum(s[0]), sum(s[1])) for s in scores])
     learner = group.learners.learners[group.names[0]]  # type: ignore[attr-defined]
     for prompt, res in zip(prompts, results, strict=True):
