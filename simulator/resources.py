@@ -98,6 +98,8 @@ def estimate_batch(cfg: RunConfig, runs: int, hidden: int = 256) -> MemoryEstima
         # DQNConfig.fused (the default): gradients are made inside the Adam step (actors/dqn_fused.py), none held
         fused = getattr(getattr(cfg.agents, "dqn", None), "fused", True) and not cfg.random_matching
         parts["DQN networks"] = 4 * B * (copies * sel + (3 if fused else 4) * dil + 3 * n + 2 * hidden)
+        if fused:  # LLVM's memory while numba compiles the fused kernels, once per process (less from numba's cache)
+            parts["compiled DQN kernels"] = NUMBA_JIT_BYTES
         if not (cfg.random_matching or fused):  # selection gradients: whole, or one chunk of agents at a time
             whole = 4 * B * sel
             parts["DQN selection gradients"] = min(whole, DQN_GRAD_CHUNK_BYTES) if B % 16 == 0 else whole
@@ -129,6 +131,10 @@ def machine_memory() -> tuple[int, int]:
     except (OSError, ValueError, IndexError):
         pass
     return total, available
+
+
+NUMBA_JIT_BYTES = 128 * 2**20  # measured: a fresh checkout's first DQN group grew its process by ~130 MiB more than
+# its arrays (tests/test_cli_hardening.py, test_memory_estimate_matches_what_a_run_allocates)
 
 
 def stack_workers(cfg: RunConfig, workers: int) -> int:
