@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 
 from analysis.llm_compare import LLMRun
 from analysis.metrics import across_runs, episode_bin
-from analysis.plots import band, colour_map, rate_axis
+from analysis.plots import _grid, band, colour_map, rate_axis
 from simulator.errors import MoralsimError
 from simulator.population import parse_population
 
@@ -164,12 +164,7 @@ def plot_two_learners(outcomes: pl.DataFrame, rates: pl.DataFrame, runs: Mapping
     groups = info.filter(pl.col("group").is_in(outcomes["dataset"].unique().to_list()))
     order = _ordered(groups["reward"].to_list(), REWARD_ORDER)
     panels = [g for r in order for g in groups.filter(pl.col("reward") == r)["group"].to_list()]
-    cols = min(3, len(panels))
-    nrows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.6 * cols + 1.4, 3.4 * nrows), layout="constrained")
-    axes = np.asarray(fig.subplots(nrows, cols, squeeze=False)).ravel()
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
+    fig, axes = _grid(len(panels), 4.6, 3.4, max_cols=3, legend_width=1.4)
     for ax, group in zip(axes, panels, strict=False):
         for outcome in OUTCOMES:
             p = outcomes.filter((pl.col("dataset") == group) & (pl.col("outcome") == outcome)).drop_nulls("mean")
@@ -197,12 +192,7 @@ def plot_phased(rates: pl.DataFrame, runs: Mapping[str, LLMRun], bin_size: int =
     info = {r.dataset: describe(r) for r in runs.values()}
     groups.sort(key=lambda g: (KINDS.index(info[g]["kind"]), _ordered([info[g]["opponent"]], OPPONENT_ORDER)[0],
                                info[g]["reward"]))
-    cols = min(3, len(groups))
-    nrows = -(-len(groups) // cols)
-    fig = Figure(figsize=(4.6 * cols + 1.4, 3.4 * nrows), layout="constrained")
-    axes = np.asarray(fig.subplots(nrows, cols, squeeze=False)).ravel()
-    for ax in axes[len(groups):]:
-        ax.set_visible(False)
+    fig, axes = _grid(len(groups), 4.6, 3.4, max_cols=3, legend_width=1.4)
     for ax, group in zip(axes, groups, strict=False):
         for metric, colour, style, label in (("cooperation_rate", "#1f77b4", "-", "cooperation (legal answers)"),
                                              ("illegal_rate", "#7f7f7f", ":", "illegal-answer rate")):

@@ -81,10 +81,13 @@ def band(ax: Axes, df: pl.DataFrame, label: str, colour: str | None = None, line
         ax.fill_between(x, lo.astype(float), hi.astype(float), color=line.get_color(), alpha=0.2, linewidth=0)
 
 
-def _grid(n: int, width: float = 4.2, height: float = 3.0) -> tuple[Figure, list[Axes]]:
-    cols = min(n, 3) if n <= 9 else min(n, 5)
+def _grid(n: int, width: float = 4.2, height: float = 3.0, max_cols: int | None = None,
+          legend_width: float = 0.0) -> tuple[Figure, list[Axes]]:
+    """n panels of width x height, 3 columns (5 beyond 9 panels, or at most max_cols), plus legend_width for a
+    legend outside the panels; the unused cells hidden."""
+    cols = min(n, max_cols) if max_cols else (min(n, 3) if n <= 9 else min(n, 5))
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    fig = Figure(figsize=(width * cols + legend_width, height * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
