@@ -143,6 +143,17 @@ def make_engine(
     raise ConfigError(f"unknown LLM engine {kind!r}; valid: {', '.join(ENGINE_KINDS)}")
 
 
+def common_prefix(seqs: Sequence[Sequence[int]], limit: int) -> int:
+    """Tokens that every sequence starts with, at most `limit`."""
+    first, n = seqs[0], limit
+    for q in seqs[1:]:
+        k = 0
+        while k < n and q[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
 def check_fresh(results: Sequence[GenerationResult], latest: Mapping[str, int]) -> None:
     """Raise StaleAdapterError if any result was produced by an adapter older than `latest[adapter]`.
 

@@ -33,7 +33,15 @@ from typing import Any
 import torch
 
 from actors.llm.answers import eos_token_ids
-from actors.llm.engine import BASE_ADAPTER, BASE_VERSION, AdapterWeights, GenerationRequest, GenerationResult, check_version
+from actors.llm.engine import (
+    BASE_ADAPTER,
+    BASE_VERSION,
+    AdapterWeights,
+    GenerationRequest,
+    GenerationResult,
+    check_version,
+    common_prefix,
+)
 from simulator.errors import UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -41,17 +49,6 @@ logger = logging.getLogger(__name__)
 SHARED_KV_TOKENS = 8192  # tokens of KV cache a shared-prompt scoring group may copy (SmolLM2-135M: ~46 KB each)
 PREFIX_MIN_TOKENS = 16  # a shorter shared head is not worth a cached forward of its own
 PREFIX_KV_BYTES = 512 * 2**20  # cached prompt heads, all adapters together (SmolLM2-135M: ~4 MB per 90-token head)
-
-
-def common_prefix(seqs: Sequence[Sequence[int]], limit: int) -> int:
-    """Tokens that every sequence starts with, at most `limit`."""
-    first, n = seqs[0], limit
-    for q in seqs[1:]:
-        k = 0
-        while k < n and q[k] == first[k]:
-            k += 1
-        n = k
-    return n
 
 
 class PrefixCache:

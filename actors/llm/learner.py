@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from actors.llm.config import PPOConfig
-from actors.llm.engine import AdapterWeights
+from actors.llm.engine import AdapterWeights, common_prefix
 from actors.llm.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -101,14 +101,6 @@ def _allowed_mask(allowed: Sequence[Sequence[Sequence[int]] | None], b: int, wid
 REFERENCE_HEAD_MIN = 16  # tokens a cached reference head must share with a batch's head to be used
 REFERENCE_HEADS = 8  # reference heads a host keeps (SmolLM2-135M: ~4 MB per 90-token head)
 REFERENCE_MEMO = 100_000  # reference log pi rows a host keeps (a few tokens each)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    k = 0
-    while k < n and a[k] == b[k]:
-        k += 1
-    return k
 
 
 def _to_cpu(x: Any) -> Any:
@@ -272,13 +264,7 @@ class PPOLearner:
     def _shared_prefix(queries: Sequence[Sequence[int]]) -> int:
         """Tokens every query starts with, leaving each query at least one token of its own (the position that
         predicts its first answer token must be in the suffix); 0 when there is nothing worth sharing."""
-        first = queries[0]
-        n = min(len(q) for q in queries) - 1
-        for q in queries[1:]:
-            k = 0
-            while k < n and q[k] == first[k]:
-                k += 1
-            n = k
+        n = common_prefix(queries, min(len(q) for q in queries) - 1)
         return n if n >= 8 and len(queries) > 1 else 0
 
     def _prefix_cache(self, prefix: Sequence[int], rows: int) -> Any:
@@ -298,7 +284,7 @@ class PPOLearner:
         heads = self.host.reference_heads
         best, kv = 0, None
         for head, head_kv in heads:
-            k = _common_prefix(head, prefix)
+            k = common_prefix([head, prefix], min(len(head), len(prefix)))
             if k > best:
                 best, kv = k, head_kv
         if best < REFERENCE_HEAD_MIN or kv is None:
