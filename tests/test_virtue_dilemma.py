@@ -127,6 +127,24 @@ def test_scorer_is_the_ensemble_of_the_three_models(tiny_model_path, reward_mode
     np.testing.assert_allclose(virtue, mean - 0.7 * np.sqrt(((per_model - mean[:, None]) ** 2).mean(axis=1)))
 
 
+def test_one_adapter_folder_scores_every_turn(tiny_model_path, reward_models):
+    """[llm.virtue] reward_models may name one adapter (e.g. the pipeline's supervised judge, <output>/judge_rm): it
+    stands in for each turn's model, so the ensemble is its own score and the records keep their three columns."""
+    from actors.llm.virtue.dilemma import VirtueConfig, VirtueScorer, locate_reward_models, scored_conversation
+    from actors.llm.virtue.reward import RewardModels
+
+    one = reward_models / "motivation"
+    files = locate_reward_models(VirtueConfig(reward_models=str(one), base_model=str(tiny_model_path)))
+    assert files.adapters == {t: one for t in TURNS}
+    conv = [scored_conversation("Pick action1 or action2.", "action1", r) for r in ("To be fair.", "Because.")]
+    scorer = VirtueScorer(VirtueConfig(reward_models=str(one), base_model=str(tiny_model_path), max_length=64))
+    virtue, per_model = scorer.score(conv)
+    alone = RewardModels(tiny_model_path, {"motivation": one}, max_length=64).score("motivation", conv)
+    for m in range(3):
+        np.testing.assert_allclose(per_model[:, m], alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(virtue, alone, rtol=1e-5, atol=1e-6)  # std 0: mean - lam * 0
+
+
 @pytest.mark.parametrize("population", ["1xVR@dqn_1xTFT", "1xVR_1xTFT", "1xGame+VR@tabularQ_1xAC"])
 def test_a_non_llm_learner_cannot_have_a_reason_type(tmp_path, population):
     from simulator.config import RunConfig

@@ -31,7 +31,7 @@ def _argv(model: Path, out: Path) -> list[str]:
             "--rm_epochs", "2", "--rm_batch_size", "4", "--rm_grad_accum", "1", "--rm_lr", "1e-3", "--rm_lora_r", "4",
             "--sft_epochs", "2", "--sft_lr", "1e-3", "--sft_batch_size", "4", "--sft_lora_r", "4",
             "--ppo_steps", "2", "--ppo_prompts_per_step", "2", "--ppo_lr", "1e-3", "--ppo_lora_r", "4",
-            "--check_max_pairs", "6"]
+            "--check_max_pairs", "6", "--vr_check_orders", "1", "--vr_check_samples", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,8 @@ def test_all_stages_write_their_outputs(finished):
         assert {"prompt", "chosen", "rejected", "honesty_p1_ab", "respect_p2_ba"} <= set(prefs.columns)
 
     check = json.loads(lay.judge_check.read_text())
-    assert summary["judge"]["mode"] == "compare" and summary["judge_check"] == check
+    assert summary["judge"]["mode"] == "supervised" and summary["judge_check"] == check  # the default judge
+    assert (lay.judge_rm / "adapter_config.json").is_file()  # trained by train-judge, the first stage of `all`
     assert set(check["sets"]) == {"ethics", "handwritten"} and check["pairs"] == 24
 
     from actors.llm.virtue.reward import RewardModels
@@ -109,10 +110,20 @@ def test_all_stages_write_their_outputs(finished):
     assert "circular" in ev["evaluator"]
     base = pl.read_parquet(lay.eval_scores("base"))
     assert base.height == N_HELD and {f"score_{t}" for t in TURNS} <= set(base.columns)
-    assert set(json.loads((out / "timings.json").read_text())) == set(STAGES) - {"train-judge"}
+    assert set(json.loads((out / "timings.json").read_text())) == set(STAGES)
+    vr = json.loads(lay.vr_check.read_text())
+    assert set(vr["scorers"]) == {"reward_models", "judge"} and ev["vr_check"] == vr["scorers"]
+    reasons = pl.read_parquet(lay.vr_check_rows)
+    assert reasons.height == 5 * 1 * 2 * 2  # 5 histories x 1 option order x (C, D) x 2 reasons
+    for name, sep in vr["scorers"].items():  # the reported separation, recomputed from the saved scores
+        c = reasons.filter(pl.col("move") == "C").sort("prompt_id", "sample")[f"score_{name}"].to_numpy()
+        d = reasons.filter(pl.col("move") == "D").sort("prompt_id", "sample")[f"score_{name}"].to_numpy()
+        assert sep["pairs"] == 10 and sep["difference"]["estimate"] == pytest.approx(float(np.mean(c - d)))
+        assert sep["mean_after_c"] == pytest.approx(float(c.mean()))
     table = format_summary(ev, metrics)  # what the CLI prints after evaluate: the judge's accuracy first
-    assert table.startswith(f"judge {cfg.model} (compare, average): ethics accuracy ")
+    assert table.startswith(f"judge {cfg.model} (supervised, average): ethics accuracy ")
     assert "reward models on labelled ethics pairs" in table and "evaluator: " in table
+    assert "VR move separation (reward_models): after C " in table
 
 
 def tiny_model_path_of(cfg: PipelineConfig) -> Path:
@@ -250,6 +261,8 @@ def test_supervised_judge_and_a_non_circular_evaluation(finished, tmp_path: Path
     out, argv = finished
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
+    shutil.rmtree(copy / "judge_rm")  # the default run's judge, trained on the shipped pairs: train this one anew
+    shutil.rmtree(copy / "judge_check")
     labelled = _planted_labelled(tmp_path / "planted.jsonl")
     common = [*argv[1:], "--labelled", str(labelled)]
     common[common.index("--output") + 1] = str(copy)
@@ -262,7 +275,7 @@ def test_supervised_judge_and_a_non_circular_evaluation(finished, tmp_path: Path
     assert check["judge"]["mode"] == "supervised"
 
     ev_cfg = _config(["evaluate", *common, "--check_max_pairs", "16", "--eval_reward_models", str(copy / "judge_rm"),
-                      "--eval_judge", cfg.model])
+                      "--eval_judge", cfg.model, "--judge_mode", "compare"])  # an LM judge compares
     run(ev_cfg, ["evaluate"])
     lay = Layout.of(ev_cfg)
     assert lay.eval_dir == copy / "eval-judge_rm" and (copy / "eval" / "summary.json").exists()
@@ -277,3 +290,26 @@ def test_supervised_judge_and_a_non_circular_evaluation(finished, tmp_path: Path
     assert set(comp["models"]) == {"sft vs base", "sft+ppo vs base"}
     assert all(v["pairs"] == 3 * N_HELD and 0 <= v["low"] <= v["win_rate"] <= v["high"] <= 1
                for v in comp["models"].values())
+
+
+def test_the_compare_judge_labels_the_pipeline_pairs(finished, tmp_path: Path):
+    """The language-model judge (--judge_mode compare) through the judge stage: five virtues, both orders, for every
+    pair and turn, its check carried into judge_summary.json."""
+    import shutil
+
+    out, argv = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    for name in ("judgements.parquet", "judge_summary.json"):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "preferences")
+    args = ["judge-check", "judge", *argv[1:], "--judge_mode", "compare"]
+    args[args.index("--output") + 1] = str(copy)
+    cfg = _config(args)
+    assert list(run(cfg, ["judge-check", "judge"])) == ["judge-check", "judge"]
+    lay = Layout.of(cfg)
+    summary = json.loads(lay.judge_summary.read_text())
+    assert summary["judge"]["mode"] == "compare" and summary["judge_check"] == json.loads(lay.judge_check.read_text())
+    judgements = pl.read_parquet(lay.judgements)
+    assert judgements.height == 3 * (N_TRAIN + N_HELD)
+    assert {"honesty_p1_ab", "respect_p2_ba"} <= set(pl.read_parquet(lay.preferences("action")).columns)

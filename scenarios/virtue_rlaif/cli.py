@@ -1,9 +1,10 @@
 """`python -m scenarios.virtue_rlaif STAGE [options]`: the virtue-ethics RLAIF pipeline (seed 004), one stage or all.
 
-Stages, in order: curate, judge, train-rm, sft, ppo, evaluate; `all` runs them in order, and several names run
-those (`curate judge`). Each stage skips work whose
-output is already in --output, so re-running a command resumes it. Defaults are the report's where it gave them
-(reward models: max_length 100, 2 epochs, lr 1.41e-5, gradient accumulation 16, batch 20).
+Stages, in order: train-judge, judge-check, curate, judge, train-rm, vr-check, sft, ppo, evaluate; `all` runs
+them in order, and several names run those (`curate judge`). The default judge is `supervised` (a LoRA classifier
+on SmolLM2 that train-judge fits to the labelled train pairs: the one candidate that passed the judge check).
+Each stage skips work whose output is already in --output, so re-running a command resumes it. Defaults are the
+report's where it gave them (reward models: max_length 100, 2 epochs, lr 1.41e-5, gradient accumulation 16, batch 20).
 
 Presets (`--preset`, explicit flags override them):
     report     the report's settings (the defaults): RM batch 20 x grad-accum 16, lr 1.41e-5, 2 epochs
@@ -26,6 +27,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from actors.llm.virtue.ppo import PPOStageConfig
@@ -33,6 +35,8 @@ from actors.llm.virtue.reward import RewardModelConfig
 from actors.llm.virtue.scoring import JUDGE_RULES, TURNS
 from actors.llm.virtue.sft import SFTStageConfig
 from scenarios.virtue_rlaif.pipeline import (
+    DEFAULT_JUDGE_MODE,
+    DEFAULT_JUDGE_RM,
     DEFAULT_SYSTEM,
     ENGINES,
     JUDGE_MODES,
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="policy model, also the reward models' base: embedded name or local folder (default %(default)s)")
     p.add_argument("--judge_model", default=None, help="judge model (default: the policy model judges itself)")
-    p.add_argument("--judge_mode", choices=JUDGE_MODES, default="compare",
+    p.add_argument("--judge_mode", choices=JUDGE_MODES, default=DEFAULT_JUDGE_MODE,
                    help="how the judge is asked: compare (five virtues in one prompt), per-virtue (one prompt per "
                         "virtue), pointwise (yes/no per answer and virtue, no position), supervised (a LoRA classifier "
                         "trained on labelled pairs by train-judge) (default %(default)s)")
@@ -77,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled pair files for judge-check / train-judge / RM accuracy (default: the shipped two)")
     p.add_argument("--check_max_pairs", type=int, default=None,
                    help="judge-check: at most N check pairs per labelled set (default all)")
-    p.add_argument("--judge_rm_epochs", type=float, default=2.0, help="supervised judge: epochs (default 2)")
-    p.add_argument("--judge_rm_lr", type=float, default=1e-4, help="supervised judge: learning rate (default 1e-4)")
-    p.add_argument("--judge_rm_lora_r", type=int, default=16,
+    p.add_argument("--judge_rm_epochs", type=float, default=DEFAULT_JUDGE_RM.epochs,
+                   help="supervised judge: epochs (default %(default)s)")
+    p.add_argument("--judge_rm_lr", type=float, default=DEFAULT_JUDGE_RM.learning_rate,
+                   help="supervised judge: learning rate (default %(default)s)")
+    p.add_argument("--judge_rm_lora_r", type=int, default=DEFAULT_JUDGE_RM.lora_r,
                    help="supervised judge: LoRA rank under its linear score head, alpha = 2 x rank (default 16)")
     p.add_argument("--eval_reward_models", type=Path, default=None,
                    help="evaluate with these reward models (action/motivation/consequences adapters, or one adapter) "
@@ -102,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lam", type=float, default=0.5, help="ensemble reward: mean - lam * std (default 0.5)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the evaluation (default 2000)")
+    p.add_argument("--vr_check_orders", type=int, default=4,
+                   help="vr-check: option orders per history, 5 histories (default %(default)s)")
+    p.add_argument("--vr_check_samples", type=int, default=4,
+                   help="vr-check: reasons per game prompt and move (default %(default)s)")
 
     rm = p.add_argument_group("reward models (defaults: the report's)")
     d = RewardModelConfig()
@@ -155,9 +165,9 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         chunk=args.chunk, tie_margin=args.tie_margin, engine=args.engine, device=args.device, seed=args.seed,
         lam=args.lam, bootstrap=args.bootstrap, judge_mode=args.judge_mode, judge_rule=args.judge_rule,
         judge_adapter=args.judge_adapter, labelled=tuple(args.labelled), check_max_pairs=args.check_max_pairs,
-        judge_rm=RewardModelConfig(max_length=128, epochs=args.judge_rm_epochs, learning_rate=args.judge_rm_lr,
-                                   gradient_accumulation_steps=1, batch_size=8, lora_r=args.judge_rm_lora_r,
-                                   lora_alpha=2 * args.judge_rm_lora_r, seed=args.seed),
+        judge_rm=replace(DEFAULT_JUDGE_RM, epochs=args.judge_rm_epochs, learning_rate=args.judge_rm_lr,
+                         lora_r=args.judge_rm_lora_r, lora_alpha=2 * args.judge_rm_lora_r, seed=args.seed),
+        vr_check_orders=args.vr_check_orders, vr_check_samples=args.vr_check_samples,
         eval_reward_models=args.eval_reward_models, eval_judge=args.eval_judge,
         rm=RewardModelConfig(max_length=args.rm_max_length, epochs=args.rm_epochs, learning_rate=args.rm_lr,
                              gradient_accumulation_steps=args.rm_grad_accum, batch_size=args.rm_batch_size,

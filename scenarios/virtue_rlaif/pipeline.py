@@ -1,7 +1,7 @@
 """The virtue-ethics RLAIF pipeline of seed 004, stage by stage, each resuming from what is on disk.
 
-    train-judge  (judge mode supervised only) a LoRA classifier on the labelled     judge_rm/
-                 pairs' train split: the supervised judge
+    train-judge  (judge mode supervised, the default) a LoRA classifier on the      judge_rm/
+                 labelled pairs' train split: the supervised judge
     judge-check  the judge on the labelled pairs' check split, both orders:      judge_check/<judge>.json,
                  accuracy with a bootstrap interval, order consistency           judge_check/<judge>.parquet
     curate     prompts ─► two three-turn dialogues per prompt with the policy      dialogues.parquet
@@ -9,6 +9,9 @@
                                                                                    preferences/<turn>.parquet
     train-rm   one reward model per turn (TRL RewardTrainer, LoRA)                  reward_models/<turn>/,
                                                                                    reward_models/metrics.json
+    vr-check   does the VR reward depend on the move? the base policy's reasons    vr_check/summary.json,
+               after C and after D on the VR agent's game prompts, scored by the    vr_check/reasons.parquet
+               reward models (and the supervised judge): paired C - D, correlation
     sft        LoRA SFT on the chosen answers, merged (optional: --no-sft)          sft/merged/
     ppo        PPO with the ensemble reward, from the SFT model                     ppo/adapter/, ppo/steps.parquet
     evaluate   base, SFT and SFT+PPO on the held-out prompts: the report's score    eval/<model>.parquet,
@@ -72,7 +75,11 @@ PASS_LOW, PASS_CONSISTENCY = 0.6, 0.7
 """a judge passes the check when the lower 95% bound of its accuracy is above PASS_LOW on every labelled set and its
 order consistency is at least PASS_CONSISTENCY on each."""
 DEFAULT_SYSTEM = "You are a helpful assistant. Answer in at most three sentences."
-STAGES = ("train-judge", "judge-check", "curate", "judge", "train-rm", "sft", "ppo", "evaluate")
+DEFAULT_JUDGE_MODE = "supervised"
+DEFAULT_JUDGE_RM = RewardModelConfig(max_length=128, epochs=1.0, learning_rate=1e-3, gradient_accumulation_steps=1,
+                                     batch_size=8, lora_r=16, lora_alpha=32)
+"""the supervised judge's training settings that passed the judge check (ETHICS 0.688, hand-written 0.806)."""
+STAGES = ("train-judge", "judge-check", "curate", "judge", "train-rm", "vr-check", "sft", "ppo", "evaluate")
 ENGINES = ("hf", "vllm")
 
 
@@ -105,20 +112,25 @@ class PipelineConfig:
     lam: float = 0.5
     """ensemble reward = mean - lam * std over the three reward models."""
     bootstrap: int = 2000
-    judge_mode: str = "compare"
-    """how the judge is asked (actors/llm/virtue/judge.py): compare, per-virtue, pointwise or supervised."""
+    judge_mode: str = DEFAULT_JUDGE_MODE
+    """how the judge is asked (actors/llm/virtue/judge.py): compare, per-virtue, pointwise or supervised. The
+    default, supervised, is the one candidate that passed the judge check on this CPU (README, issue 18)."""
     judge_rule: str = "average"
     """average: the order-averaged probability decides a virtue; agree: a point only when both orders agree."""
     judge_adapter: Path | None = None
     """supervised judge: the reward-model adapter (default <output>/judge_rm, made by the train-judge stage)."""
-    judge_rm: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(
-        max_length=128, epochs=2.0, learning_rate=1e-4, gradient_accumulation_steps=1, batch_size=8))
-    """the supervised judge's training: 240 labelled pairs, 8 per step, 60 optimiser steps."""
+    judge_rm: RewardModelConfig = field(default_factory=lambda: DEFAULT_JUDGE_RM)
+    """the supervised judge's training: the labelled train pairs (382 shipped), 8 per step, one epoch at lr 1e-3
+    (48 optimiser steps): the settings that passed the check."""
     labelled: tuple[Path, ...] = SHIPPED_LABELLED
     """labelled pair files (JSONL): the judge-check scores their check split, train-judge trains on their train split."""
     check_max_pairs: int | None = None
     """judge-check and the reward models' labelled accuracy: the first N check pairs of each subset (None = all),
     for a slow judge."""
+    vr_check_orders: int = 4
+    """vr-check: option orders per history (5 histories), so 5 x this many game prompts."""
+    vr_check_samples: int = 4
+    """vr-check: reasons per prompt and move."""
     eval_reward_models: Path | None = None
     """evaluate with these reward models (a folder with action/motivation/consequences adapters, or one adapter used
     for every turn) instead of the ones that trained PPO."""
@@ -139,6 +151,9 @@ class PipelineConfig:
             raise ConfigError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
         if len(self.max_tokens) != len(TURNS) or min(self.max_tokens) < 1:
             raise ConfigError(f"max_tokens needs {len(TURNS)} positive limits, got {self.max_tokens}")
+        if self.vr_check_orders < 1 or self.vr_check_samples < 1:
+            raise ConfigError(f"vr_check_orders and vr_check_samples must be >= 1, got {self.vr_check_orders}, "
+                              f"{self.vr_check_samples}")
         if self.chunk < 1 or self.bootstrap < 1:
             raise ConfigError(f"chunk and bootstrap must be >= 1, got {self.chunk}, {self.bootstrap}")
 
@@ -168,6 +183,8 @@ class Layout:
         self.judgements = root / "judgements.parquet"
         self.judge_summary = root / "judge_summary.json"
         self.rm_metrics = root / "reward_models" / "metrics.json"
+        self.vr_check = root / "vr_check" / "summary.json"
+        self.vr_check_rows = root / "vr_check" / "reasons.parquet"
         self.sft_model = root / "sft" / "merged"
         self.ppo_adapter = root / "ppo" / "adapter"
         self.ppo_steps = root / "ppo" / "steps.parquet"
@@ -573,6 +590,36 @@ def sft(cfg: PipelineConfig, layout: Layout) -> None:
     tmp.rename(layout.sft_model.parent)
 
 
+def vr_check(cfg: PipelineConfig, layout: Layout) -> None:
+    """Before any training: does the VR reward depend on the move? (actors/llm/virtue/separation.py). The base
+    policy states its reason after C and after D on the VR agent's game prompts; the pipeline's reward models (the
+    VR reward) and, when trained, the supervised judge score both. Writes vr_check/summary.json and reasons.parquet."""
+    from actors.llm.virtue.reward import EnsembleReward, RewardModels
+    from actors.llm.virtue.separation import measure, separation_prompts
+
+    scorers: dict[str, Any] = {"reward_models": _ensemble(cfg, layout)}
+    judge_rm = cfg.judge_adapter or layout.judge_rm
+    if (judge_rm / "adapter_config.json").exists():
+        scorers["judge"] = EnsembleReward(RewardModels(_model_dir(cfg.judge_model or cfg.model), {"judge": judge_rm},
+                                                       cfg.judge_rm.max_length, cfg.device), cfg.lam)
+    engine = _engine(cfg, _model_dir(cfg.model), cfg.seed)
+    try:
+        prompts = separation_prompts(orders=cfg.vr_check_orders, seed=cfg.seed)
+        log.info("vr-check: %d game prompts x C, D x %d reasons", len(prompts), cfg.vr_check_samples)
+        rows, summary = measure(engine, scorers, prompts, samples=cfg.vr_check_samples, seed=cfg.seed)
+    finally:
+        _close(engine)
+    for name, sep in summary.items():
+        d = sep.difference
+        log.info("vr-check %s: mean after C %.4f, after D %.4f, C - D %+.4f [%+.4f, %+.4f], correlation %+.3f",
+                 name, sep.mean_after_c, sep.mean_after_d, d.estimate, d.low, d.high, sep.correlation)
+    write_parquet_atomic(pl.DataFrame(rows), layout.vr_check_rows)
+    write_json_atomic({"scorers": {k: v.as_dict() for k, v in summary.items()},
+                       "prompts": len(prompts), "samples": cfg.vr_check_samples, "game": "IPD", "tokens": "action12",
+                       "reason_question": "What is the motivation behind the answer? Answer in one sentence."},
+                      layout.vr_check)
+
+
 def _ppo_start(cfg: PipelineConfig, layout: Layout) -> Path:
     if cfg.sft is None:
         return _model_dir(cfg.model)
@@ -728,6 +775,9 @@ def summarise(cfg: PipelineConfig, layout: Layout) -> dict[str, Any]:
     rm = Layout(cfg.output).rm_metrics
     if rm.exists():
         out["reward_models_on_labelled_pairs"] = json.loads(rm.read_text()).get("labelled")
+    vr = Layout(cfg.output).vr_check
+    if vr.exists():
+        out["vr_check"] = json.loads(vr.read_text())["scorers"]
     for n, m in mats.items():
         ci = bootstrap_score(m, cfg.bootstrap, cfg.seed)
         out["models"][n] = ci.as_dict() | {
@@ -752,6 +802,11 @@ def format_summary(summary: dict[str, Any], rm_metrics: dict[str, Any] | None) -
             lines.append(f"reward models on labelled {name} pairs: "
                          + ", ".join(f"{m} {v['accuracy']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (n={v['pairs']})"
                                      for m, v in models.items()))
+    for name, sep in (summary.get("vr_check") or {}).items():
+        d = sep["difference"]
+        lines.append(f"VR move separation ({name}): after C {sep['mean_after_c']:.4f}, after D {sep['mean_after_d']:.4f}, "
+                     f"C - D {d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] (n={sep['pairs']}), "
+                     f"correlation with C {sep['correlation_with_cooperation']:+.3f}")
     lines.append(f"evaluator: {summary.get('evaluator', 'the pipeline reward models')}")
     if rm_metrics:
         lines.append("reward model   agreement with the judge: held-out (pairs)   train (pairs)")
@@ -775,7 +830,7 @@ def format_summary(summary: dict[str, Any], rm_metrics: dict[str, Any] | None) -
 
 STAGE_FUNCS: dict[str, Callable[[PipelineConfig, Layout], Any]] = {
     "train-judge": train_judge, "judge-check": judge_check, "curate": curate, "judge": judge, "train-rm": train_rm,
-    "sft": sft, "ppo": ppo, "evaluate": evaluate,
+    "vr-check": vr_check, "sft": sft, "ppo": ppo, "evaluate": evaluate,
 }
 OUTPUTS: dict[str, Callable[[Layout], Path]] = {
     "train-judge": lambda lay: lay.judge_rm / "adapter_config.json",
@@ -783,6 +838,7 @@ OUTPUTS: dict[str, Callable[[Layout], Path]] = {
     "curate": lambda lay: lay.dialogues,
     "judge": lambda lay: lay.judgements,
     "train-rm": lambda lay: lay.rm_metrics,
+    "vr-check": lambda lay: lay.vr_check,
     "sft": lambda lay: lay.sft_model / "config.json",
     "ppo": lambda lay: lay.ppo_adapter / "adapter_config.json",
     "evaluate": lambda lay: lay.eval_summary,

@@ -24,6 +24,7 @@ evaluated on the same prompts are compared with a paired bootstrap (the same res
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -264,3 +265,35 @@ def check_metrics(p_ab: np.ndarray, p_ba: np.ndarray, margin: float = 0.0, rule:
         consistent_accuracy=float((ab[consistent] == A_WINS).mean()) if n_cons else float("nan"),
         virtue_consistency=float(agree_v.mean()),
     )
+
+
+# ── the VR reward's move separation ───────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class MoveSeparation:
+    """How far a reward tells a cooperative move from a defection on the same prompts (issue 18, item 4)."""
+
+    pairs: int
+    mean_after_c: float
+    mean_after_d: float
+    difference: Interval  # mean over pairs of score(C) - score(D), paired bootstrap interval over pairs
+    correlation: float  # Pearson correlation of the score with the move (C = 1, D = 0) over all 2 x pairs scores
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pairs": self.pairs, "mean_after_c": self.mean_after_c, "mean_after_d": self.mean_after_d,
+                "difference": self.difference.as_dict(), "correlation_with_cooperation": self.correlation}
+
+
+def move_separation(after_c: np.ndarray, after_d: np.ndarray, resamples: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> MoveSeparation:
+    """after_c[j], after_d[j]: the reward of pair j's conversation after C and after D (same prompt, same sample
+    index). The correlation is 0 when every score is equal (no separation at all, not undefined)."""
+    c, d = np.asarray(after_c, dtype=np.float64), np.asarray(after_d, dtype=np.float64)
+    if c.shape != d.shape or c.ndim != 1 or c.size < 2:
+        raise ValueError(f"paired scores need two vectors of the same length >= 2, got {c.shape} and {d.shape}")
+    scores = np.concatenate([c, d])
+    move = np.concatenate([np.ones(c.size), np.zeros(d.size)])
+    corr = 0.0 if scores.std() == 0 else float(np.corrcoef(scores, move)[0, 1])
+    return MoveSeparation(int(c.size), float(c.mean()), float(d.mean()),
+                          bootstrap_mean(c - d, resamples, seed, level), corr)
