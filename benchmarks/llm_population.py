@@ -5,11 +5,13 @@ so a slow minute hits both alike).
     OMP_NUM_THREADS=2 python benchmarks/llm_population.py --iterations 6
 
 Paths (all: masked answers, learning rate 2e-4 as the demo, the paper's PPO otherwise, HF engine, in process):
-    today       structured prompt (~220 tokens), float32, DQN selection head, no prompt-head cache in the engine
-                (issue 16's 20 s/iteration)
-    cpu         compact prompt (~140 tokens), the prompt prefix that a PPO step's samples share computed once
+    today       structured prompt (~220 tokens), float32, DQN selection head, no prompt-head cache in the engine,
+                peft's own adapter switching (issue 16's 20 s/iteration)
+    cpu         compact prompt (~107 tokens, ~30 after the ~77 cached), adapters switched without walking the
+                model (actors/llm/lora_switch.py), the prompt prefix that a PPO step's samples share computed once
                 (ppo.share_prefix; the reference policy's head cached for good), each adapter's prompt head cached
-                by the engine until its next weights (HFEngine.prefix_cache), float32, DQN selection head
+                by the engine until its next weights (HFEngine.prefix_cache), Adam as one fused kernel
+                (ppo.fused_adam), float32, DQN selection head
     cpu_bf16    the CPU path with bfloat16 base weights (LoRA, value heads and Adam stay float32)
     cpu_prompt  the CPU path with masked partner selection by prompt (the demo's set-up: 1.5x the PPO samples)
 Shares per path: prompts (building and tokenising), rollouts (masked scoring of the decisions), scoring (P(C) and
@@ -38,7 +40,7 @@ def paths(lr: float) -> dict[str, Any]:
     from actors.llm.config import LLMAgentConfig, PPOConfig
 
     today = LLMAgentConfig(answer_mode="mask", selection="dqn", ppo=PPOConfig(learning_rate=lr))
-    cpu = replace(today, variant="compact", ppo=replace(today.ppo, share_prefix=True))
+    cpu = replace(today, variant="compact", ppo=replace(today.ppo, share_prefix=True, fused_adam=True))
     return {"today": today, "cpu": cpu, "cpu_bf16": replace(cpu, dtype="bfloat16"),
             "cpu_prompt": replace(cpu, selection="prompt")}
 
@@ -66,8 +68,8 @@ def main() -> None:
             cfg = with_agents(RunConfig(POPULATION, num_iterations=args.iterations, num_runs=1, seed=0,
                                         output=Path(tmp) / label), llm=llm)
             engines[label], _ = build_engine(cfg, [0], build_groups)
-            if label == "today":  # today's engine: every scoring call on its own (no cached prompt heads)
-                next(g for g in engines[label].groups if isinstance(g, LLMGroup)).engine.prefix_cache = False
+            if label == "today":
+                _today(next(g for g in engines[label].groups if isinstance(g, LLMGroup)))
             buffers[label] = RecordBuffer(1, cfg.population.codes, capacity=args.iterations + 1,
                                           llm_columns=True, games=cfg.games_per_iteration)
             steps[label], records[label] = [], 0.0
@@ -103,6 +105,16 @@ def main() -> None:
         print(f"speedup_cpu_over_today={per_it['today'] / per_it['cpu']:.2f}")
 
 
+def _today(group: Any) -> None:
+    """Today's engine and learners: every scoring call on its own (no cached prompt heads), and peft's own adapter
+    switching (set_adapter / disable_adapter / train walk the model; actors/llm/lora_switch.py)."""
+    group.engine.prefix_cache = False
+    group.engine.fast_switch = False
+    if group.engine._switch is not None:
+        group.engine._switch.fast = False
+    group.learners.host.switch.fast = False
+
+
 def _bf16_check(groups: dict[str, Any]) -> float | None:
     """Largest |log pi(answer)| difference, float32 engine vs bfloat16 engine, on compact prompts: the float32
     learners' adapters are served by both engines under a probe name, and both score the same answers."""
@@ -110,14 +122,15 @@ def _bf16_check(groups: dict[str, Any]) -> float | None:
         return None
     import numpy as np
 
-    from actors.llm.prompts import chat_ids, game_prompt_text
+    from actors.llm.prompts import chat_ids, game_prompt_text, variant_system
     from simulator.contracts import Action
     from simulator.games import GAMES
 
     fp32, bf16 = groups["today"], groups["cpu_bf16"]
     tokens = fp32.runs[0].tokens
     rng = np.random.default_rng(0)
-    prompts = [chat_ids(fp32.tokenizer, game_prompt_text(GAMES["IPD"], tokens, own, opp, rng, "compact", False, None))
+    prompts = [chat_ids(fp32.tokenizer, game_prompt_text(GAMES["IPD"], tokens, own, opp, rng, "compact", False, None),
+                        variant_system("compact"))
                for own in Action for opp in Action]
     answers = [list(q) for q in fp32.runs[0].trie.sequences]
     worst = 0.0

@@ -181,6 +181,12 @@ def test_prefix_cache_scoring_equals_one_forward(tiny_model_path: Path, monkeypa
     assert engine.prefixes.hits >= hits + 3
     mixed = ["agent-a", "agent-a", "agent-b", "agent-b"]
     check(mixed, [structured[0], structured[1], compact[2], compact[3]], [c, d, d, c])  # heads of two lengths
+    # a masked answer's rows: one prompt, answers that share all but their last token (one completion forward for
+    # both), beside answers with other stems, a one-token answer, and another adapter's row of the same prompt
+    rows = [("agent-a", compact[1], c), ("agent-a", compact[1], d), ("agent-a", compact[1], c[:1]),
+            ("agent-b", compact[1], c), ("agent-a", compact[1], d[::-1]), ("agent-b", compact[2], d),
+            ("agent-b", compact[1], d)]
+    check(*(list(x) for x in zip(*rows, strict=True)))
     a.step(structured[:2], [c, d], [0.0, 1.0])  # new weights for agent-a
     before = engine.score("agent-a", compact[1], c)
     engine.load_adapter(a.export_adapter())

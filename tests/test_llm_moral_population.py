@@ -158,6 +158,7 @@ def test_the_population_scenarios_parse_and_the_gpu_mix_fits_its_gpus(tmp_path):
 
     cpu, folder = _scenario_config("llm_population/ut_aut_de_smollm2")
     assert (cpu.answer_mode, cpu.selection, cpu.variant, cpu.ppo.share_prefix) == ("mask", "prompt", "compact", True)
+    assert cpu.ppo.fused_adam
     assert folder == "1xUT@llm_1xaUT@llm_1xDE@llm"
     gpu, folder = _scenario_config("llm_population/aies_mix_16_gpu")
     pop = parse_population(folder)

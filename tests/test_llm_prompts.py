@@ -94,10 +94,14 @@ def test_random_token_pair_is_seeded_and_distinct() -> None:
 def test_every_variant_names_both_tokens_and_every_payoff(variant: str, game_id: str) -> None:
     game = GAMES[game_id]
     text = P.game_prompt_text(game, A12, C, D, np.random.default_rng(0), variant)
-    assert text.endswith("Your answer: " if variant == P.PAPER else "Your answer:")  # the paper's trailing space
-    assert "choose either action1 or action2" in text or "choose either action2 or action1" in text
     for r_m, r_o in game.cells:
         assert f"{r_m:g}" in text and f"{r_o:g}" in text
+    if variant == P.COMPACT:  # the fewest tokens: the last round's points are read from the table
+        assert text.endswith(("action1 or action2?", "action2 or action1?"))
+        assert "Last round: you played action1, they played action2. " in text
+        return
+    assert text.endswith("Your answer: " if variant == P.PAPER else "Your answer:")  # the paper's trailing space
+    assert "choose either action1 or action2" in text or "choose either action2 or action1" in text
     r_m, r_o = game.outcome(C, D)
     they = "A" if variant == P.PAPER else "they"  # the paper calls the opponent "another agent A"
     assert f"you got {r_m:g} points and {they} got {r_o:g} points" in text
@@ -173,10 +177,18 @@ def test_compact_variant_is_shorter_and_says_the_same(tiny_model_path) -> None: 
     rng = np.random.default_rng(0)
     full = P.chat_ids(tok, P.game_prompt_text(GAMES["IPD"], A12, C, D, rng, P.STRUCTURED, False, C))
     compact_text = P.game_prompt_text(GAMES["IPD"], A12, C, D, rng, P.COMPACT, False, C)
-    assert len(P.chat_ids(tok, compact_text)) < 0.75 * len(full)
+    assert len(P.chat_ids(tok, compact_text)) < 0.6 * len(full)
     for cell in ("action1+action1 3,3", "action1+action2 0,4", "action2+action1 4,0", "action2+action2 1,1"):
         assert cell in compact_text
-    assert "(action1 against you when you last met)" in compact_text and compact_text.endswith("Your answer:")
+    head = P.shared_text(GAMES["IPD"], A12, P.COMPACT)
+    assert "get the most points" in head and compact_text.startswith(head)
+    assert compact_text[len(head):] in ("Opponent played action2 last (action1 against you). You played action1 last. "
+                                        + o for o in ("action1 or action2?", "action2 or action1?"))
+    never = P.game_prompt_text(GAMES["IPD"], A12, D, C, rng, P.COMPACT, False, None)
+    assert "Opponent played action1 last (never met you). You played action2 last. " in never
+    pair = P.game_prompt_text(GAMES["IPD"], A12, C, D, rng, P.COMPACT)  # two agents: one game, both its moves
+    assert "Last round: you played action1, they played action2. " in pair
+    assert "No moves yet. " in P.game_prompt_text(GAMES["IPD"], A12, None, None, rng, P.COMPACT)
     cands = [P.Candidate(1, C, D), P.Candidate(2, None, None)]
     compact_sel = P.partner_prompt_text(GAMES["IPD"], cands, A12, variant=P.COMPACT)
     assert compact_sel.startswith(P.shared_text(GAMES["IPD"], A12, P.COMPACT))
@@ -197,3 +209,24 @@ def test_chat_template_with_tiny_tokenizer(tiny_model_path) -> None:  # type: ig
     for w in ("action1", "action2", "action3", "action4", "A", "B", "X", "Y", "0", "1"):
         assert len(tok(w, add_special_tokens=False)["input_ids"]) == 1, w
     assert P.answer_ids(tok, "action1")[-1] == tok.eos_token_id
+
+
+def test_compact_prompts_carry_an_empty_system_message() -> None:
+    """COMPACT leaves out the template's default system sentence (an empty system message); a template without a
+    system role (Gemma's raises) gets the user message alone; other variants keep the template's own."""
+    from jinja2.exceptions import TemplateError
+
+    class Tok:
+        def __init__(self, system_role: bool) -> None:
+            self.system_role = system_role
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):  # type: ignore[no-untyped-def]
+            if messages[0]["role"] == "system" and not self.system_role:
+                raise TemplateError("System role not supported")
+            head = "" if messages[0]["role"] == "system" else "<s>default system</s>"
+            return head + "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+
+    assert P.variant_system(P.COMPACT) == "" and P.variant_system(P.STRUCTURED) is None
+    assert P.chat_text(Tok(True), "hi", P.variant_system(P.COMPACT)) == "<system></system><user>hi</user><assistant>"
+    assert P.chat_text(Tok(False), "hi", "") == "<s>default system</s><user>hi</user><assistant>"
+    assert P.chat_text(Tok(True), "hi", P.variant_system(P.STRUCTURED)) == "<s>default system</s><user>hi</user><assistant>"

@@ -35,6 +35,7 @@ from actors.llm.prompts import (
     parse_partner,
     partner_id,
     partner_prompt_text,
+    variant_system,
 )
 from simulator.contracts import Action, DilemmaBatch, SelectionBatch
 from simulator.games import Game
@@ -125,7 +126,7 @@ class Decider:
                 cands = [Candidate(j, None if batch.iteration == 0 else Action(int(m)), self.memory.get(b, j))
                          for j, m in zip(self.others(g), batch.state[r, g], strict=True)]
                 text = partner_prompt_text(self.game, cands, run.tokens, rngs[b], self.cfg.variant, self.width)
-                prompts.append(chat_ids(self.tokenizer, text))
+                prompts.append(chat_ids(self.tokenizer, text, variant_system(self.cfg.variant)))
         return prompts
 
     def partner_answers(self, member: int) -> tuple[str, ...]:
@@ -162,5 +163,5 @@ class Decider:
             text = game_prompt_text(self.game, self.run_of(b).tokens, own, opp, rngs[b], self.cfg.variant,
                                     self.same_game, against)
             texts.append(text)
-            prompts.append(chat_ids(self.tokenizer, text))
+            prompts.append(chat_ids(self.tokenizer, text, variant_system(self.cfg.variant)))
         return bs, texts, prompts

@@ -42,6 +42,7 @@ from actors.llm.engine import (
     check_version,
     common_prefix,
 )
+from actors.llm.lora_switch import AdapterSwitch
 from simulator.errors import UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ class HFEngine:
         self._base = load_causal_lm(model_dir, dtype=dtype, device=str(self.device), quantize=quantize).eval()
         self._model = self._base  # becomes the PeftModel once the first adapter is loaded
         self._peft = None
+        self._switch: Any = None  # the peft model's AdapterSwitch, once the first adapter is loaded
+        self.fast_switch = True  # False: peft's own adapter switching (the plain path; benchmarks' "today")
         self._versions: dict[str, int] = {}
         self.prefix_cache = prefix_cache
         self.prefixes = PrefixCache()
@@ -144,6 +147,7 @@ class HFEngine:
             cfg = lora_config_from_dict(weights.peft_config, inference_mode=True)
             self._peft = get_peft_model(self._base, cfg, adapter_name=name)
             self._model = self._peft
+            self._switch = AdapterSwitch(self._peft, fast=self.fast_switch)
         elif name not in self._peft.peft_config:
             self._peft.add_adapter(name, lora_config_from_dict(weights.peft_config, inference_mode=True))
         tensors = {k: v.to(self.device) for k, v in weights.tensors.items()}
@@ -154,7 +158,7 @@ class HFEngine:
                 f"adapter {name!r} weights do not fit the served model: unexpected {res.unexpected_keys[:3]}, "
                 f"missing {missing[:3]}"
             )
-        self._model.eval()
+        self._switch.train(False)
         self._versions[name] = weights.version
         self.prefixes.drop(name)  # its cached prompt heads belong to the old weights
         logger.debug("engine serves adapter %s version %d", name, weights.version)
@@ -197,9 +201,9 @@ class HFEngine:
             return self._model(adapter_names=names, **kwargs)
         assert self._peft is not None  # names are given once an adapter exists
         if names[0] == BASE_ADAPTER:
-            with self._peft.disable_adapter():
+            with self._switch.disabled():
                 return self._model(**kwargs)
-        self._peft.set_adapter(names[0])
+        self._switch.activate(names[0])  # peft's set_adapter without walking the model (lora_switch.py)
         return self._model(**kwargs)
 
     @torch.no_grad()
@@ -410,10 +414,9 @@ class HFEngine:
         adapted: bool,
         completions: Sequence[Sequence[int]],
     ) -> list[list[float]]:
-        """One forward of the U prompts' rests (each after its cached head), its cache copied to the rows
-        (row[i] = the prompt of row i), then one forward of every row's completion."""
+        """One forward of the U prompts' rests (each after its cached head), then one forward of the completions on
+        its cache, once per distinct stem (row[i] = the prompt of row i)."""
         u_names = [name for name, _ in prompts] if adapted else None
-        names = [u_names[int(u)] for u in row] if u_names is not None else None
         cache, head_mask = self._head_cache(heads)
         ids, rest_mask = self._left_pad([p[k:] for (_, p), (k, _) in zip(prompts, heads, strict=True)])
         starts = torch.tensor([k for k, _ in heads], device=self.device)[:, None]
@@ -422,22 +425,40 @@ class HFEngine:
         out = self._call(u_names, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[row]  # (B, V) predicts each completion's token 0
-        cache = out.past_key_values
-        cache.reorder_cache(row)  # (U, ...) -> (B, ...)
         width = max(len(c) for c in completions)
         comp = torch.full((len(completions), width), self.pad_id, dtype=torch.long)
-        comp_mask = torch.zeros((len(completions), width), dtype=torch.long)
         for i, c in enumerate(completions):
             comp[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
-            comp_mask[i, : len(c)] = 1
-        comp, comp_mask = comp.to(self.device), comp_mask.to(self.device)
-        lengths = torch.tensor([len(p) for _, p in prompts], device=self.device)
-        c_pos = lengths[row][:, None] + torch.arange(width, device=self.device)  # (B, width) after each prompt
+        comp = comp.to(self.device)
         logp = first.gather(1, comp[:, :1])  # (B, 1)
         if width > 1:
-            logits = self._call(names, input_ids=comp[:, :-1], attention_mask=torch.cat([mask[row], comp_mask[:, :-1]], 1),
-                                position_ids=c_pos[:, :-1], past_key_values=cache, use_cache=True).logits.float()
-            rest = torch.log_softmax(logits, dim=-1).gather(2, comp[:, 1:, None]).squeeze(2)  # (B, width-1)
+            # the completion forward runs once per distinct stem (prompt, completion without its last token): rows
+            # whose answers differ only in their last token (a masked answer's C and D rows) share it
+            stem_of: dict[tuple[int, tuple[int, ...]], int] = {}
+            stem: list[int] = []  # each row's stem
+            first_rows: list[int] = []  # the first row of each stem
+            for i, (u, c) in enumerate(zip(row.tolist(), completions, strict=True)):
+                key = (int(u), tuple(c[:-1]))
+                if key not in stem_of:
+                    stem_of[key] = len(first_rows)
+                    first_rows.append(i)
+                stem.append(stem_of[key])
+            reps = torch.tensor(first_rows, device=self.device)
+            s_row = row[reps]  # (S,) the prompt of each stem
+            cache = out.past_key_values
+            if not torch.equal(s_row, torch.arange(len(prompts), device=self.device)):
+                cache.reorder_cache(s_row)  # (U, ...) -> (S, ...); skipped when the stems are the prompts in order
+            s_comp = comp[reps, :-1]
+            s_mask = torch.zeros_like(s_comp)
+            for j, r in enumerate(reps.tolist()):
+                s_mask[j, : len(completions[r]) - 1] = 1
+            lengths = torch.tensor([len(p) for _, p in prompts], device=self.device)
+            s_pos = lengths[s_row][:, None] + torch.arange(width - 1, device=self.device)  # after each prompt
+            s_names = [u_names[int(u)] for u in s_row] if u_names is not None else None
+            logits = self._call(s_names, input_ids=s_comp, attention_mask=torch.cat([mask[s_row], s_mask], 1),
+                                position_ids=s_pos, past_key_values=cache, use_cache=True).logits.float()
+            stems = torch.tensor(stem, device=self.device)
+            rest = torch.log_softmax(logits, dim=-1)[stems].gather(2, comp[:, 1:, None]).squeeze(2)  # (B, width-1)
             logp = torch.cat([logp, rest], 1)
         return [[float(x) for x in logp[i, : len(c)].tolist()] for i, c in enumerate(completions)]
 

@@ -3,7 +3,7 @@
     PolicyHost  (one base model, frozen)
       ├── LoRA "agent-0" ── PPOLearner("agent-0"): value head, Adam, KL controller, score moments
       └── LoRA "agent-1" ── PPOLearner("agent-1"): ...
-    reference policy = the same base with the adapter disabled (`with model.disable_adapter():`)
+    reference policy = the same base with the adapter disabled (AdapterSwitch.disabled(), lora_switch.py)
 
 Several learners may share one `PolicyHost` (peft named adapters on one PeftModel): each learner activates its
 adapter before every forward, and its optimizer holds only its own LoRA tensors and value head, so one base copy
@@ -52,6 +52,7 @@ import torch
 
 from actors.llm.config import PPOConfig
 from actors.llm.engine import AdapterWeights, common_prefix
+from actors.llm.lora_switch import AdapterSwitch
 from actors.llm.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -128,6 +129,7 @@ class PolicyHost:
         self.base = load_causal_lm(model_dir, dtype=dtype, device=str(self.device), quantize=quantize)
         self.base.requires_grad_(False)
         self.model: Any = None  # the PeftModel, once the first adapter exists
+        self.switch: Any = None  # its AdapterSwitch (actors/llm/lora_switch.py)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                           else self.tokenizer.eos_token_id)
         # the frozen base's KV cache of prompt heads (the reference policy's: it never changes), most recent last
@@ -144,6 +146,7 @@ class PolicyHost:
             torch.manual_seed(seed)
             if self.model is None:
                 self.model = get_peft_model(self.base, lora_config, adapter_name=name)
+                self.switch = AdapterSwitch(self.model)
             elif name in self.model.peft_config:
                 raise ConfigError(f"adapter {name!r} already exists on this host")
             else:
@@ -178,12 +181,13 @@ class PPOLearner:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 1)
             self.value_head = torch.nn.Linear(self.host.hidden_size, 1).to(self.device, torch.float32)
-        self._activate()
         lora = [p for n, p in self.host.model.named_parameters() if f".{name}." in n and "lora_" in n]
         if not lora:
             raise RuntimeError(f"no LoRA parameters found for adapter {name!r}")
+        self._lora = lora
+        self._activate()
         self._params = [*lora, *self.value_head.parameters()]
-        self.optimizer = torch.optim.Adam(self._params, lr=cfg.learning_rate)
+        self.optimizer = torch.optim.Adam(self._params, lr=cfg.learning_rate, fused=True if cfg.fused_adam else None)
         self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target, cfg.horizon) if cfg.adap_kl_ctrl
                        else FixedKLController(cfg.init_kl_coef))
         self.running = RunningMoments()
@@ -196,7 +200,12 @@ class PPOLearner:
         return self.host.tokenizer
 
     def _activate(self) -> None:
-        self.host.model.set_adapter(self.name)
+        """This learner's adapter is the one the host's forwards apply, and its weights are trainable (peft may
+        have frozen them when another learner's adapter was added: lora_switch.py)."""
+        self.host.switch.activate(self.name)
+        for p in self._lora:
+            if not p.requires_grad:
+                p.requires_grad_(True)
 
     # ── forward ─────────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -306,7 +315,7 @@ class PPOLearner:
         if not completion_ids:
             return []
         self._activate()
-        self.host.model.eval()
+        self.host.switch.train(False)
         logp, _, _, _ = self._forward([prompt_ids], [completion_ids], len(completion_ids), values=False,
                                       allowed=[allowed])
         return [float(x) for x in logp[0].tolist()]
@@ -393,13 +402,12 @@ class PPOLearner:
     def _old_policy(self, batch: _Batch, merged: bool) -> tuple[_Forward | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(first training forward or None, old log pi, old V, mask) under the step's starting weights. Merged passes
         take them from the first window's training forward, which sees exactly those weights."""
-        model = self.host.model
         if merged:
-            model.train()
+            self.host.switch.train(True)
             first = self._forward(batch.queries, batch.responses, batch.width, allowed=batch.allowed)
             assert first[1] is not None  # values=True
             return first, first[0].detach(), first[1].detach(), first[2]
-        model.eval()
+        self.host.switch.train(False)
         with torch.no_grad():
             old_logp, old_values, mask, _ = self._forward(batch.queries, batch.responses, batch.width,
                                                           allowed=batch.allowed)
@@ -409,7 +417,6 @@ class PPOLearner:
     def _reference_logprobs(self, batch: _Batch) -> torch.Tensor:
         """log pi_ref: the frozen base (adapter disabled), under the same answer mask. With share_prefix, samples
         seen before come from the host's memo (REFERENCE_MEMO entries at most) and only the others run."""
-        model = self.host.model
         memo = self.host.reference_memo if self.config.share_prefix else None
         B = len(batch.queries)
         masks = batch.allowed if batch.allowed is not None else [None] * B
@@ -419,8 +426,8 @@ class PPOLearner:
         ref_logp = torch.zeros((B, batch.width), dtype=torch.float32, device=self.device)
         if todo:
             with torch.no_grad():
-                model.eval()
-                with model.disable_adapter():
+                self.host.switch.train(False)
+                with self.host.switch.disabled():
                     part, _, _, _ = self._forward(
                         [batch.queries[i] for i in todo], [batch.responses[i] for i in todo], batch.width,
                         values=False, allowed=None if batch.allowed is None else [batch.allowed[i] for i in todo],
@@ -455,7 +462,7 @@ class PPOLearner:
     ) -> tuple[dict[str, list[float]], int]:
         """Epochs x mini-batches, or (windows given) one forward/backward per window of identical passes."""
         cfg, B = self.config, len(batch.queries)
-        self.host.model.train()
+        self.host.switch.train(True)
         acc: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac",
                                                        "approxkl", "ratio", "vf_clipfrac")}
         steps = 0
@@ -476,7 +483,7 @@ class PPOLearner:
                     fwd = self._forward([batch.queries[i] for i in idx], [batch.responses[i] for i in idx], batch.width,
                                         allowed=None if batch.allowed is None else [batch.allowed[i] for i in idx])
                     steps += self._train_pass(fwd, old_logp[t], old_values[t], adv[t], returns[t], 1, acc)
-        self.host.model.eval()
+        self.host.switch.train(False)
         return acc, steps
 
     def _minibatches(self, B: int) -> int:
