@@ -61,7 +61,7 @@ def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
     return sig, codegen
 
 
-@njit(error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _adam(p, m, v, g, tail, c1, b2, c2, bc2s, eps, neg_ss):  # type: ignore[no-untyped-def]
     """Adam on equal-length 1-D views; tail: the scalar-tail contraction. A plain loop over views, which LLVM turns
     into SIMD code (error_model="numpy": a division by 0 gives inf as in torch, instead of a Python exception that
@@ -75,7 +75,7 @@ def _adam(p, m, v, g, tail, c1, b2, c2, bc2s, eps, neg_ss):  # type: ignore[no-u
         p[i] = p[i] + neg_ss * mi / (np.sqrt(vi) / bc2s + eps)
 
 
-@njit(error_model="numpy")
+@njit(cache=True, error_model="numpy")
 def _adam_scaled(p, m, v, dpre, x, c1, b2, c2, bc2s, eps, neg_ss):  # type: ignore[no-untyped-def]
     """Adam on equal-length 1-D views with the gradient x * dpre (a row of sel_w1), never in the scalar tail."""
     for i in range(p.size):
