@@ -75,6 +75,7 @@ def _fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
 # without it LLVM splits them, with the same results). The selection net's output sums are CHAINS interleaved chains.
 VECTOR_BITS = 512
 CHAINS = 4
+GROUP = 4  # vectors of hidden units summed side by side
 
 
 def _vector(fty: ir.Type) -> ir.VectorType:
@@ -130,8 +131,8 @@ def _column_sums(typingctx, p, o, stride, j1, h, acc):  # type: ignore[no-untype
 
 @intrinsic
 def _hidden_relu(typingctx, p, o_b1, rows, nrows, j1, h):  # type: ignore[no-untyped-def]
-    """h[j] = relu(p[o_b1 + j] + p[rows[0] + j] + p[rows[1] + j] + ...) for j in [0, j1), LANES at a time; j1 a
-    multiple of LANES."""
+    """h[j] = relu(p[o_b1 + j] + p[rows[0] + j] + p[rows[1] + j] + ...) for j in [0, j1), LANES at a time (GROUP
+    vectors side by side, so their sums do not wait on each other); j1 a multiple of LANES."""
     if not (isinstance(p, types.Array) and isinstance(p.dtype, types.Float) and p.dtype == h.dtype):
         return None
 
@@ -141,17 +142,29 @@ def _hidden_relu(typingctx, p, o_b1, rows, nrows, j1, h):  # type: ignore[no-unt
         i64 = ir.IntType(64)
         P, R = _data(context, builder, signature.args[0], pa), _data(context, builder, signature.args[2], ra)
         H = _data(context, builder, signature.args[5], ha)
-        slot = cgutils.alloca_once(builder, vty)
+        slots = [cgutils.alloca_once(builder, vty) for _ in range(GROUP)]
         zero = ir.Constant(vty, None)
-        with cgutils.for_range(builder, builder.sdiv(j1, ir.Constant(i64, vty.count))) as blocks:
-            j0 = builder.mul(blocks.index, ir.Constant(i64, vty.count))
-            builder.store(_vload(builder, P, builder.add(o_b1, j0), vty), slot)
+
+        def blocks(first: ir.Value, count: int) -> None:  # `count` vectors from unit `first` on
+            pairs = [(slots[k], builder.add(first, ir.Constant(i64, k * vty.count))) for k in range(count)]
+            for slot, j0 in pairs:
+                builder.store(_vload(builder, P, builder.add(o_b1, j0), vty), slot)
             with cgutils.for_range(builder, nrows) as r:
-                o = builder.add(builder.load(builder.gep(R, [r.index])), j0)
-                builder.store(builder.fadd(builder.load(slot), _vload(builder, P, o, vty)), slot)
-            a = builder.load(slot)
-            builder.store(builder.select(builder.fcmp_ordered(">", a, zero), a, zero),
-                          builder.bitcast(builder.gep(H, [j0]), vty.as_pointer()), align=4)
+                row = builder.load(builder.gep(R, [r.index]))
+                for slot, j0 in pairs:
+                    builder.store(builder.fadd(builder.load(slot), _vload(builder, P, builder.add(row, j0), vty)), slot)
+            for slot, j0 in pairs:
+                a = builder.load(slot)
+                builder.store(builder.select(builder.fcmp_ordered(">", a, zero), a, zero),
+                              builder.bitcast(builder.gep(H, [j0]), vty.as_pointer()), align=4)
+
+        wide = ir.Constant(i64, GROUP * vty.count)
+        groups = builder.sdiv(j1, wide)
+        with cgutils.for_range(builder, groups) as g:
+            blocks(builder.mul(g.index, wide), GROUP)
+        done = builder.mul(groups, wide)
+        with cgutils.for_range(builder, builder.sdiv(builder.sub(j1, done), ir.Constant(i64, vty.count))) as k:
+            blocks(builder.add(done, builder.mul(k.index, ir.Constant(i64, vty.count))), 1)
         return context.get_dummy_value()
 
     return types.void(p, o_b1, rows, nrows, j1, h), codegen
