@@ -163,7 +163,9 @@ def compiled_matches_torch(dtype: str) -> bool:
                    np.zeros(1), x, 0.99, 1.0, 1e-3, (0.9, 0.999), 1e-8)
     selection_forward(sel[0], x, np.zeros((1, 2), f), np.zeros((1, 1), f))
     dil = np.zeros((3, 4 * 2 + 2), f)
-    dilemma_step(dil[0], dil[1], dil[2], np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f), 1.0, 1e-3, (0.9, 0.999), 1e-8)
+    one = np.zeros(1, np.int64)
+    dilemma_step(dil[0], dil[1], dil[2], np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f), one, np.zeros(1, np.int8), one,
+                 one, np.zeros(1), 0.99, 1.0, 1e-3, (0.9, 0.999), 1e-8)
     dilemma_forward(dil[0], np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f))
     return all(np.array_equal(a, b.numpy()) for a, b in zip(ours, theirs, strict=True))
 
@@ -311,10 +313,9 @@ class DQNGroup:
     def _dilemma_targets(self, tr: Transitions) -> tuple[np.ndarray, dict[str, float]]:
         """Dilemma net: mean squared TD error over each agent's k_b transitions of this iteration; (B, 2, 2) dL/dQ as
         [state, action]. The TD errors are tiny (B, 2, 2) lookups, cheaper in numpy than as torch ops."""
-        made = self._qd_made if self._fused else self._qd
-        assert made is not None, "learn() before act() in this iteration"
+        assert self._qd is not None, "learn() before act() in this iteration"
         gamma, B = self.cfg.gamma, self.R * self.G
-        q = made[1]
+        q = self._qd[1]
         b = tr.run * self.G + tr.member
         s, a = tr.state.astype(np.int64), tr.action.astype(np.int64)
         td = q[b, s, a] - (tr.reward + gamma * q[b, tr.next_state].max(axis=-1))
@@ -372,26 +373,33 @@ class DQNGroup:
             opt, d = self.opt, self._trained.index("dil")
             opt.update([opt.buffers[d]], [self._flat["dil"][1]], [opt.exp_avg[d]], [opt.exp_avg_sq[d]], [opt.steps[d]])
 
-    def _fused_step(self, dq_dil: np.ndarray | None, tr: Transitions) -> np.ndarray:
-        """Each net's TD targets (the selection net's), gradients, Adam update and next forward pass in one compiled
-        pass (actors/dqn_fused.py); returns the selection TD errors."""
-        opt, B, n = self.opt, self.R * self.G, self.n_others
+    def _fused_step(self, tr: Transitions) -> dict[str, float]:
+        """Each net's TD targets, gradients, Adam update and next forward pass in one compiled pass
+        (actors/dqn_fused.py); returns the mean squared TD errors."""
+        opt, B, n, G = self.opt, self.R * self.G, self.n_others, self.G
         assert self._sel_made is not None, "learn() before select() in this iteration"
         x, h, q = self._sel_made
+        stats: dict[str, float] = {}
         sel = self._trained.index("sel")
         with opt.stepping():
-            if dq_dil is not None:
-                assert self._qd_made is not None
+            if self.cfg.learn_dilemma:
+                assert self._qd_made is not None, "learn() before act() in this iteration"
                 d = self._trained.index("dil")
-                self._qd_next = dilemma_step(opt.buffers[d].numpy(), opt.exp_avg[d].numpy(), opt.exp_avg_sq[d].numpy(),
-                                             self._qd_made[0], dq_dil, float(opt.steps[d]), opt.lr, opt.betas, opt.eps)
+                td_d, *made = dilemma_step(
+                    opt.buffers[d].numpy(), opt.exp_avg[d].numpy(), opt.exp_avg_sq[d].numpy(), *self._qd_made,
+                    tr.run * G + tr.member, tr.state, tr.action, tr.next_state,
+                    np.ascontiguousarray(tr.reward, np.float64), self.cfg.gamma, float(opt.steps[d]), opt.lr, opt.betas,
+                    opt.eps)
+                self._qd_next = made[0], made[1]
+                stats["dilemma_td2"] = float(np.mean(td_d * td_d))
             x_next = np.ascontiguousarray(tr.sel_next_state.reshape(B, n), dtype=np.int8)
             td, _, h_next, q_next = selection_step(
                 opt.buffers[sel].numpy(), opt.exp_avg[sel].numpy(), opt.exp_avg_sq[sel].numpy(), x, h, q,
                 tr.sel_choice.reshape(-1).astype(np.int64), np.ascontiguousarray(tr.sel_reward.reshape(-1), np.float64),
                 x_next, self.cfg.gamma, float(opt.steps[sel]), opt.lr, opt.betas, opt.eps)
         self._sel_next = x_next, h_next, q_next
-        return td
+        stats["selection_td2"] = float(np.mean(td * td))
+        return stats
 
     def _chunked_step(self, dq_row: np.ndarray, choice: np.ndarray) -> None:
         """Adam for a population too large for all selection gradients at once: the dilemma net in one call, then
@@ -410,19 +418,21 @@ class DQNGroup:
                            [v[o : o + n].view(shape)[b0:b1] for o, n, shape in views], [step] * len(SEL_NAMES))
 
     def learn(self, tr: Transitions) -> dict[str, float]:
-        stats: dict[str, float] = {}
-        dq_dil = None
         self._sel_next = self._qd_next = None  # made with the weights this step changes
+        stats = self._fused_step(tr) if self._fused else self._torch_step(tr)
+        self._qd = self._qd_made = None
+        self._sel_cache = self._sel_made = None
+        return stats
+
+    def _torch_step(self, tr: Transitions) -> dict[str, float]:
+        """The plain reference: TD targets in numpy, gradients with torch into their buffers, torch's fused Adam."""
+        stats: dict[str, float] = {}
         if self.cfg.learn_dilemma:
             dq_dil, dil_stats = self._dilemma_targets(tr)
             stats.update(dil_stats)
-            if not self._fused:
-                self._dilemma_grads(dq_dil)
+            self._dilemma_grads(dq_dil)
         if not self.cfg.learn_selection:
             self.opt.step(self._grad_buffers)
-        elif self._fused:
-            td = self._fused_step(dq_dil, tr)
-            stats["selection_td2"] = float(np.mean(td * td))
         else:
             dq_row, choice, stats["selection_td2"] = self._selection_targets(tr)
             if self.chunk >= self.R * self.G:
@@ -430,8 +440,6 @@ class DQNGroup:
                 self.opt.step(self._grad_buffers)
             else:
                 self._chunked_step(dq_row, choice)
-        self._qd = self._qd_made = None
-        self._sel_cache = self._sel_made = None
         return stats
 
     def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:

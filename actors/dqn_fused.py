@@ -295,13 +295,29 @@ def _selection_step(p, m, v, x, h, q, choice, reward, x_next, gamma, td, dq,  # 
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _dilemma_step(p, m, v, h, dq, h_next, q_next, g, n_agents, tail_from, fma_dpre,  # type: ignore[no-untyped-def]
-                  one, zero, c1, b2, c2, bc2s, eps, neg_ss):
-    """Every agent's dilemma gradients and Adam update, in the flat layout of DQNGroup's dilemma buffer:
+def _dilemma_step(p, m, v, h, q, tb, ts, ta, tns, reward, gamma, td, dq, count,  # type: ignore[no-untyped-def]
+                  h_next, q_next, g, n_agents, tail_from, fma_dpre, one, zero, c1, b2, c2, bc2s, eps, neg_ss):
+    """The dilemma TD errors of this iteration's K transitions (agent tb, state ts, action ta, next state tns, reward)
+    on q (B, 2, 2), the nets' Q before the update, as DQNGroup's numpy computes them: td = q[b, s, a] - (reward +
+    gamma * max q[b, s']) (gamma * max in the weights' dtype, the rest in float64), dq[b, s, a] += 2 td / k_b (the
+    agent's transition count; float64, then rounded to dq's dtype, as np.add.at); then every agent's dilemma gradients
+    and Adam update, in the flat layout of DQNGroup's dilemma buffer:
     dil_w1 (B, 1, H), dil_b1 (B, 1, H), dil_w2 (B, H, 2), dil_b2 (B, 1, 2). h (B, 2, H) the hidden ReLU on both
     states, dq (B, 2, 2) dL/dQ as [state, action]. The two-term sums are torch.bmm's: fma(x1, y1, x0 * y0), except
     dq @ w2^T in float64 (fma_dpre False), which MKL rounds twice. After each agent's update, its net on both states
     with the updated weights -> h_next, q_next: the next iteration's dilemma forward (_dil_forward)."""
+    count[:] = 0
+    dq[:] = zero
+    for i in range(tb.size):  # the kernel does not check bounds: indices outside the tables would write elsewhere
+        if not (0 <= tb[i] < n_agents and 0 <= ts[i] <= 1 and 0 <= ta[i] <= 1 and 0 <= tns[i] <= 1):
+            raise ValueError("dilemma_step: a transition's agent, state, action or next state is out of range")
+        count[tb[i]] += 1
+    for i in range(tb.size):
+        b, s, a, s2 = tb[i], ts[i], ta[i], tns[i]
+        n0, n1 = q[b, s2, 0], q[b, s2, 1]
+        best = n0 if (n0 >= n1 or n0 != n0) else n1  # numpy's max: a NaN wins
+        td[i] = q[b, s, a] - (reward[i] + gamma * best)
+        dq[b, s, a] = dq[b, s, a] + 2.0 * td[i] / count[b]
     hid = h.shape[2]
     o_b1 = n_agents * hid
     o_w2 = 2 * n_agents * hid
@@ -426,20 +442,26 @@ def selection_step(p: np.ndarray, m: np.ndarray, v: np.ndarray, x: np.ndarray, h
     return td, dq, h_next, q_next
 
 
-def dilemma_step(p: np.ndarray, m: np.ndarray, v: np.ndarray, h: np.ndarray, dq: np.ndarray, step: float, lr: float,
-                 betas: tuple[float, float], eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """One fused gradient + Adam step of B agents' dilemma nets. p, m, v: the flat buffers (modified in place);
-    h (B, 2, H) the hidden activations on both states, dq (B, 2, 2) dL/dQ. Returns the nets with the updated weights
-    on both states: h_next (B, 2, H), q_next (B, 2, 2)."""
+def dilemma_step(p: np.ndarray, m: np.ndarray, v: np.ndarray, h: np.ndarray, q: np.ndarray, agent: np.ndarray,
+                 state: np.ndarray, action: np.ndarray, next_state: np.ndarray, reward: np.ndarray, gamma: float,
+                 step: float, lr: float, betas: tuple[float, float], eps: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One fused step of B agents' dilemma nets: TD targets, gradients, Adam, and the next forward pass. p, m, v: the
+    flat buffers (modified in place); h (B, 2, H), q (B, 2, 2) the nets on both states before the update; the K
+    transitions as agent, state, action, next state (K,) ints and reward (K,) float64. Returns the TD errors (K,)
+    float64 and the nets with the updated weights on both states: h_next (B, 2, H), q_next (B, 2, 2)."""
     f, (B, _, hid) = p.dtype.type, h.shape
-    if not (p.size == m.size == v.size == B * (4 * hid + 2) and h.shape == (B, 2, hid) and dq.shape == (B, 2, 2)
-            and p.dtype == m.dtype == v.dtype == h.dtype == dq.dtype):
-        raise ValueError(f"dilemma_step: shapes {p.shape} {h.shape} {dq.shape} do not fit B={B}, H={hid}")
-    h_next, q_next = np.empty_like(h), np.empty_like(dq)
-    _dilemma_step(p, m, v, h, dq, h_next, q_next, np.empty(4 * hid + 2, p.dtype), B,
+    K = len(agent)
+    if not (p.size == m.size == v.size == B * (4 * hid + 2) and h.shape == (B, 2, hid) and q.shape == (B, 2, 2)
+            and state.shape == action.shape == next_state.shape == reward.shape == (K,)
+            and p.dtype == m.dtype == v.dtype == h.dtype == q.dtype):
+        raise ValueError(f"dilemma_step: shapes {p.shape} {h.shape} {q.shape} {agent.shape} do not fit B={B}, H={hid}")
+    td, h_next, q_next = np.empty(K), np.empty_like(h), np.empty_like(q)
+    _dilemma_step(p, m, v, h, q, agent, state, action, next_state, reward, f(gamma), td, np.empty_like(q),
+                  np.empty(B, np.int64), h_next, q_next, np.empty(4 * hid + 2, p.dtype), B,
                   p.size - p.size % LANES[p.dtype], p.dtype == np.float32, f(1), f(0),
                   *adam_constants(step, lr, betas, eps, p.dtype))
-    return h_next, q_next
+    return td, h_next, q_next
 
 
 def adam_step(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, step: float, lr: float,

@@ -8,10 +8,11 @@ times each phase with wrappers around the group and record calls (a few hundred 
     dilemma forward     DQNGroup.act: the dilemma nets on both states, greedy / explore moves
     gradients           DQNGroup.learn without Adam: TD targets (the next-state selection forward) and gradients
     Adam                the fused Adam step over every stacked weight
-    fused step          (DQNConfig.fused, the default) the compiled pass of actors/dqn_fused.py: per agent, the
-                        selection TD target (its net on the next state), both nets' gradients and Adam update, and
-                        the nets with the updated weights on the next states, which the next select / act take
-                        (the two forward phases above are then what is left of select / act: the choices)
+    fused step          (DQNConfig.fused, the default) the compiled pass of actors/dqn_fused.py: both nets' TD
+                        targets (the selection net's from its net on the next state, agent by agent), gradients and
+                        Adam update, and the nets with the updated weights on the next states, which the next
+                        select / act take (the two forward phases above are then what is left of select / act: the
+                        choices; "gradients" what is left of learn: the glue)
     static strategies   StaticGroup.select / act / end_iteration
     engine bookkeeping  PopulationEngine.step minus the group calls: uniforms, order, payoffs, rewards, state
     records             RecordBuffer.add: the iteration's columns into the run buffers
