@@ -199,7 +199,7 @@ def _adam_scaled(p, m, v, dpre, x, c1, b2, c2, bc2s, eps, neg_ss):  # type: igno
 @njit(cache=True, error_model="numpy")
 def _sel_forward(p, b, n_agents, x, h, q, acc, rows, zero):  # type: ignore[no-untyped-def]
     """Agent b's selection net on the 0/1 state x (n,): h (H,) the hidden ReLU, q (n,) the partner values, with these
-    float operations (DESIGN: the compiled forward passes):
+    float operations (see the module docstring):
         h[j] = relu(b1[j] + w1[i1, j] + w1[i2, j] + ...)      the rows i with x[i] = 1, in increasing i
         q[k] = ((s0 + s1) + (s2 + s3)) + b2[k]                 s_c = fma(h[j], w2[j, k], s_c) over j = c, c + 4, ...
     x is 0/1, so x[i] * w1[i, j] is w1[i, j] or 0, and leaving a 0 out changes no sum. acc (CHAINS * LANES,), rows
