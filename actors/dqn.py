@@ -11,7 +11,9 @@ Why hand-written gradients: the nets are tiny, so per-operation overhead decides
 networks are stacked along a leading axis and every step is a handful of batched matmuls. Because the
 dilemma state is binary, Q_d is evaluated once per iteration on both states and every decision and TD target
 is a lookup. Adam is elementwise, so one fused Adam over the stacked tensors equals B separate optimisers; by
-default the gradients are computed inside that Adam pass (actors/dqn_fused.py, numba), with the same bits.
+default the TD targets and gradients are computed inside that Adam pass, and the next iteration's forward passes
+after it (actors/dqn_fused.py, numba; its own float order of the forward sums, the same bits as the torch path given
+the same forward passes).
 tests/test_equivalence.py checks all of this against per-agent torch.nn modules with autograd.
 """
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.dqn_fused import adam_step, dilemma_step, selection_step
+from actors.dqn_fused import adam_step, dilemma_forward, dilemma_step, selection_forward, selection_step
 from actors.egreedy import epsilon_choice, epsilon_reasons, greedy
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
@@ -61,6 +63,10 @@ GRAD_CHUNK_BYTES = 64 << 20
 # chunks are a multiple of this many agents, so every chunk of every parameter is a whole number of SIMD vectors and
 # the fused Adam kernel computes each element exactly as in one call over the whole buffer
 CHUNK_AGENTS = 16
+# The torch path (DQNConfig(fused=False)) makes its forward passes with torch (MKL), the plain reference. Tests set this
+# to make them with the fused path's compiled forward passes instead: the two paths then differ only in how the
+# gradients and Adam are computed, and must give the same bits (tests/test_equivalence.py).
+TORCH_PATH_COMPILED_FORWARD = False
 
 
 def init_params(rng: np.random.Generator, n_others: int, hidden: int) -> dict[str, np.ndarray]:
@@ -152,11 +158,15 @@ def compiled_matches_torch(dtype: str) -> bool:
     theirs = (opt.buffers[0], opt.exp_avg[0], opt.exp_avg_sq[0])
     # compile (or load from numba's cache) the step kernels now, with the types DQNGroup passes, so no run's first
     # iteration pays for it
-    sel = np.zeros((3, 2 * 2 + 2 + 1), f)  # one agent, one partner, two hidden units
-    selection_step(sel[0], sel[1], sel[2], np.zeros((1, 1), f), np.zeros((1, 2), f), np.zeros(1, np.int64),
-                   np.zeros(1, f), 1, 2, 1.0, 1e-3, (0.9, 0.999), 1e-8)
-    dilemma_step(np.zeros(4 * 2 + 2, f), np.zeros(10, f), np.zeros(10, f), np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f),
-                 1.0, 1e-3, (0.9, 0.999), 1e-8)
+    sel, x = np.zeros((3, 2 * 2 + 2 + 1), f), np.zeros((1, 1), np.int8)  # one agent, one partner, two hidden units
+    selection_step(sel[0], sel[1], sel[2], x, np.zeros((1, 2), f), np.zeros((1, 1), f), np.zeros(1, np.int64),
+                   np.zeros(1), x, 0.99, 1.0, 1e-3, (0.9, 0.999), 1e-8)
+    selection_forward(sel[0], x, np.zeros((1, 2), f), np.zeros((1, 1), f))
+    dil = np.zeros((3, 4 * 2 + 2), f)
+    one = np.zeros(1, np.int64)
+    dilemma_step(dil[0], dil[1], dil[2], np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f), one, np.zeros(1, np.int8), one,
+                 one, np.zeros(1), 0.99, 1.0, 1e-3, (0.9, 0.999), 1e-8)
+    dilemma_forward(dil[0], np.zeros((1, 2, 2), f), np.zeros((1, 2, 2), f))
     return all(np.array_equal(a, b.numpy()) for a, b in zip(ours, theirs, strict=True))
 
 
@@ -220,18 +230,55 @@ class DQNGroup:
         self._sel_dq = np.zeros((self.chunk, n), dtype=self.np_dtype)  # dL/dQ_s: one nonzero a row, reset after use
         self._sel_cache: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None
         self._qd: tuple[torch.Tensor, np.ndarray] | None = None
+        # the fused path's forward passes (compiled, actors/dqn_fused.py), as numpy: this iteration's selection (x, h, q)
+        # and dilemma (h, q); and what the last step left, the nets with the updated weights on the next selection state
+        # (x, h, q) and on both dilemma states (h, q), which the next iteration uses
+        self._compiled_forward = self._fused or TORCH_PATH_COMPILED_FORWARD
+        self._sel_made: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._qd_made: tuple[np.ndarray, np.ndarray] | None = None
+        self._sel_next: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._qd_next: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- forward passes ---------------------------------------------------------------------------------
     def _sel_forward(self, state: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """x (B, 1, N-1), h (B, 1, H), q (B, N-1) as numpy."""
+        if self._compiled_forward:  # the torch path with the compiled forward passes (tests)
+            xs, hs, qs = self._sel_compiled(state)
+            B = self.R * self.G
+            return (torch.from_numpy(xs.reshape(B, 1, self.n_others).astype(self.np_dtype)),
+                    torch.from_numpy(hs).view(B, 1, self.cfg.hidden), qs)
         p = self.params
         x = torch.from_numpy(state.reshape(self.R * self.G, 1, self.n_others).astype(self.np_dtype))
         h = torch.baddbmm(p["sel_b1"], x, p["sel_w1"]).relu_()
         q = torch.baddbmm(p["sel_b2"], h, p["sel_w2"])
         return x, h, q.numpy().reshape(self.R * self.G, self.n_others)
 
+    def _sel_compiled(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The compiled forward pass: x (B, N-1) int8, h (B, H), q (B, N-1); the last fused step's when it was made on
+        this state."""
+        B, n = self.R * self.G, self.n_others
+        x = np.ascontiguousarray(state.reshape(B, n), dtype=np.int8)
+        made, self._sel_next = self._sel_next, None
+        if made is not None and np.array_equal(made[0], x):
+            return made
+        h, q = np.empty((B, self.cfg.hidden), self.np_dtype), np.empty((B, n), self.np_dtype)
+        selection_forward(self._flat["sel"][0].numpy(), x, h, q)
+        return x, h, q
+
+    def _dil_compiled(self) -> tuple[np.ndarray, np.ndarray]:
+        """The compiled forward pass: h (B, 2, H), q (B, 2, 2); the last fused step's when there was one."""
+        made, self._qd_next = self._qd_next, None
+        if made is None:
+            B = self.R * self.G
+            made = np.empty((B, 2, self.cfg.hidden), self.np_dtype), np.empty((B, 2, 2), self.np_dtype)
+            dilemma_forward(self._flat["dil"][0].numpy(), *made)
+        return made
+
     def _dilemma_q(self) -> tuple[torch.Tensor, np.ndarray]:
         """Q_d on both states at once: h (B, 2, H), q (B, 2, 2) = [state, action] as numpy."""
+        if self._compiled_forward:  # the torch path with the compiled forward passes (tests)
+            h_np, q_np = self._dil_compiled()
+            return torch.from_numpy(h_np), q_np
         p = self.params
         b1 = p["dil_b1"]
         h = torch.cat([b1, b1 + p["dil_w1"]], dim=1).relu_()  # s * w1 + b1 for s = 0, 1
@@ -242,14 +289,22 @@ class DQNGroup:
         random_choice = uniform_partner(batch.u[..., 1], self.n_others)
         if not self.cfg.learn_selection:
             return Decisions(random_choice, np.full(random_choice.shape, Reason.STATIC, dtype=np.int8))
-        self._sel_cache = self._sel_forward(batch.state)
-        q = self._sel_cache[2].reshape(self.R, self.G, self.n_others)
+        if self._fused:
+            self._sel_made = self._sel_compiled(batch.state)
+            q = self._sel_made[2].reshape(self.R, self.G, self.n_others)
+        else:
+            self._sel_cache = self._sel_forward(batch.state)
+            q = self._sel_cache[2].reshape(self.R, self.G, self.n_others)
         reason = epsilon_reasons(batch.iteration, batch.u[..., 0], self.cfg.eps_selection)
         return Decisions(epsilon_choice(reason, greedy(q), random_choice), reason)
 
     def act(self, batch: DilemmaBatch) -> Decisions:
-        self._qd = self._dilemma_q()
-        qtab = self._qd[1]  # (B, 2, 2)
+        if self._fused:
+            self._qd_made = self._dil_compiled()
+            qtab = self._qd_made[1]  # (B, 2, 2)
+        else:
+            self._qd = self._dilemma_q()
+            qtab = self._qd[1]
         b = batch.run * self.G + batch.member
         reason = epsilon_reasons(batch.iteration, batch.u[:, 0], self.cfg.eps_dilemma)
         return Decisions(epsilon_choice(reason, greedy(qtab[b, batch.state]), uniform_action(batch.u[:, 1])), reason)
@@ -318,21 +373,33 @@ class DQNGroup:
             opt, d = self.opt, self._trained.index("dil")
             opt.update([opt.buffers[d]], [self._flat["dil"][1]], [opt.exp_avg[d]], [opt.exp_avg_sq[d]], [opt.steps[d]])
 
-    def _fused_step(self, dq_dil: np.ndarray | None, dq_row: np.ndarray, choice: np.ndarray) -> None:
-        """Each net's gradients and Adam update in one compiled pass (actors/dqn_fused.py)."""
-        opt, B, hid = self.opt, self.R * self.G, self.cfg.hidden
-        assert self._sel_cache is not None
-        x, h = self._sel_cache[0].numpy(), self._sel_cache[1].numpy()
+    def _fused_step(self, tr: Transitions) -> dict[str, float]:
+        """Each net's TD targets, gradients, Adam update and next forward pass in one compiled pass
+        (actors/dqn_fused.py); returns the mean squared TD errors."""
+        opt, B, n, G = self.opt, self.R * self.G, self.n_others, self.G
+        assert self._sel_made is not None, "learn() before select() in this iteration"
+        x, h, q = self._sel_made
+        stats: dict[str, float] = {}
         sel = self._trained.index("sel")
         with opt.stepping():
-            if dq_dil is not None:
-                assert self._qd is not None
+            if self.cfg.learn_dilemma:
+                assert self._qd_made is not None, "learn() before act() in this iteration"
                 d = self._trained.index("dil")
-                dilemma_step(opt.buffers[d].numpy(), opt.exp_avg[d].numpy(), opt.exp_avg_sq[d].numpy(),
-                             self._qd[0].numpy(), dq_dil, float(opt.steps[d]), opt.lr, opt.betas, opt.eps)
-            selection_step(opt.buffers[sel].numpy(), opt.exp_avg[sel].numpy(), opt.exp_avg_sq[sel].numpy(),
-                           x.reshape(B, self.n_others), h.reshape(B, hid), choice, dq_row, self.n_others, hid,
-                           float(opt.steps[sel]), opt.lr, opt.betas, opt.eps)
+                td_d, *made = dilemma_step(
+                    opt.buffers[d].numpy(), opt.exp_avg[d].numpy(), opt.exp_avg_sq[d].numpy(), *self._qd_made,
+                    tr.run * G + tr.member, tr.state, tr.action, tr.next_state,
+                    np.ascontiguousarray(tr.reward, np.float64), self.cfg.gamma, float(opt.steps[d]), opt.lr, opt.betas,
+                    opt.eps)
+                self._qd_next = made[0], made[1]
+                stats["dilemma_td2"] = float(np.mean(td_d * td_d))
+            x_next = np.ascontiguousarray(tr.sel_next_state.reshape(B, n), dtype=np.int8)
+            td, _, h_next, q_next = selection_step(
+                opt.buffers[sel].numpy(), opt.exp_avg[sel].numpy(), opt.exp_avg_sq[sel].numpy(), x, h, q,
+                tr.sel_choice.reshape(-1).astype(np.int64), np.ascontiguousarray(tr.sel_reward.reshape(-1), np.float64),
+                x_next, self.cfg.gamma, float(opt.steps[sel]), opt.lr, opt.betas, opt.eps)
+        self._sel_next = x_next, h_next, q_next
+        stats["selection_td2"] = float(np.mean(td * td))
+        return stats
 
     def _chunked_step(self, dq_row: np.ndarray, choice: np.ndarray) -> None:
         """Adam for a population too large for all selection gradients at once: the dilemma net in one call, then
@@ -351,26 +418,28 @@ class DQNGroup:
                            [v[o : o + n].view(shape)[b0:b1] for o, n, shape in views], [step] * len(SEL_NAMES))
 
     def learn(self, tr: Transitions) -> dict[str, float]:
+        self._sel_next = self._qd_next = None  # made with the weights this step changes
+        stats = self._fused_step(tr) if self._fused else self._torch_step(tr)
+        self._qd = self._qd_made = None
+        self._sel_cache = self._sel_made = None
+        return stats
+
+    def _torch_step(self, tr: Transitions) -> dict[str, float]:
+        """The plain reference: TD targets in numpy, gradients with torch into their buffers, torch's fused Adam."""
         stats: dict[str, float] = {}
-        dq_dil = None
         if self.cfg.learn_dilemma:
             dq_dil, dil_stats = self._dilemma_targets(tr)
             stats.update(dil_stats)
-            if not self._fused:
-                self._dilemma_grads(dq_dil)
+            self._dilemma_grads(dq_dil)
         if not self.cfg.learn_selection:
             self.opt.step(self._grad_buffers)
         else:
             dq_row, choice, stats["selection_td2"] = self._selection_targets(tr)
-            if self._fused:
-                self._fused_step(dq_dil, dq_row, choice)
-            elif self.chunk >= self.R * self.G:
+            if self.chunk >= self.R * self.G:
                 self._selection_grads(dq_row, choice, 0, self.R * self.G)
                 self.opt.step(self._grad_buffers)
             else:
                 self._chunked_step(dq_row, choice)
-        self._qd = None
-        self._sel_cache = None
         return stats
 
     def end_iteration(self, iteration: int, new_state: np.ndarray) -> None:

@@ -8,6 +8,11 @@ times each phase with wrappers around the group and record calls (a few hundred 
     dilemma forward     DQNGroup.act: the dilemma nets on both states, greedy / explore moves
     gradients           DQNGroup.learn without Adam: TD targets (the next-state selection forward) and gradients
     Adam                the fused Adam step over every stacked weight
+    fused step          (DQNConfig.fused, the default) the compiled pass of actors/dqn_fused.py: both nets' TD
+                        targets (the selection net's from its net on the next state, agent by agent), gradients and
+                        Adam update, and the nets with the updated weights on the next states, which the next
+                        select / act take (the two forward phases above are then what is left of select / act: the
+                        choices; "gradients" what is left of learn: the glue)
     static strategies   StaticGroup.select / act / end_iteration
     engine bookkeeping  PopulationEngine.step minus the group calls: uniforms, order, payoffs, rewards, state
     records             RecordBuffer.add: the iteration's columns into the run buffers
@@ -43,8 +48,8 @@ from simulator.driver import build_engine
 from simulator.records import RecordBuffer, write_table_atomic
 
 POPULATION = "8xS_1xUT_1xaUT_1xDE_1xmDE_1xVEe_1xVie_1xVEk_1xVagg"
-PHASES = ("selection forward", "dilemma forward", "gradients", "Adam", "static strategies", "engine bookkeeping",
-          "records", "Arrow tables", "Parquet")
+PHASES = ("selection forward", "dilemma forward", "gradients", "Adam", "fused step", "static strategies",
+          "engine bookkeeping", "records", "Arrow tables", "Parquet")
 
 
 now = time.perf_counter  # --clock cpu: this thread's CPU time, which a loaded machine disturbs far less
@@ -92,8 +97,8 @@ def main() -> None:
                 clock.wrap(g, "select", "selection forward")
                 clock.wrap(g, "act", "dilemma forward")
                 clock.wrap(g, "learn", "gradients")
-                if getattr(g, "_fused", False):  # the selection gradients are made inside the fused Adam pass
-                    clock.wrap(g, "_fused_step", "Adam")
+                if getattr(g, "_fused", False):  # TD targets, gradients, Adam and next forwards in one compiled pass
+                    clock.wrap(g, "_fused_step", "fused step")
                 else:
                     clock.wrap(g.opt, "update" if hasattr(g.opt, "update") else "step", "Adam")  # the kernel calls
             elif not g.learns:
@@ -129,8 +134,9 @@ def main() -> None:
                 flush()
         flush()
         wall = now() - t0
-    inside = sum(v for k, v in clock.total.items() if k not in ("records", "Arrow tables", "Parquet", "Adam"))  # learn holds Adam
-    clock.total["gradients"] -= clock.total["Adam"]
+    inner = ("Adam", "fused step")  # inside learn
+    inside = sum(v for k, v in clock.total.items() if k not in ("records", "Arrow tables", "Parquet", *inner))
+    clock.total["gradients"] -= sum(clock.total.get(k, 0.0) for k in inner)
     clock.total["engine bookkeeping"] = step_time - inside
     other = wall - sum(clock.total.values())
     games = args.runs * args.iterations * len(codes)

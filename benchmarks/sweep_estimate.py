@@ -12,6 +12,12 @@ about 200 days.
 
 With interleaved.py this script runs against another checkout's code (MORALSIM_SRC), back to 2f15ff0, whose
 build_groups still took the agent settings apart: both checkouts are then measured by the same rule.
+
+Warm workers (the default; --cold-workers for the earlier rule): before the batches, each Ray worker imports what it
+pays for once, whatever the number of its batches (the engine, the agents and torch, and numba's kernels where the
+checkout has them: about 2 s a worker), so the batches' seconds hold their own set-up and iterations only, as in the
+real sweep, where each of the two workers runs 9 batches of 30,000 iterations. That import time is in the start-up.
+With cold workers each of the 2 batches here pays it, which the short slice weighs 9 x 10 times more than the sweep.
 """
 
 from __future__ import annotations
@@ -37,12 +43,26 @@ POPULATION = "8xS_1xUT_1xaUT_1xDE_1xmDE_1xVEe_1xVie_1xVEk_1xVagg"
 SWEEP_GAMES = 9 * 20 * 30_000 * 16
 
 
+def warm_worker(pause: float) -> int:
+    """A worker's once-only cost: the engine, the agents (torch) and, where the checkout has them, numba's DQN kernels
+    (loaded from its cache and checked against torch, as the first DQN group of a process does)."""
+    import actors.dqn
+    import scenarios.factory  # noqa: F401
+
+    check = getattr(actors.dqn, "compiled_matches_torch", None)
+    if check is not None:
+        check("float32")
+    time.sleep(pause)  # the tasks overlap, so each lands on its own worker
+    return os.getpid()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--backend", default="ray", choices=["ray", "inline"])
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--cold-workers", action="store_true", help="no warm-up: every batch pays its worker's imports")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(POPULATION, num_iterations=args.iterations, num_runs=args.runs, seed=0, output=Path(tmp))
@@ -51,6 +71,12 @@ def main() -> None:
             import ray
 
             ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+            if not args.cold_workers:
+                cpus = args.num_cpus or os.cpu_count() or 1
+                warm = ray.remote(num_cpus=1)(warm_worker)
+                pids = ray.get([warm.remote(1.0) for _ in range(cpus)])
+                if len(set(pids)) < len(pids):
+                    print(f"warm-up: {len(set(pids))} worker(s) of {len(pids)} warmed")
         factory: Any = build_groups
         if "settings" in inspect.signature(build_groups).parameters:  # before the resolved RunConfig (2f15ff0)
             factory = partial(build_groups, settings=scenarios.factory.AgentSettings())  # type: ignore[attr-defined,call-arg]

@@ -141,13 +141,18 @@ def _assert_same_bits(fast: list[object], plain: list[object]) -> None:
     ("2xS_1xUT_1xaUT_1xDE_1xTFT_1xAD", 3, 200, "float64"),
     ("1xUT_1xDE", 1, 200, "float32"),  # one partner
 ])
-def test_fused_selection_step_equals_the_torch_path(tmp_path, pop, runs, iterations, dtype):
-    """actors/dqn_fused.py computes the selection gradients inside the Adam step; the torch path (gradients into a
-    buffer, then torch._fused_adam_) is its plain reference. Weights, Adam moments and records: the same bits."""
+def test_fused_selection_step_equals_the_torch_path(tmp_path, monkeypatch, pop, runs, iterations, dtype):
+    """actors/dqn_fused.py computes the TD targets and gradients inside the Adam step, and the next forward passes
+    after it; the torch path (gradients into a buffer, then torch._fused_adam_) is its plain reference. With the same
+    forward passes (the compiled ones, which the torch path otherwise makes with torch): weights, Adam moments and
+    records, the same bits."""
+    import actors.dqn
+
     cfg = RunConfig(pop, num_iterations=iterations, num_runs=runs, seed=9, output=tmp_path)
     fast, fast_rec = _dqn_engines(cfg, list(range(runs)), iterations, dtype=dtype, fused=True)
+    monkeypatch.setattr(actors.dqn, "TORCH_PATH_COMPILED_FORWARD", True)
     plain, plain_rec = _dqn_engines(cfg, list(range(runs)), iterations, dtype=dtype, fused=False)
-    assert fast[0]._fused and not plain[0]._fused  # type: ignore[attr-defined]
+    assert fast[0]._fused and not plain[0]._fused and plain[0]._compiled_forward  # type: ignore[attr-defined]
     _assert_same_bits(fast, plain)
     for a, b in zip(fast_rec, plain_rec, strict=True):
         for col in ("selected", "selector_action", "selected_action", "selection_reason"):
@@ -164,6 +169,65 @@ def test_fused_selection_step_equals_the_chunked_torch_path(tmp_path, monkeypatc
     cfg = RunConfig("2xS_1xUT_1xaUT_1xDE_1xmDE_1xVEe_1xVie", num_iterations=40, num_runs=4, seed=5, output=tmp_path)
     fast, _ = _dqn_engines(cfg, [0, 1, 2, 3], 40, fused=True)
     monkeypatch.setattr(actors.dqn, "GRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(actors.dqn, "TORCH_PATH_COMPILED_FORWARD", True)
     chunked, _ = _dqn_engines(cfg, [0, 1, 2, 3], 40, fused=False)
     assert chunked[0].chunk == actors.dqn.CHUNK_AGENTS < 32  # type: ignore[attr-defined]
     _assert_same_bits(fast, chunked)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("agents", "n", "hid"), [(3, 15, 256), (1, 5, 7), (2, 1, 2), (2, 16, 33), (1, 17, 64), (4, 40, 9)])
+def test_compiled_forward_passes_make_the_sums_they_state(agents, n, hid, dtype):
+    """actors/dqn_fused.py's selection forward runs its sums in SIMD vectors (16 float32 lanes, CHAINS chains) with a
+    scalar path near the buffer's end; both must give the bits of the order its docstring states, written here as a
+    plain loop, and the net's values to rounding (a float64 matmul). Shapes cover columns below, at and above one
+    vector, hidden sizes that are not a multiple of it, and buffers small enough to take the scalar path."""
+    from numba import njit
+
+    from actors.dqn_fused import CHAINS, _fma, dilemma_forward, selection_forward
+
+    @njit
+    def stated(p, b, n_agents, x, hid):  # type: ignore[no-untyped-def]
+        n = x.size
+        o_b1, o_w2 = n_agents * n * hid + b * hid, n_agents * n * hid + n_agents * hid + b * hid * n
+        o_b2 = n_agents * (n * hid + hid + hid * n) + b * n
+        h, q = np.zeros(hid, p.dtype), np.zeros(n, p.dtype)
+        for j in range(hid):
+            a = p[o_b1 + j]
+            for i in range(n):
+                if x[i] != 0:
+                    a = a + p[(b * n + i) * hid + j]
+            h[j] = max(a, p.dtype.type(0))
+        for k in range(n):
+            s = np.zeros(CHAINS, p.dtype)
+            for j in range(hid):
+                s[j % CHAINS] = _fma(h[j], p[o_w2 + j * n + k], s[j % CHAINS])
+            q[k] = ((s[0] + s[1]) + (s[2] + s[3])) + p[o_b2 + k]
+        return h, q
+
+    f = np.dtype(dtype).type
+    rng = np.random.default_rng(n * 100 + hid)
+    p = rng.standard_normal(agents * (2 * n * hid + hid + n)).astype(f)
+    x = (rng.random((agents, n)) < 0.5).astype(np.int8)
+    x[0] = 1  # every row of one agent
+    h, q = np.empty((agents, hid), f), np.empty((agents, n), f)
+    selection_forward(p, x, h, q)
+    for b in range(agents):
+        want_h, want_q = stated(p, b, agents, x[b], hid)
+        assert np.array_equal(h[b], want_h) and np.array_equal(q[b], want_q), b
+    w1 = p[: agents * n * hid].reshape(agents, n, hid).astype(np.float64)
+    o = agents * n * hid
+    b1 = p[o : o + agents * hid].reshape(agents, hid)
+    w2 = p[o + agents * hid : o + agents * hid + agents * hid * n].reshape(agents, hid, n).astype(np.float64)
+    b2 = p[o + agents * hid + agents * hid * n :].reshape(agents, n)
+    h64 = np.maximum(np.einsum("bi,bij->bj", x, w1) + b1, 0)
+    np.testing.assert_allclose(q, np.einsum("bj,bjk->bk", h64, w2) + b2, rtol=0, atol=1e-4 if dtype == "float32" else 1e-12)
+    pd = rng.standard_normal(agents * (4 * hid + 2)).astype(f)
+    hd, qd = np.empty((agents, 2, hid), f), np.empty((agents, 2, 2), f)
+    dilemma_forward(pd, hd, qd)
+    dw1, db1 = pd[: agents * hid].reshape(agents, hid), pd[agents * hid : 2 * agents * hid].reshape(agents, hid)
+    dw2 = pd[2 * agents * hid : 4 * agents * hid].reshape(agents, hid, 2).astype(np.float64)
+    dh = np.maximum(np.stack([db1, db1 + dw1], axis=1), 0)
+    assert np.array_equal(hd, dh)
+    np.testing.assert_allclose(qd, np.einsum("bsj,bja->bsa", dh, dw2) + pd[4 * agents * hid :].reshape(agents, 1, 2),
+                               rtol=0, atol=1e-4 if dtype == "float32" else 1e-12)

@@ -24,6 +24,9 @@ CLASSIC = "8xS_1xUT_1xaUT_1xDE_1xmDE_1xVEe_1xVie_1xVEk_1xVagg"
 COMMON = ["--backend", "inline", "--no_progress", "--seed", "7"]
 
 EXPECTED = {
+    # issue 19's compiled forward passes (actors/dqn_fused.py) sum Q in another float order than torch's: a run's choices
+    # differ from the earlier records once a near-tie falls the other way, after 460 to 3,000 iterations in the AIES
+    # population, so these 60- and 80-iteration runs keep their hashes
     "classic16": "060c946394ec2117",
     "aies2024_compat": "e1d8786f4ec5b6f3",
     "tabular_random_matching": "1ba8eab233d2b4a9",
