@@ -639,16 +639,13 @@ def _ensemble(cfg: PipelineConfig, layout: Layout) -> Any:
 
 def _eval_ensemble(cfg: PipelineConfig, layout: Layout) -> Any:
     """The evaluator's reward models: --eval_reward_models when given (on the same base), else the pipeline's own."""
-    from actors.llm.virtue.reward import EnsembleReward, RewardModels
+    from actors.llm.virtue.reward import EnsembleReward, RewardModels, turn_adapters
 
     d = cfg.eval_reward_models
     if d is None:
         return _ensemble(cfg, layout)
-    if all((d / t / "adapter_config.json").exists() for t in TURNS):
-        adapters = {t: d / t for t in TURNS}
-    elif (d / "adapter_config.json").exists():
-        adapters = {t: d for t in TURNS}  # one model (e.g. the supervised judge) scores every turn
-    else:
+    adapters = turn_adapters(d)  # one model (e.g. the supervised judge) may score every turn
+    if adapters is None:
         raise ConfigError(f"--eval_reward_models {d}: expected {', '.join(f'{t}/' for t in TURNS)} adapter folders "
                           "or one adapter folder (adapter_config.json)")
     return EnsembleReward(RewardModels(_model_dir(cfg.model), adapters, cfg.rm.max_length, cfg.device), cfg.lam)

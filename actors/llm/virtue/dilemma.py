@@ -58,11 +58,13 @@ def locate_reward_models(cfg: VirtueConfig) -> RewardModelFiles:
     """The three adapter folders, their base model and max_length; ConfigError naming what is expected. A folder
     that is itself one adapter (e.g. the pipeline's supervised judge, <output>/judge_rm) scores alone: the ensemble
     of one model is its score (std 0)."""
+    from actors.llm.virtue.reward import turn_adapters
+
     given = Path(cfg.reward_models).expanduser()
     folder = given / "reward_models" if (given / "reward_models").is_dir() else given
-    single = (folder / "adapter_config.json").is_file()  # one model for every turn (e.g. the supervised judge)
-    missing = [] if single else [t for t in TURNS if not (folder / t / "adapter_config.json").is_file()]
-    if missing:
+    adapters = turn_adapters(folder)
+    if adapters is None:
+        missing = [t for t in TURNS if not (folder / t / "adapter_config.json").is_file()]
         root = folder.parent if folder.name == "reward_models" else folder
         raise ConfigError(
             f"the virtue reward models are not in {str(given)!r}: expected "
@@ -77,6 +79,7 @@ def locate_reward_models(cfg: VirtueConfig) -> RewardModelFiles:
             pipeline = json.loads(config_json.read_text())
         except (OSError, json.JSONDecodeError):
             pipeline = {}
+    single = adapters[TURNS[0]] == folder  # one model for every turn
     if single:  # the pipeline's supervised judge (<output>/judge_rm) was trained on its judge_rm settings
         judge = folder.name == "judge_rm"
         base = cfg.base_model or pipeline.get("judge_model" if judge else "model") or pipeline.get("model")
@@ -84,7 +87,7 @@ def locate_reward_models(cfg: VirtueConfig) -> RewardModelFiles:
     else:
         base, trained = cfg.base_model or pipeline.get("model"), pipeline.get("rm") or {}
     if base is None:
-        adapter_cfg = json.loads((folder / ("" if single else TURNS[0]) / "adapter_config.json").read_text())
+        adapter_cfg = json.loads((adapters[TURNS[0]] / "adapter_config.json").read_text())
         base = adapter_cfg.get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"cannot tell the base model of the reward models in {folder}: set [llm.virtue] base_model")
@@ -92,7 +95,7 @@ def locate_reward_models(cfg: VirtueConfig) -> RewardModelFiles:
 
     max_length = cfg.max_length or int(trained.get("max_length") or 100)
     # one adapter stands in for each turn's model, so the records' virtue_<turn> columns stay as they are
-    return RewardModelFiles(resolve_model(str(base)), {t: folder if single else folder / t for t in TURNS}, max_length)
+    return RewardModelFiles(resolve_model(str(base)), adapters, max_length)
 
 
 def reason_context(prompt_text: str, answer: str) -> list[Message]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from actors.llm.virtue.dialogue import Message, template_ids
-from actors.llm.virtue.scoring import ensemble_reward
+from actors.llm.virtue.scoring import TURNS, ensemble_reward
 from actors.llm.virtue.trl_args import lora_config, trainer_kwargs
 from simulator.errors import ConfigError, check_positive
 
@@ -56,6 +56,16 @@ class RewardModelConfig:
     def __post_init__(self) -> None:
         check_positive("RewardModelConfig", self, ("max_length", "epochs", "learning_rate",
                                                     "gradient_accumulation_steps", "batch_size", "lora_r", "lora_alpha"))
+
+
+def turn_adapters(folder: Path) -> dict[str, Path] | None:
+    """The reward-model adapter of each turn in `folder`: its action/motivation/consequences adapter folders, or the
+    folder itself when it is one adapter (e.g. the supervised judge), which then scores every turn; None if neither."""
+    if all((folder / t / "adapter_config.json").is_file() for t in TURNS):
+        return {t: folder / t for t in TURNS}
+    if (folder / "adapter_config.json").is_file():
+        return dict.fromkeys(TURNS, folder)
+    return None
 
 
 def rm_input_ids(tokenizer: Any, messages: Sequence[Message], max_length: int) -> list[int]:

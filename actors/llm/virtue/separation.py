@@ -63,20 +63,20 @@ def measure(engine: Any, scorers: Mapping[str, Any], prompts: Sequence[Separatio
     from actors.llm.virtue.dialogue import template_ids
 
     pair = token_pair(tokens)
-    cells = [(p, move, k) for p in prompts for move in (Action.C, Action.D) for k in range(samples)]
+    cells = [(j, p, move, k) for j, p in enumerate(prompts) for move in (Action.C, Action.D) for k in range(samples)]
     requests = [GenerationRequest(
         tuple(template_ids(engine.tokenizer, reason_context(p.text, pair.token(move)), add_generation_prompt=True)),
         None, reason_tokens, temperature, stop_at_eos=True, seed=seed * 1_000_003 + j * 7919 + k)
-        for j, p in enumerate(prompts) for move in (Action.C, Action.D) for k in range(samples)]
+        for j, p, move, k in cells]  # the seed does not depend on the move
     results = engine.generate(requests)
     eos = set(engine.eos_ids)
     reasons = [r.text.strip() for r in results]
     conversations = [scored_conversation(p.text, pair.token(move), reason)
-                     for (p, move, _), reason in zip(cells, reasons, strict=True)]
+                     for (_, p, move, _), reason in zip(cells, reasons, strict=True)]
     rows: list[dict[str, Any]] = [
         {"prompt_id": p.prompt_id, "history": p.history, "move": move.name, "sample": k, "reason": reason,
          "reason_cut": len(res.token_ids) >= reason_tokens and res.token_ids[-1] not in eos}
-        for (p, move, k), reason, res in zip(cells, reasons, results, strict=True)]
+        for (_, p, move, k), reason, res in zip(cells, reasons, results, strict=True)]
     summary: dict[str, MoveSeparation] = {}
     for name, scorer in scorers.items():
         ensemble, per_model = scorer.score(conversations)
