@@ -53,9 +53,35 @@ def test_gemma2_loads_with_eager_attention_so_its_soft_capping_acts(tiny_gemma2)
         assert torch.allclose(eager(ids).logits, uncapped, atol=1e-5)
 
 
-def test_other_model_types_keep_the_default_attention(tiny_model_path):
-    assert "attn_implementation" not in load_kwargs(tiny_model_path)
+def test_other_model_types_get_sdpa_with_grouped_heads_and_the_same_numbers(tiny_model_path):
+    """SDPA_GQA: transformers' SDPA attention, with grouped key/value heads passed to torch as they are (enable_gqa)
+    where transformers copies them per query head whenever a mask is given; identical outputs, left padding and a
+    KV cache included."""
+    torch = need("torch")
+    from transformers import AutoModelForCausalLM
+
+    from actors.llm.models import SDPA_GQA
+
+    assert load_kwargs(tiny_model_path)["attn_implementation"] == SDPA_GQA
     assert "quantization_config" not in load_kwargs(tiny_model_path)
+    gqa = load_causal_lm(tiny_model_path).eval()
+    assert gqa.config._attn_implementation == SDPA_GQA
+    assert gqa.config.num_key_value_heads < gqa.config.num_attention_heads  # heads are grouped: the path is used
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = torch.randint(5, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = gqa(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        b = sdpa(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        assert torch.equal(a.logits, b.logits)
+        more = torch.randint(5, 200, (3, 2), generator=torch.Generator().manual_seed(1))
+        mask2 = torch.cat([mask, torch.ones_like(more)], 1)
+        pos2 = pos[:, -1:] + 1 + torch.arange(2)
+        a2 = gqa(input_ids=more, attention_mask=mask2, position_ids=pos2, past_key_values=a.past_key_values)
+        b2 = sdpa(input_ids=more, attention_mask=mask2, position_ids=pos2, past_key_values=b.past_key_values)
+        assert torch.equal(a2.logits, b2.logits)
 
 
 @pytest.mark.parametrize("mode", ["nf4", "nf4_double"])

@@ -1,6 +1,7 @@
 """Will an LLM population fit? Memory estimated from the model's config.json before any model loads (torch-free).
 
-    base weights     params x bytes(dtype), once per engine and once per learner host
+    base weights     params x bytes(dtype), once per engine and once per learner host (bf16-mixed: linear weights
+                     in bf16, embeddings float32, a tied output layer's bf16 copy beside them)
     learner state    per adapter: LoRA weights, gradients and two Adam moments (float32, 16 bytes a parameter)
     served adapters  per adapter one float32 copy in the engine (vLLM's CPU LoRA cache holds them all)
     KV cache         every decision of an iteration (N moves x 2 + N selections) x prompt tokens x
@@ -69,6 +70,9 @@ def adapter_count(mode: str, codes: list[str], runs: int) -> int:
 def estimate(cfg: LLMAgentConfig, shape: ModelShape, codes: list[str], num_agents: int, runs: int) -> dict[str, int]:
     """Bytes by what holds them, for the LLM agents `codes` (their moral types) of a population of num_agents."""
     wbytes = 2 if cfg.dtype == "bfloat16" else 4
+    base = shape.params * wbytes
+    if cfg.dtype == "bf16-mixed":  # linear weights (and a tied output layer's copy) in bf16, embeddings in float32
+        base = shape.params * 2 + shape.vocab * shape.hidden * (2 + (2 if shape.tied else 0))
     engines = max(1, cfg.actors.rollout_actors)
     hosts = cfg.actors.learner_actors if cfg.actors.enabled else 1
     n_adapters = adapter_count(cfg.adapters, codes, runs)
@@ -77,7 +81,7 @@ def estimate(cfg: LLMAgentConfig, shape: ModelShape, codes: list[str], num_agent
     decisions = runs * (2 * len(codes) + (len(codes) if cfg.selection == "prompt" else 0))
     kv_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * wbytes
     parts = {
-        "base weights": shape.params * wbytes * (engines + hosts),
+        "base weights": base * (engines + hosts),
         "learner state": n_adapters * (lora * 16 + shape.hidden * 4 * 4),
         "served adapters": n_adapters * lora * 4,
         "KV cache": decisions * (PROMPT_TOKENS + selection_tokens) * kv_token,

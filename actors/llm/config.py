@@ -22,7 +22,7 @@ from simulator.errors import ConfigError, check_positive
 SELECTION_MODES = ("random", "dqn", "prompt")
 ENGINES = ("hf", "vllm")
 ADAPTER_MODES = ("per_agent", "per_type", "shared")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "bf16-mixed")  # actors/llm/models.py DTYPES
 QUANTIZE_MODES = ("none", "nf4", "nf4_double")  # actors/llm/models.py load_kwargs
 MAX_MASKED_CANDIDATES = 64  # masked selection scores one answer row per candidate per decision
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -247,8 +247,10 @@ class LLMAgentConfig:
     """LoRA adapters: per_agent (the paper: one per agent), per_type (one per moral type, trained on the samples of
     all its agents), shared (one for the run); every agent keeps its own identity, partner memory and records"""
     dtype: str = "float32"
-    """base-model weights of the HF engine and the learners: float32, or bfloat16 (bf16 matmuls on CPUs with
-    AVX512-BF16/AMX and on GPUs; LoRA weights, value heads and Adam state stay float32)"""
+    """how the HF engine and the learners compute: float32; bfloat16 (every base weight in bf16); or bf16-mixed
+    (float32 model and activations, matmuls in bf16 under torch.autocast with the linear weights kept in bf16: the
+    fast path on CPUs with AMX-BF16 and on GPUs; actors/llm/models.py). LoRA weights, value heads and Adam state
+    stay float32 in every mode"""
     answer_period: bool = True
     """accept one trailing period after an action token ("action1."); False parses as the paper, which stripped
     whitespace only (actors/llm/prompts.py)"""

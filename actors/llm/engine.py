@@ -125,8 +125,8 @@ def make_engine(
     quantize: str = "none",
 ) -> RolloutEngine:
     """The one engine factory: `kind` hf (transformers + peft) or vllm, serving up to `max_loras` adapters at once;
-    `dtype` float32 or bfloat16 (the base model's weights); `quantize` nf4 / nf4_double: a 4-bit base (hf only,
-    LLMAgentConfig refuses it with vllm)."""
+    `dtype` float32, bfloat16 or bf16-mixed (actors/llm/models.py; vLLM computes bf16-mixed as bfloat16);
+    `quantize` nf4 / nf4_double: a 4-bit base (hf only, LLMAgentConfig refuses it with vllm)."""
     if kind == "vllm":
         from actors.llm.vllm_engine import VLLMEngine
 
@@ -134,12 +134,14 @@ def make_engine(
         if device.startswith("cuda") and gpu_memory_utilization is not None:  # vLLM picks the GPU Ray made visible
             extra["gpu_memory_utilization"] = gpu_memory_utilization
         if dtype != "float32":
-            extra["dtype"] = dtype
+            extra["dtype"] = "bfloat16"  # bfloat16 and bf16-mixed: vLLM's own bf16 kernels
         return VLLMEngine(model_dir, max_loras=max(1, max_loras), max_lora_rank=max_lora_rank, seed=seed, **extra)
     if kind == "hf":
         from actors.llm.hf_engine import HFEngine
+        from actors.llm.models import weights_dtype
 
-        return HFEngine(model_dir, device=device, seed=seed, dtype=getattr(torch, dtype), quantize=quantize)
+        torch_dtype, mixed = weights_dtype(dtype)
+        return HFEngine(model_dir, device=device, seed=seed, dtype=torch_dtype, quantize=quantize, mixed=mixed)
     raise ConfigError(f"unknown LLM engine {kind!r}; valid: {', '.join(ENGINE_KINDS)}")
 
 

@@ -43,6 +43,7 @@ from actors.llm.engine import (
     common_prefix,
 )
 from actors.llm.lora_switch import AdapterSwitch
+from actors.llm.models import forward
 from simulator.errors import UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -109,17 +110,22 @@ class HFEngine:
         seed: int = 0,
         prefix_cache: bool = True,
         quantize: str = "none",
+        mixed: bool = False,
     ) -> None:
         """prefix_cache: keep adapters' prompt heads for later scoring calls (module docstring); False = each call
         on its own, as before the cache existed (benchmarks/llm_population.py's "today" path). quantize: nf4 /
-        nf4_double loads a 4-bit base (actors/llm/models.py, load_causal_lm: also eager attention for Gemma-2)."""
+        nf4_double loads a 4-bit base (actors/llm/models.py, load_causal_lm: also eager attention for Gemma-2).
+        mixed: bf16-mixed (float32 `dtype`, bf16 matmuls; actors/llm/models.py); the served adapters' LoRA weights
+        are then kept in bf16, the precision autocast would compute them in anyway."""
         from transformers import AutoTokenizer
 
         from actors.llm.models import load_causal_lm
 
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self._base = load_causal_lm(model_dir, dtype=dtype, device=str(self.device), quantize=quantize).eval()
+        self.mixed = mixed
+        self._base = load_causal_lm(model_dir, dtype=dtype, device=str(self.device), quantize=quantize,
+                                    mixed=mixed).eval()
         self._model = self._base  # becomes the PeftModel once the first adapter is loaded
         self._peft = None
         self._switch: Any = None  # the peft model's AdapterSwitch, once the first adapter is loaded
@@ -139,7 +145,7 @@ class HFEngine:
 
         Raises StaleAdapterError unless the version is newer than the one served (`engine.check_version`).
         """
-        from peft import get_peft_model, set_peft_model_state_dict
+        from peft import get_peft_model
 
         name, served = weights.name, self._versions.get(weights.name)
         check_version(name, weights.version, served, restore)
@@ -148,20 +154,30 @@ class HFEngine:
             self._peft = get_peft_model(self._base, cfg, adapter_name=name)
             self._model = self._peft
             self._switch = AdapterSwitch(self._peft, fast=self.fast_switch)
+            self._lora_precision(name)
         elif name not in self._peft.peft_config:
             self._peft.add_adapter(name, lora_config_from_dict(weights.peft_config, inference_mode=True))
-        tensors = {k: v.to(self.device) for k, v in weights.tensors.items()}
-        res: Any = set_peft_model_state_dict(self._peft, tensors, adapter_name=name)
-        missing = [k for k in res.missing_keys if f".{name}." in k and "lora_" in k]
-        if res.unexpected_keys or missing:
+            self._lora_precision(name)
+        missing, unexpected = self._switch.load(name, dict(weights.tensors))  # copies to the device
+        if unexpected or missing:
             raise ValueError(
-                f"adapter {name!r} weights do not fit the served model: unexpected {res.unexpected_keys[:3]}, "
+                f"adapter {name!r} weights do not fit the served model: unexpected {unexpected[:3]}, "
                 f"missing {missing[:3]}"
             )
         self._switch.train(False)
         self._versions[name] = weights.version
         self.prefixes.drop(name)  # its cached prompt heads belong to the old weights
         logger.debug("engine serves adapter %s version %d", name, weights.version)
+
+    def _lora_precision(self, name: str) -> None:
+        """bf16-mixed: a new adapter's LoRA weights in bf16 (inference only; autocast rounds them so at every
+        matmul, so the engine computes what the float32 learner's adapter computes under autocast)."""
+        if not self.mixed:
+            return
+        assert self._peft is not None
+        for n, p in self._peft.named_parameters():
+            if f".{name}." in n and "lora_" in n:
+                p.data = p.data.to(torch.bfloat16)
 
     def adapter_version(self, adapter: str) -> int:
         try:
@@ -193,18 +209,20 @@ class HFEngine:
         return ids.to(self.device), mask.to(self.device)
 
     def _call(self, names: list[str] | None, **kwargs):  # type: ignore[no-untyped-def]
-        """One forward, each row through its adapter. Rows of one adapter take peft's plain path (the adapter
-        made active), rows of several its mixed-batch path (a sub-batch per adapter in every LoRA layer)."""
+        """One forward (actors/llm/models.py `forward`), each row through its adapter. Rows of one adapter take
+        peft's plain path (the adapter made active), rows of several its mixed-batch path (a sub-batch per adapter
+        in every LoRA layer)."""
         if names is None:
-            return self._model(**kwargs)
+            return forward(self._model, self.mixed, **kwargs)
         if len(set(names)) > 1:
-            return self._model(adapter_names=names, **kwargs)
+            with self._switch.rows(names):  # each row through its adapter (lora_switch.py; peft's adapter_names)
+                return forward(self._model, self.mixed, **kwargs)
         assert self._peft is not None  # names are given once an adapter exists
         if names[0] == BASE_ADAPTER:
             with self._switch.disabled():
-                return self._model(**kwargs)
+                return forward(self._model, self.mixed, **kwargs)
         self._switch.activate(names[0])  # peft's set_adapter without walking the model (lora_switch.py)
-        return self._model(**kwargs)
+        return forward(self._model, self.mixed, **kwargs)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:

@@ -118,15 +118,17 @@ class PolicyHost:
     """One frozen base causal LM that carries the LoRA adapters of any number of learners."""
 
     def __init__(self, model_dir: str | os.PathLike[str], device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 quantize: str = "none"):
-        """quantize: nf4 / nf4_double, the paper's 4-bit base for the policy and the reference (load_causal_lm)."""
+                 quantize: str = "none", mixed: bool = False):
+        """quantize: nf4 / nf4_double, the paper's 4-bit base for the policy and the reference (load_causal_lm);
+        mixed: bf16-mixed, float32 `dtype` with bf16 matmuls (actors/llm/models.py); LoRA weights stay float32."""
         from transformers import AutoTokenizer
 
         from actors.llm.models import load_causal_lm
 
         self.device = torch.device(device)
+        self.mixed = mixed
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.base = load_causal_lm(model_dir, dtype=dtype, device=str(self.device), quantize=quantize)
+        self.base = load_causal_lm(model_dir, dtype=dtype, device=str(self.device), quantize=quantize, mixed=mixed)
         self.base.requires_grad_(False)
         self.model: Any = None  # the PeftModel, once the first adapter exists
         self.switch: Any = None  # its AdapterSwitch (actors/llm/lora_switch.py)
@@ -155,6 +157,13 @@ class PolicyHost:
     @property
     def hidden_size(self) -> int:
         return int(self.base.config.hidden_size)
+
+    def forward(self, **kwargs: Any) -> Any:
+        """The adapted model's forward as every learner runs it (actors/llm/models.py `forward`: bf16 autocast
+        for bf16-mixed)."""
+        from actors.llm.models import forward
+
+        return forward(self.model, self.mixed, **kwargs)
 
 
 class PPOLearner:
@@ -253,11 +262,11 @@ class PPOLearner:
         keep = torch.unique(pos)  # (K,) sorted
         if shared:  # the suffixes continue the shared prefix's cache: positions and mask start after it
             attn = torch.cat([torch.ones((b, shared), dtype=attn.dtype, device=self.device), attn], 1)
-            out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep,
+            out = self.host.forward(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep,
                                   past_key_values=cache, use_cache=True,
                                   position_ids=torch.arange(shared, shared + L, device=self.device).expand(b, L))
         else:
-            out = self.host.model(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep)
+            out = self.host.forward(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep)
         rows = torch.arange(b, device=self.device)[:, None]
         logits = out.logits[rows, torch.searchsorted(keep, pos)].float()  # (b, width, V)
         if allowed is not None and any(a is not None for a in allowed):
@@ -279,7 +288,7 @@ class PPOLearner:
     def _prefix_cache(self, prefix: Sequence[int], rows: int) -> Any:
         """The KV cache of `prefix` under the current weights (one row, with its autograd graph), repeated to rows."""
         ids = torch.as_tensor([list(prefix)], device=self.device)
-        cache = self.host.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = self.host.forward(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
         cache.batch_repeat_interleave(rows)
         return cache
 
@@ -298,7 +307,7 @@ class PPOLearner:
                 best, kv = k, head_kv
         if best < REFERENCE_HEAD_MIN or kv is None:
             ids = torch.as_tensor([list(prefix)], device=self.device)
-            cache = self.host.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            cache = self.host.forward(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
             kv = [(layer.keys, layer.values) for layer in cache.layers]
             heads.append((tuple(prefix), kv))
             del heads[:-REFERENCE_HEADS]
@@ -581,11 +590,8 @@ class PPOLearner:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed learner needs to continue exactly: LoRA and value head, Adam, KL coefficient, score
         moments, version, the accumulation counter and the shuffle RNG (CPU tensors and plain values; picklable)."""
-        from peft import get_peft_model_state_dict
-
-        lora = get_peft_model_state_dict(self.host.model, adapter_name=self.name)
         return {
-            "lora": {k: v.detach().to("cpu", copy=True) for k, v in lora.items()},
+            "lora": self.host.switch.export(self.name),
             "value_head": {k: v.detach().to("cpu", copy=True) for k, v in self.value_head.state_dict().items()},
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "kl_coef": self.kl_ctl.value,
@@ -596,14 +602,9 @@ class PPOLearner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from peft import set_peft_model_state_dict
-
-        res: Any = set_peft_model_state_dict(
-            self.host.model, {k: v.to(self.device) for k, v in state["lora"].items()}, adapter_name=self.name
-        )
-        missing = [k for k in res.missing_keys if f".{self.name}." in k and "lora_" in k]
-        if res.unexpected_keys or missing:
-            raise ValueError(f"checkpoint of {self.name!r} does not fit: unexpected {res.unexpected_keys[:3]}, "
+        missing, unexpected = self.host.switch.load(self.name, dict(state["lora"]))
+        if unexpected or missing:
+            raise ValueError(f"checkpoint of {self.name!r} does not fit: unexpected {unexpected[:3]}, "
                              f"missing {missing[:3]}")
         self.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
@@ -617,7 +618,8 @@ class PPOLearner:
         """The current LoRA weights as plain CPU tensors (peft state-dict names) with this learner's version."""
         from actors.llm.weight_sync import adapter_weights_from_model
 
-        return adapter_weights_from_model(self.host.model, self.name, self.version, adapter_name=self.name)
+        return adapter_weights_from_model(self.host.model, self.name, self.version, adapter_name=self.name,
+                                          switch=self.host.switch)
 
     def config_dict(self) -> dict[str, object]:
         return asdict(self.config)

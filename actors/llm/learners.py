@@ -97,16 +97,17 @@ class LearnerGroup:
 
     def __init__(self, model_dir: str | os.PathLike[str], specs: Sequence[tuple[str, PPOConfig]], device: str = "cpu",
                  dtype: str = "float32", quantize: str = "none"):
-        """dtype: the frozen base's weights (float32 or bfloat16); adapters, value heads and Adam stay float32;
+        """dtype: float32, bfloat16 or bf16-mixed (actors/llm/models.py); adapters, value heads and Adam stay float32;
         quantize: nf4 / nf4_double, a 4-bit base (PolicyHost)."""
         if not specs:
             raise ConfigError("a learner group needs at least one agent")
         names = [n for n, _ in specs]
         if len(set(names)) != len(names):
             raise ConfigError(f"agent names must be unique in a learner group, got {names}")
-        import torch
+        from actors.llm.models import weights_dtype
 
-        self.host = PolicyHost(model_dir, device=device, dtype=getattr(torch, dtype), quantize=quantize)
+        torch_dtype, mixed = weights_dtype(dtype)
+        self.host = PolicyHost(model_dir, device=device, dtype=torch_dtype, quantize=quantize, mixed=mixed)
         self.learners = {name: PPOLearner(self.host, name, cfg) for name, cfg in specs}
 
     @property

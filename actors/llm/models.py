@@ -18,6 +18,18 @@ Loading a base (`load_causal_lm`, `load_kwargs`), as LLM_morality's fine_tune.py
     quantize    none, or the paper's 4-bit NF4 (bitsandbytes, bfloat16 compute) of the policy's base, which is also
                 the reference (adapter disabled); nf4_double adds QLoRA's double quantisation (the job file's
                 --QLoRA group). bitsandbytes >= 0.46 runs NF4 on CPU too.
+    attention   SDPA_GQA elsewhere: transformers' SDPA attention, except that grouped key/value heads (SmolLM2: 3
+                for 9 query heads) reach torch's SDPA as they are (enable_gqa) where transformers would first copy
+                each one 3 times (it does so whenever a mask is passed, except on XPU/MPS). Forwards without
+                gradients only (the engines, the reference policy): the forward's numbers are the same (test:
+                identical outputs), but the backward would sum each group's key/value gradients in another order
+                than the repeated heads' backward, which changes a run's records in their last bits.
+    dtype       float32; bfloat16 (every weight in bf16, so the residual stream and the norms too); or bf16-mixed:
+                float32 weights and activations, matmuls in bf16 under torch.autocast, with the decoder's linear
+                weights (and a private copy of a tied output layer's) stored in bf16 once, so autocast does not
+                cast them at every forward. The embeddings, norms and residual stream stay float32 (what autocast
+                over a float32 model computes: `bf16_matmul_weights`, `compute`). On CPUs with AMX-BF16 (this one)
+                a bf16 matmul of the model's shapes runs ~5x a float32 one; on GPUs it is the usual recipe.
 """
 
 from __future__ import annotations
@@ -30,11 +42,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulator.errors import ModelUnavailableError, UnknownNameError
+from simulator.errors import ConfigError, ModelUnavailableError, UnknownNameError
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +199,8 @@ def load_kwargs(model_dir: str | os.PathLike[str], *, dtype: Any = None, quantiz
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     if model_type(model_dir) in EAGER_ATTENTION:
         kwargs["attn_implementation"] = "eager"
+    else:
+        kwargs["attn_implementation"] = register_gqa_sdpa()
     if quantize != "none":
         import torch
         from transformers import BitsAndBytesConfig
@@ -197,12 +212,109 @@ def load_kwargs(model_dir: str | os.PathLike[str], *, dtype: Any = None, quantiz
 
 
 def load_causal_lm(model_dir: str | os.PathLike[str], *, dtype: Any = None, device: str = "cpu",
-                   quantize: str = "none") -> Any:
+                   quantize: str = "none", mixed: bool = False) -> Any:
     """AutoModelForCausalLM of a local folder on `device`, with `load_kwargs`. A 4-bit model is placed while it
-    loads (bitsandbytes weights cannot be moved with .to() afterwards)."""
+    loads (bitsandbytes weights cannot be moved with .to() afterwards). mixed: bf16-mixed (float32 `dtype`; the
+    linear weights stored in bf16, `bf16_matmul_weights`)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = load_kwargs(model_dir, dtype=dtype, quantize=quantize)
     if quantize != "none":
         return AutoModelForCausalLM.from_pretrained(model_dir, device_map={"": device}, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device)  # type: ignore[arg-type]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if mixed:
+        bf16_matmul_weights(model)
+    return model.to(device)  # type: ignore[arg-type]
+
+
+MIXED_BF16 = "bf16-mixed"  # LLMAgentConfig.dtype: float32 model, bf16 matmuls (module docstring)
+DTYPES = ("float32", "bfloat16", MIXED_BF16)
+
+
+def weights_dtype(dtype: str) -> tuple[Any, bool]:
+    """(torch dtype a model loads in, whether its forwards run under bf16 autocast) for an LLMAgentConfig.dtype."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown LLM dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return (torch.float32, True) if dtype == MIXED_BF16 else (getattr(torch, dtype), False)
+
+
+def bf16_matmul_weights(model: Any) -> Any:
+    """bf16-mixed: store every linear layer's weights in bfloat16 (a tied output layer gets its own bf16 copy, so
+    the input embeddings stay float32); embeddings, norms and everything else stay float32. Under torch.autocast
+    (`compute`) a forward then computes what autocast over the float32 model computes (autocast rounds float32
+    weights to bf16 the same way), without casting the weights at every call."""
+    import torch
+
+    out = model.get_output_embeddings()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not out:
+            m.to(torch.bfloat16)
+    if isinstance(out, torch.nn.Linear):
+        inp = model.get_input_embeddings()
+        if inp is not None and out.weight is inp.weight:
+            out.weight = torch.nn.Parameter(out.weight.detach().to(torch.bfloat16), requires_grad=False)
+        else:
+            out.to(torch.bfloat16)
+    return model
+
+
+def compute(device: Any, mixed: bool) -> AbstractContextManager[Any]:
+    """The context a forward runs in: bf16 autocast on `device` for bf16-mixed, nothing otherwise."""
+    import torch
+
+    if not mixed:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def forward(model: Any, mixed: bool, **kwargs: Any) -> Any:
+    """model(**kwargs) as the engines and learners run it: under `compute`; in bf16-mixed an int `logits_to_keep`
+    k becomes the indices of the last k positions, so the output layer reads a contiguous copy of them rather than
+    a strided slice (a bf16 matmul of a strided 3-D input copies the whole vocabulary projection once per row:
+    ~0.35 s a forward for SmolLM2)."""
+    import torch
+
+    ids = kwargs["input_ids"]
+    keep = kwargs.get("logits_to_keep")
+    if mixed and isinstance(keep, int) and keep > 0:
+        width = ids.shape[1]
+        kwargs["logits_to_keep"] = torch.arange(max(0, width - keep), width, device=ids.device)
+    with compute(ids.device, mixed):
+        return model(**kwargs)
+
+
+SDPA_GQA = "sdpa_gqa"  # the attention load_kwargs asks for (module docstring)
+
+
+def register_gqa_sdpa() -> str:
+    """Register SDPA_GQA with transformers (idempotent) and return its name: SDPA's masks, and an attention that
+    passes grouped key/value heads to torch's SDPA with enable_gqa instead of repeating them."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if SDPA_GQA in ALL_MASK_ATTENTION_FUNCTIONS:
+        return SDPA_GQA
+
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                  scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+        import torch
+
+        groups = getattr(module, "num_key_value_groups", 1)
+        training = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+        plain = (groups == 1 or attention_mask is None or training or kwargs.get("position_bias") is not None
+                 or kwargs.get("cache") is not None or kwargs.get("output_attentions", False))
+        if plain:  # transformers' own path (it already uses enable_gqa without a mask)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        # with a mask transformers' path sets is_causal False and repeats the heads; here they stay grouped
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=False,
+            enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(SDPA_GQA, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_GQA, sdpa_mask)
+    return SDPA_GQA

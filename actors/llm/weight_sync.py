@@ -119,15 +119,20 @@ def peft_dir_to_adapter(path: str | os.PathLike[str], name: str, version: int) -
     return AdapterWeights(name=name, version=version, tensors=tensors, peft_config=config)
 
 
-def adapter_weights_from_model(model: torch.nn.Module, name: str, version: int, adapter_name: str = "default") -> AdapterWeights:
+def adapter_weights_from_model(model: torch.nn.Module, name: str, version: int, adapter_name: str = "default",
+                               switch: Any = None) -> AdapterWeights:
     """Export: one adapter of a peft model as `AdapterWeights` (CPU copies, so later optimiser steps do not leak in).
+    `switch`: the model's AdapterSwitch, which reads the adapter without building the model's state dict.
 
     peft resolves "all-linear" to full module paths; adapter_config.json files (and vLLM) use leaf names, so
     `target_modules` is written as leaf names."""
-    from peft import get_peft_model_state_dict
+    if switch is not None:
+        tensors = switch.export(adapter_name)
+    else:
+        from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
     config = _json_safe(model.peft_config[adapter_name].to_dict())  # type: ignore[index,operator,union-attr]
     modules = config.get("target_modules")
     if isinstance(modules, list):
