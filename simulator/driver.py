@@ -90,9 +90,10 @@ def dataset_path(cfg: RunConfig) -> str:
 
 
 def build_engine(
-    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory
+    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory, compiled: bool = True
 ) -> tuple[PopulationEngine, list[RunStreams]]:
-    """The engine for these runs of cfg, with each run's seeded streams and initial state."""
+    """The engine for these runs of cfg, with each run's seeded streams and initial state (compiled: its
+    bookkeeping in simulator/engine_kernels.py; False: the numpy reference)."""
     pop = cfg.population
     streams = [run_streams(cfg.seed, r, pop.size) for r in runs]
     init = np.stack([initial_state(s.protocol, pop.size) for s in streams])
@@ -100,7 +101,7 @@ def build_engine(
         pop.codes, pop.moral_codes, factory(cfg, streams), cfg.game, [s.protocol for s in streams], init,
         compat=cfg.compat, random_matching=cfg.random_matching, reward_phases=cfg.reward_phases(),
         protocol=cfg.protocol, episode_length=cfg.episode_length, episode_moves=cfg.episode_moves(),
-        r_illegal=cfg.r_illegal,
+        r_illegal=cfg.r_illegal, compiled=compiled,
     )
     return engine, streams
 
