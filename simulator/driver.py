@@ -148,8 +148,10 @@ class _Batch:
         self.ckpt = checkpoint_dir(self.root, runs)
         llm = any(a.learner == "llm" for a in cfg.population.agents)
         games = cfg.games_per_iteration
-        self.buffer = RecordBuffer(len(runs), cfg.population.codes, capacity=max(1, cfg.flush_rows // games),
-                                   llm_columns=llm, games=games)
+        # a part holds flush_rows rows, or the whole run when it is shorter: a buffer no longer than that (numpy asks
+        # for huge pages for its larger columns, and a first touch of each one costs; on this VM about 4 ms a MB)
+        capacity = max(1, min(cfg.flush_rows // games, cfg.num_iterations))
+        self.buffer = RecordBuffer(len(runs), cfg.population.codes, capacity=capacity, llm_columns=llm, games=games)
         self.trackers: list[Tracker] = []  # stays empty for log_to="none": the loop then skips tracking entirely
         self.every, self.last = track_every(cfg.num_iterations, llm), cfg.num_iterations - 1
         self.writer = PartWriter(self.store)  # parts are written on a background thread: the loop never waits
