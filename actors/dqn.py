@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from actors.dqn_fused import adam_step, dilemma_forward, dilemma_step, selection_forward, selection_step
-from actors.egreedy import epsilon_choice, epsilon_reasons, greedy
+from actors.egreedy import epsilon_choice, epsilon_reasons, greedy, move_choices, partner_choices
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError, check_positive, check_unit
@@ -296,26 +296,28 @@ class DQNGroup:
 
     # -- decisions ----------------------------------------------------------------------------------------
     def select(self, batch: SelectionBatch) -> Decisions:
+        if self._fused:  # the compiled forward pass and choices (the torch path below is the reference)
+            self._sel_made = self._sel_compiled(batch.state)
+            shape = batch.u.shape[:2]
+            choice, reason = partner_choices(self._sel_made[2], batch.u[..., 0].reshape(-1),
+                                             batch.u[..., 1].reshape(-1), self.cfg.eps_selection, batch.iteration == 0)
+            return Decisions(choice.reshape(shape), reason.reshape(shape))
         random_choice = uniform_partner(batch.u[..., 1], self.n_others)
         if not self.cfg.learn_selection:
             return Decisions(random_choice, np.full(random_choice.shape, Reason.STATIC, dtype=np.int8))
-        if self._fused:
-            self._sel_made = self._sel_compiled(batch.state)
-            q = self._sel_made[2].reshape(self.R, self.G, self.n_others)
-        else:
-            self._sel_cache = self._sel_forward(batch.state)
-            q = self._sel_cache[2].reshape(self.R, self.G, self.n_others)
+        self._sel_cache = self._sel_forward(batch.state)
+        q = self._sel_cache[2].reshape(self.R, self.G, self.n_others)
         reason = epsilon_reasons(batch.iteration, batch.u[..., 0], self.cfg.eps_selection)
         return Decisions(epsilon_choice(reason, greedy(q), random_choice), reason)
 
     def act(self, batch: DilemmaBatch) -> Decisions:
-        if self._fused:
-            self._qd_made = self._dil_compiled()
-            qtab = self._qd_made[1]  # (B, 2, 2)
-        else:
-            self._qd = self._dilemma_q()
-            qtab = self._qd[1]
         b = batch.run * self.G + batch.member
+        if self._fused:  # the compiled forward pass and choices (the torch path below is the reference)
+            self._qd_made = self._dil_compiled()
+            return Decisions(*move_choices(self._qd_made[1], b, batch.state, batch.u[:, 0], batch.u[:, 1],
+                                           self.cfg.eps_dilemma, batch.iteration == 0))
+        self._qd = self._dilemma_q()
+        qtab = self._qd[1]
         reason = epsilon_reasons(batch.iteration, batch.u[:, 0], self.cfg.eps_dilemma)
         return Decisions(epsilon_choice(reason, greedy(qtab[b, batch.state]), uniform_action(batch.u[:, 1])), reason)
 
