@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from actors.dqn_fused import adam_step, dilemma_forward, dilemma_step, selection_forward, selection_step
-from actors.egreedy import epsilon_choice, epsilon_reasons, greedy
+from actors.egreedy import epsilon_choice, epsilon_reasons, greedy, move_choices, partner_choices
 from actors.static import uniform_action, uniform_partner
 from simulator.contracts import Decisions, DilemmaBatch, Reason, SelectionBatch, Transitions
 from simulator.errors import ConfigError, check_positive, check_unit
@@ -67,6 +67,12 @@ CHUNK_AGENTS = 16
 # to make them with the fused path's compiled forward passes instead: the two paths then differ only in how the
 # gradients and Adam are computed, and must give the same bits (tests/test_equivalence.py).
 TORCH_PATH_COMPILED_FORWARD = False
+
+
+def mean_square(x: np.ndarray) -> float:
+    """float(np.mean(x * x)) for float64 x, the same bits (np.mean's sum over its count) without np.mean's Python
+    layers, which cost more than the sum after the fused step's pass through the weights."""
+    return float(np.add.reduce(x * x)) / x.size if x.size else float("nan")
 
 
 def init_params(rng: np.random.Generator, n_others: int, hidden: int) -> dict[str, np.ndarray]:
@@ -116,13 +122,17 @@ class FlatAdam:
             self.update(self.buffers, grads, self.exp_avg, self.exp_avg_sq, self.steps)
 
     @contextmanager
-    def stepping(self) -> Iterator[None]:
-        """Count one step for every buffer; the updates made inside run with denormals flushed (this thread only,
-        the kernel runs on it with 1 torch thread)."""
-        torch._foreach_add_(self.steps, 1)
+    def stepping(self) -> Iterator[list[float]]:
+        """Count one step for every buffer and yield the counts; the updates made inside run with denormals flushed
+        (this thread only, the kernel runs on it with 1 torch thread)."""
+        counts = []
+        for step in self.steps:  # in numpy: a torch call costs more here, just after the step's 15 MB pass
+            count = step.numpy()
+            count += 1
+            counts.append(float(count))
         flushed = torch.set_flush_denormal(True)
         try:
-            yield
+            yield counts
         finally:
             if flushed:
                 torch.set_flush_denormal(False)
@@ -286,26 +296,28 @@ class DQNGroup:
 
     # -- decisions ----------------------------------------------------------------------------------------
     def select(self, batch: SelectionBatch) -> Decisions:
+        if self._fused:  # the compiled forward pass and choices (the torch path below is the reference)
+            self._sel_made = self._sel_compiled(batch.state)
+            shape = batch.u.shape[:2]
+            choice, reason = partner_choices(self._sel_made[2], batch.u[..., 0].reshape(-1),
+                                             batch.u[..., 1].reshape(-1), self.cfg.eps_selection, batch.iteration == 0)
+            return Decisions(choice.reshape(shape), reason.reshape(shape))
         random_choice = uniform_partner(batch.u[..., 1], self.n_others)
         if not self.cfg.learn_selection:
             return Decisions(random_choice, np.full(random_choice.shape, Reason.STATIC, dtype=np.int8))
-        if self._fused:
-            self._sel_made = self._sel_compiled(batch.state)
-            q = self._sel_made[2].reshape(self.R, self.G, self.n_others)
-        else:
-            self._sel_cache = self._sel_forward(batch.state)
-            q = self._sel_cache[2].reshape(self.R, self.G, self.n_others)
+        self._sel_cache = self._sel_forward(batch.state)
+        q = self._sel_cache[2].reshape(self.R, self.G, self.n_others)
         reason = epsilon_reasons(batch.iteration, batch.u[..., 0], self.cfg.eps_selection)
         return Decisions(epsilon_choice(reason, greedy(q), random_choice), reason)
 
     def act(self, batch: DilemmaBatch) -> Decisions:
-        if self._fused:
-            self._qd_made = self._dil_compiled()
-            qtab = self._qd_made[1]  # (B, 2, 2)
-        else:
-            self._qd = self._dilemma_q()
-            qtab = self._qd[1]
         b = batch.run * self.G + batch.member
+        if self._fused:  # the compiled forward pass and choices (the torch path below is the reference)
+            self._qd_made = self._dil_compiled()
+            return Decisions(*move_choices(self._qd_made[1], b, batch.state, batch.u[:, 0], batch.u[:, 1],
+                                           self.cfg.eps_dilemma, batch.iteration == 0))
+        self._qd = self._dilemma_q()
+        qtab = self._qd[1]
         reason = epsilon_reasons(batch.iteration, batch.u[:, 0], self.cfg.eps_dilemma)
         return Decisions(epsilon_choice(reason, greedy(qtab[b, batch.state]), uniform_action(batch.u[:, 1])), reason)
 
@@ -381,24 +393,24 @@ class DQNGroup:
         x, h, q = self._sel_made
         stats: dict[str, float] = {}
         sel = self._trained.index("sel")
-        with opt.stepping():
+        with opt.stepping() as steps:
             if self.cfg.learn_dilemma:
                 assert self._qd_made is not None, "learn() before act() in this iteration"
                 d = self._trained.index("dil")
                 td_d, *made = dilemma_step(
                     opt.buffers[d].numpy(), opt.exp_avg[d].numpy(), opt.exp_avg_sq[d].numpy(), *self._qd_made,
                     tr.run * G + tr.member, tr.state, tr.action, tr.next_state,
-                    np.ascontiguousarray(tr.reward, np.float64), self.cfg.gamma, float(opt.steps[d]), opt.lr, opt.betas,
+                    np.ascontiguousarray(tr.reward, np.float64), self.cfg.gamma, steps[d], opt.lr, opt.betas,
                     opt.eps)
                 self._qd_next = made[0], made[1]
-                stats["dilemma_td2"] = float(np.mean(td_d * td_d))
+                stats["dilemma_td2"] = mean_square(td_d)
             x_next = np.ascontiguousarray(tr.sel_next_state.reshape(B, n), dtype=np.int8)
             td, _, h_next, q_next = selection_step(
                 opt.buffers[sel].numpy(), opt.exp_avg[sel].numpy(), opt.exp_avg_sq[sel].numpy(), x, h, q,
                 tr.sel_choice.reshape(-1).astype(np.int64), np.ascontiguousarray(tr.sel_reward.reshape(-1), np.float64),
-                x_next, self.cfg.gamma, float(opt.steps[sel]), opt.lr, opt.betas, opt.eps)
+                x_next, self.cfg.gamma, steps[sel], opt.lr, opt.betas, opt.eps)
         self._sel_next = x_next, h_next, q_next
-        stats["selection_td2"] = float(np.mean(td * td))
+        stats["selection_td2"] = mean_square(td)
         return stats
 
     def _chunked_step(self, dq_row: np.ndarray, choice: np.ndarray) -> None:

@@ -14,7 +14,8 @@ times each phase with wrappers around the group and record calls (a few hundred 
                         select / act take (the two forward phases above are then what is left of select / act: the
                         choices; "gradients" what is left of learn: the glue)
     static strategies   StaticGroup.select / act / end_iteration
-    engine bookkeeping  PopulationEngine.step minus the group calls: uniforms, order, payoffs, rewards, state
+    engine bookkeeping  PopulationEngine.step minus the group calls: uniforms, order, payoffs, rewards, state (compiled
+                        by default: simulator/engine_kernels.py)
     records             RecordBuffer.add: the iteration's columns into the run buffers
     Arrow tables        RecordBuffer.table at each flush (this thread)
     Parquet             compression and the disk (a background thread in the driver; timed here on this one)
@@ -108,7 +109,8 @@ def main() -> None:
                 for name in ("select", "act", "learn"):
                     clock.wrap(g, name, f"{type(g).__name__}")
         codes = cfg.population.resolved(cfg.method).codes
-        buffer = RecordBuffer(args.runs, codes, capacity=max(1, cfg.flush_rows // len(codes)))
+        # sized as the driver sizes it: a part's rows, or the whole run when it is shorter
+        buffer = RecordBuffer(args.runs, codes, capacity=max(1, min(cfg.flush_rows // len(codes), args.iterations)))
         clock.wrap(buffer, "add", "records")
         clock.wrap(buffer, "table", "Arrow tables")
         stages = [Path(tmp) / f"run={r}" for r in range(args.runs)]

@@ -90,9 +90,10 @@ def dataset_path(cfg: RunConfig) -> str:
 
 
 def build_engine(
-    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory
+    cfg: RunConfig, runs: Sequence[int], factory: GroupFactory, compiled: bool = True
 ) -> tuple[PopulationEngine, list[RunStreams]]:
-    """The engine for these runs of cfg, with each run's seeded streams and initial state."""
+    """The engine for these runs of cfg, with each run's seeded streams and initial state (compiled: its
+    bookkeeping in simulator/engine_kernels.py; False: the numpy reference)."""
     pop = cfg.population
     streams = [run_streams(cfg.seed, r, pop.size) for r in runs]
     init = np.stack([initial_state(s.protocol, pop.size) for s in streams])
@@ -100,7 +101,7 @@ def build_engine(
         pop.codes, pop.moral_codes, factory(cfg, streams), cfg.game, [s.protocol for s in streams], init,
         compat=cfg.compat, random_matching=cfg.random_matching, reward_phases=cfg.reward_phases(),
         protocol=cfg.protocol, episode_length=cfg.episode_length, episode_moves=cfg.episode_moves(),
-        r_illegal=cfg.r_illegal,
+        r_illegal=cfg.r_illegal, compiled=compiled,
     )
     return engine, streams
 
@@ -147,8 +148,10 @@ class _Batch:
         self.ckpt = checkpoint_dir(self.root, runs)
         llm = any(a.learner == "llm" for a in cfg.population.agents)
         games = cfg.games_per_iteration
-        self.buffer = RecordBuffer(len(runs), cfg.population.codes, capacity=max(1, cfg.flush_rows // games),
-                                   llm_columns=llm, games=games)
+        # a part holds flush_rows rows, or the whole run when it is shorter: a buffer no longer than that (numpy asks
+        # for huge pages for its larger columns, and a first touch of each one costs; on this VM about 4 ms a MB)
+        capacity = max(1, min(cfg.flush_rows // games, cfg.num_iterations))
+        self.buffer = RecordBuffer(len(runs), cfg.population.codes, capacity=capacity, llm_columns=llm, games=games)
         self.trackers: list[Tracker] = []  # stays empty for log_to="none": the loop then skips tracking entirely
         self.every, self.last = track_every(cfg.num_iterations, llm), cfg.num_iterations - 1
         self.writer = PartWriter(self.store)  # parts are written on a background thread: the loop never waits

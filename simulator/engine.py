@@ -21,6 +21,10 @@ Two protocols (`protocol=`):
 
 An illegal answer (reason ILLEGAL, an LLM's) learns -r_illegal, for a move and for a partner selection alike.
 
+Compiled bookkeeping (`compiled=True`, the default; population protocol only): the numpy between the group calls
+(order, pairs, rewards, the new state, the record columns) runs as a few numba loops (simulator/engine_kernels.py)
+with the same arithmetic; the numpy methods below stay as the plain reference, and as the pair protocol's path.
+
 Randomness: each run has its own protocol generator. Per iteration it yields one (N, 7) block of uniforms,
 column meaning below; the plain reference loop in tests/ reads the same block, so the two can be compared
 record for record. Runs never share randomness, so a run's records do not depend on how runs are batched.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 
@@ -130,6 +135,7 @@ class PopulationEngine:
         episode_length: int = 0,
         episode_moves: Sequence[int] | None = None,
         r_illegal: float = DEFAULT_R_ILLEGAL,
+        compiled: bool = True,
     ) -> None:
         """codes[i]: slot i's type code. learner_codes[i]: its moral type, None for static strategies.
 
@@ -137,6 +143,7 @@ class PopulationEngine:
         phased schedules such as Game for the first half, then De.
         protocol, episode_length: see the module docstring. episode_moves[i]: slot i's move in a fresh episode
         state (0 = C, 1 = D), or -1 for a random one. r_illegal: an illegal answer learns -r_illegal.
+        compiled: the population protocol's bookkeeping in simulator/engine_kernels.py (module docstring).
         """
         self.N, self.R = len(codes), len(protocol_rngs)
         if self.N < 2:
@@ -186,6 +193,11 @@ class PopulationEngine:
             a.setflags(write=False)  # groups get views of them: a write would change every later iteration
         self._u = np.empty((self.R, 0, self.N, U_COLUMNS))
         self._u_pos = 0
+        self._kernels: ModuleType | None = None
+        if compiled and protocol == "population":
+            from simulator import engine_kernels  # numba: loaded (or compiled) only by an engine that uses it
+
+            self._kernels = engine_kernels
 
     # -- checkpoint ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
@@ -252,7 +264,7 @@ class PopulationEngine:
         snap = self.state
         sel = self._select(t, snap, u)
         games = self._pair_up(snap, u, sel.partner)
-        play = self._play(t, snap, games)
+        play = self._play(t, snap, games, sel.reason)
         new_state = self._latest_moves(games, play.action)
         learn_stats = self._learn(t, sel, games, play, new_state)
         self.state = new_state
@@ -288,6 +300,10 @@ class PopulationEngine:
         """2. order: game k of run r is pair (m[r, k], o[r, k]); S = N games (population) or 1 (pair).
 
         Decisions are laid out as d = (r * S + k) * 2 + role, role 0 = M (the selector), 1 = O (the selected)."""
+        if self._kernels is not None:
+            m, o, player, opponent, state, member, coins, own_prev = self._kernels.pair_up(u, partner, snap,
+                                                                                            self.member_of)
+            return _Games(m, o, player, opponent, state, member, coins, own_prev, self._group_decisions(player))
         runs = self._runs
         m = self._pair_m if self.protocol == "pair" else np.argsort(u[:, :, U_ORDER], axis=1, kind="stable")
         o = partner[runs, m]
@@ -297,7 +313,7 @@ class PopulationEngine:
         coins = u[runs, m][:, :, U_M_EXPLORE : U_O_ACTION + 1].reshape(-1, 2)
         run_d = self._run_d
         return _Games(m, o, player, opponent, snap[run_d, opponent], self.member_of[player], coins,
-                      self._group_decisions(player))
+                      snap[run_d, player], self._group_decisions(player))
 
     def _group_decisions(self, player: np.ndarray) -> list[np.ndarray | None]:
         """Per group, the decisions its members make (indices d), or None when one group makes them all."""
@@ -306,11 +322,10 @@ class PopulationEngine:
         group_d = self.group_of[player]
         return [np.flatnonzero(group_d == k) for k in range(len(self.groups))]
 
-    def _play(self, t: int, snap: np.ndarray, games: _Games) -> _Play:
+    def _play(self, t: int, snap: np.ndarray, games: _Games, sel_reason: np.ndarray) -> _Play:
         """3. games: every group decides its members' moves from the snapshot, then the rewards."""
         D = 2 * self.R * self.S
-        player, run_d = games.player, self._run_d
-        own_prev = snap[run_d, player]
+        player, run_d, own_prev = games.player, self._run_d, games.own_prev
         action = np.empty(D, dtype=np.int64)
         reason = np.empty(D, dtype=np.int8)
         term = np.zeros(D)  # the reason-scoring types' term (Decisions.reward_term), 0 elsewhere
@@ -334,12 +349,16 @@ class PopulationEngine:
                 if name not in extra:
                     extra[name] = np.full(D, None if col.dtype == object else np.nan, dtype=col.dtype)
                 extra[name][d] = col
-        return _Play(action, reason, *self._rewards(snap, games, action, reason, term), extra)
+        return _Play(action, reason, *self._rewards(snap, games, action, reason, term, sel_reason), extra)
 
-    def _rewards(self, snap: np.ndarray, games: _Games, action: np.ndarray, reason: np.ndarray,
-                 term: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _rewards(self, snap: np.ndarray, games: _Games, action: np.ndarray, reason: np.ndarray, term: np.ndarray,
+                 sel_reason: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(R, S, 2) payoffs, moral rewards (table lookups plus the reason-scoring types' term) and learning rewards
-        (R_illegal for an illegal answer), each as [selector, selected]."""
+        (R_illegal for an illegal answer), each as [selector, selected]; (R, N) each selector's learning reward for
+        its partner choice: its own game's, -R_illegal for an illegal choice, NaN without an own game (pair)."""
+        if self._kernels is not None:
+            return self._kernels.rewards(action, reason, term, snap, games.m, games.o, self.game.payoffs, self.rewards,
+                                         self.type_idx, self.compat_selected, self.r_illegal, sel_reason)
         R, S = self.R, self.S
         a2 = action.reshape(R, S, 2)
         pay = self.game.payoffs[a2[..., 0], a2[..., 1]]  # (R, S, 2) [R_M, R_O]
@@ -360,21 +379,22 @@ class PopulationEngine:
         if self.protocol == "pair":  # the legal player of a game its partner answered illegally (module docstring)
             paid = self.partner_illegal[games.player].reshape(R, S, 2)
             learning = np.where(illegal[..., ::-1] & ~illegal & ~np.isnan(paid), paid, learning)
-        return pay, moral, learning
+        sel_reward = np.full((R, self.N), np.nan)
+        sel_reward[runs, m] = learning[..., 0]
+        return pay, moral, learning, np.where(sel_reason == Reason.ILLEGAL, -self.r_illegal, sel_reward)
 
     def _latest_moves(self, games: _Games, action: np.ndarray) -> np.ndarray:
         """4. state: the decision with the largest d of each player sets its new state (every agent plays at least
         once an iteration: it selects, or in the pair protocol it is selected)."""
+        if self._kernels is not None:
+            return self._kernels.latest_moves(games.player, action, self.R, self.N)
         last = np.full(self.R * self.N, -1, dtype=np.int64)
         np.maximum.at(last, self._run_d * self.N + games.player, self._d)
         return action[last].astype(np.int8).reshape(self.R, self.N)
 
     def _learn(self, t: int, sel: _Selection, games: _Games, play: _Play, new_state: np.ndarray) -> dict[str, float]:
         """5. learning: each learning group gets its selection and dilemma transitions, in game order."""
-        runs, S = self._runs, self.S
-        m_pos = np.full((self.R, self.N), -1, dtype=np.int64)  # game index of each selector's own game (-1: none)
-        m_pos[runs, games.m] = np.arange(S)
-        learning, flat = play.learning, play.learning.reshape(-1)
+        flat = play.learning.reshape(-1)
         stats: dict[str, float] = {}
         for g, others, sel_state, dec in zip(self.groups, self._group_others, sel.states, games.decisions,
                                              strict=True):
@@ -382,13 +402,11 @@ class PopulationEngine:
                 continue
             gs = g.slots
             d: np.ndarray | slice = slice(None) if dec is None else dec
-            own = m_pos[:, gs]
             stats.update(g.learn(Transitions(
                 iteration=t,
                 sel_state=sel_state,
                 sel_choice=sel.choice[:, gs],
-                sel_reward=np.where(sel.reason[:, gs] == Reason.ILLEGAL, -self.r_illegal,
-                                    np.where(own >= 0, learning[runs, np.maximum(own, 0), 0], np.nan)),
+                sel_reward=play.sel_reward[:, gs],
                 sel_next_state=new_state[:, others],
                 run=self._run_d[d],
                 member=games.member[d],
@@ -404,14 +422,21 @@ class PopulationEngine:
         R, S, runs, m, o = self.R, self.S, self._runs, games.m, games.o
         a2, pay, moral, learning = play.action.reshape(R, S, 2), play.pay, play.moral, play.learning
         reason = play.reason.reshape(R, S, 2)
-        s_o = snap[runs, m]  # the selector's own snapshot move
-        avail = (snap == 0).sum(axis=1, keepdims=True) - (s_o == 0)
+        if self._kernels is not None:
+            selector_state, selected_state, selection_reason, avail, collective, equal, low = (
+                self._kernels.record_columns(snap, m, o, sel.reason, pay))
+        else:
+            selector_state, selected_state = snap[runs, o], snap[runs, m]  # the selected's and the selector's own move
+            selection_reason = sel.reason[runs, m]
+            avail = (snap == 0).sum(axis=1, keepdims=True) - (selected_state == 0)
+            collective, equal = pay[..., 0] + pay[..., 1], equality(pay[..., 0], pay[..., 1])
+            low = np.minimum(pay[..., 0], pay[..., 1])
         return IterationRecords(
             iteration=t,
             selector=m,
             selected=o,
-            selector_state=snap[runs, o],
-            selected_state=s_o,
+            selector_state=selector_state,
+            selected_state=selected_state,
             selector_action=a2[..., 0],
             selected_action=a2[..., 1],
             selector_payoff=pay[..., 0],
@@ -422,11 +447,11 @@ class PopulationEngine:
             selected_learning_reward=learning[..., 1],
             selector_reason=reason[..., 0],
             selected_reason=reason[..., 1],
-            selection_reason=sel.reason[runs, m],
+            selection_reason=selection_reason,
             selector_available_c=avail,
-            collective_payoff=pay[..., 0] + pay[..., 1],
-            equality=equality(pay[..., 0], pay[..., 1]),
-            min_payoff=np.minimum(pay[..., 0], pay[..., 1]),
+            collective_payoff=collective,
+            equality=equal,
+            min_payoff=low,
             extra={
                 f"{role}_{name}": col.reshape(R, S, 2)[..., i]
                 for name, col in play.extra.items()
@@ -450,8 +475,8 @@ class _Selection:
 @dataclass
 class _Games:
     """Phase 2's result: (R, S) selector m and selected o of each game; per decision d (2 R S,) the player, its
-    opponent, its dilemma state (the opponent's snapshot move), its member index in its group and its two coins;
-    per group the decisions it makes (None: all of them)."""
+    opponent, its dilemma state (the opponent's snapshot move), its member index in its group, its two coins and its
+    own snapshot move; per group the decisions it makes (None: all of them)."""
 
     m: np.ndarray
     o: np.ndarray
@@ -460,17 +485,20 @@ class _Games:
     state: np.ndarray
     member: np.ndarray
     coins: np.ndarray
+    own_prev: np.ndarray
     decisions: list[np.ndarray | None]
 
 
 @dataclass
 class _Play:
     """Phase 3's result: per decision the action and reason; (R, S, 2) payoffs, moral and learning rewards as
-    [selector, selected]; the groups' extra columns per decision."""
+    [selector, selected]; (R, N) each selector's learning reward for its partner choice; the groups' extra columns
+    per decision."""
 
     action: np.ndarray
     reason: np.ndarray
     pay: np.ndarray
     moral: np.ndarray
     learning: np.ndarray
+    sel_reward: np.ndarray
     extra: dict[str, np.ndarray]
