@@ -174,10 +174,8 @@ class HFEngine:
         matmul, so the engine computes what the float32 learner's adapter computes under autocast)."""
         if not self.mixed:
             return
-        assert self._peft is not None
-        for n, p in self._peft.named_parameters():
-            if f".{name}." in n and "lora_" in n:
-                p.data = p.data.to(torch.bfloat16)
+        for p in self._switch.parameters(name):
+            p.data = p.data.to(torch.bfloat16)
 
     def adapter_version(self, adapter: str) -> int:
         try:

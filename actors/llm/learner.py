@@ -262,9 +262,9 @@ class PPOLearner:
         keep = torch.unique(pos)  # (K,) sorted
         if shared:  # the suffixes continue the shared prefix's cache: positions and mask start after it
             attn = torch.cat([torch.ones((b, shared), dtype=attn.dtype, device=self.device), attn], 1)
-            out = self.host.forward(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep,
-                                  past_key_values=cache, use_cache=True,
-                                  position_ids=torch.arange(shared, shared + L, device=self.device).expand(b, L))
+            out = self.host.forward(input_ids=ids, attention_mask=attn, output_hidden_states=values,
+                                    logits_to_keep=keep, past_key_values=cache, use_cache=True,
+                                    position_ids=torch.arange(shared, shared + L, device=self.device).expand(b, L))
         else:
             out = self.host.forward(input_ids=ids, attention_mask=attn, output_hidden_states=values, logits_to_keep=keep)
         rows = torch.arange(b, device=self.device)[:, None]

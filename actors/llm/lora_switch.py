@@ -45,6 +45,7 @@ class AdapterSwitch:
         """False: peft's own set_adapter / disable_adapter and torch's train (the plain reference, and the code path
         before this class: benchmarks/llm_population.py's "today")."""
         self._layers: list[Any] = []
+        self._lora_layers: list[Any] = []  # the LoRA layers with their own lora_A / base_layer (what rows() patches)
         self._modules: list[torch.nn.Module] = []
         self._flat_train = False
         self._adapters: tuple[str, ...] | None = None
@@ -59,16 +60,20 @@ class AdapterSwitch:
             return
         self._modules = list(self.model.modules())
         self._layers = [m for m in self._modules if isinstance(m, BaseTunerLayer)]
+        self._lora_layers = [m for m in self._layers if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
         # a flat loop over `training` flags is nn.Module.train only where no module overrides train() with more
         plain = (torch.nn.Module.train, PreTrainedModel.train)
         self._flat_train = all(type(m).train in plain and not getattr(m, "use_kernels", False) for m in self._modules)
         self._adapters = names
         self._params = {}  # an adapter added or removed: its parameters are found again on their next use
 
-    def activate(self, name: str) -> None:
-        """Make `name` the adapter every LoRA layer applies (peft's set_adapter, without its requires_grad pass)."""
+    def _known(self, name: str) -> None:
         if name not in self.model.peft_config:
             raise KeyError(f"no adapter {name!r}; have {', '.join(self.model.peft_config)}")
+
+    def activate(self, name: str) -> None:
+        """Make `name` the adapter every LoRA layer applies (peft's set_adapter, without its requires_grad pass)."""
+        self._known(name)
         if not self.fast:
             self.model.set_adapter(name)
             return
@@ -83,9 +88,8 @@ class AdapterSwitch:
         peft's `model(..., adapter_names=names)` (module docstring); inference only."""
         from actors.llm.engine import BASE_ADAPTER
 
-        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.model.peft_config})
-        if unknown:
-            raise KeyError(f"no adapter {unknown[0]!r}; have {', '.join(self.model.peft_config)}")
+        for name in sorted(set(names) - {BASE_ADAPTER}):
+            self._known(name)
         if not self.fast:
             with self._peft_rows(names):
                 yield
@@ -98,7 +102,7 @@ class AdapterSwitch:
             idx = [i for i, n in enumerate(names) if n == name]
             contiguous = idx[-1] - idx[0] + 1 == len(idx)
             plan.append((name, slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx)))
-        layers = [layer for layer in self._layers if hasattr(layer, "lora_A") and hasattr(layer, "base_layer")]
+        layers = self._lora_layers
         for layer in layers:
             layer.__dict__["forward"] = _mixed_forward(layer, plan)
         try:
@@ -151,8 +155,7 @@ class AdapterSwitch:
 
         self._scan()
         if name not in self._params:
-            if name not in self.model.peft_config:
-                raise KeyError(f"no adapter {name!r}; have {', '.join(self.model.peft_config)}")
+            self._known(name)
             by_storage = {p.data_ptr(): p for p in self.model.parameters()}
             state = get_peft_model_state_dict(self.model, adapter_name=name)
             named = {k: by_storage.get(t.data_ptr()) for k, t in state.items()}
@@ -160,6 +163,10 @@ class AdapterSwitch:
                 raise RuntimeError(f"adapter {name!r}: peft's state dict holds tensors that are not its parameters")
             self._params[name] = named  # type: ignore[assignment]
         return self._params[name]
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """Adapter `name`'s LoRA parameters (the tensors export and load read and write)."""
+        return list(self._named(name).values())
 
     def export(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s weights under peft's state-dict names, as CPU copies (get_peft_model_state_dict)."""

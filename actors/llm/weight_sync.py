@@ -126,13 +126,9 @@ def adapter_weights_from_model(model: torch.nn.Module, name: str, version: int, 
 
     peft resolves "all-linear" to full module paths; adapter_config.json files (and vLLM) use leaf names, so
     `target_modules` is written as leaf names."""
-    if switch is not None:
-        tensors = switch.export(adapter_name)
-    else:
-        from peft import get_peft_model_state_dict
+    from actors.llm.lora_switch import AdapterSwitch
 
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        tensors = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    tensors = (switch or AdapterSwitch(model, fast=False)).export(adapter_name)  # fast=False: peft's state dict
     config = _json_safe(model.peft_config[adapter_name].to_dict())  # type: ignore[index,operator,union-attr]
     modules = config.get("target_modules")
     if isinstance(modules, list):
